@@ -1,0 +1,2 @@
+//! In-process store.
+#[derive(Clone)] pub struct MemoryStore;

@@ -1,0 +1,2 @@
+//! Redis store.
+#[derive(Clone)] pub struct RedisStore;
