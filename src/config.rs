@@ -195,7 +195,8 @@ pub struct Route {
 }
 
 /// `routes.NAME.key`: `message_id`, `header:NAME`, `body`, `json:/pointer`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
 pub enum KeySpec {
     /// The AMQP `message_id` property.
     #[default]
@@ -206,6 +207,27 @@ pub enum KeySpec {
     Body,
     /// A JSON pointer (RFC 6901) into a JSON body.
     Json(String),
+}
+
+impl TryFrom<String> for KeySpec {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, Self::Error> {
+        if s == "message_id" {
+            Ok(KeySpec::MessageId)
+        } else if s == "body" {
+            Ok(KeySpec::Body)
+        } else if let Some(name) = s.strip_prefix("header:").filter(|n| !n.is_empty()) {
+            Ok(KeySpec::Header(name.to_owned()))
+        } else if let Some(ptr) = s.strip_prefix("json:").filter(|p| p.starts_with('/')) {
+            Ok(KeySpec::Json(ptr.to_owned()))
+        } else {
+            Err(format!(
+                "unknown key source {s:?}: use \"message_id\", \"header:NAME\", \"body\" \
+                 or \"json:/json/pointer\""
+            ))
+        }
+    }
 }
 
 /// `routes.NAME.on_missing_key`
