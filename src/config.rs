@@ -4,9 +4,12 @@
 //! Every other module takes its settings from the types here; nothing else reads the file.
 
 use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use lapin::uri::AMQPUri;
 use serde::Deserialize;
 
 /// The whole file.
@@ -380,13 +383,19 @@ impl Config {
 
     /// Parses and validates TOML text; `path` is only used in messages.
     pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let _ = (text, path);
-        todo!("config loading")
+        let src = interpolate(text, path)?;
+        let config: Config =
+            toml::from_str(&src.text).map_err(|e| src.parse_error(e, text, path))?;
+        config.validate()?;
+        Ok(config)
     }
 
     /// Checks what serde cannot: returns the first problem, naming the key.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        todo!("config validation")
+        self.validate_brokers()?;
+        self.store.validate()?;
+        self.validate_tuning()?;
+        self.validate_routes()
     }
 
     /// The downstream URL, defaulting to the upstream one.
@@ -401,14 +410,1193 @@ impl Config {
     pub fn downstream_tls(&self) -> Option<&Tls> {
         match &self.downstream {
             Some(Downstream { url: Some(_), tls }) => tls.as_ref(),
-            Some(Downstream { url: None, tls: Some(tls) }) => Some(tls),
+            Some(Downstream {
+                url: None,
+                tls: Some(tls),
+            }) => Some(tls),
             _ => self.upstream.tls.as_ref(),
         }
     }
 }
 
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+impl Config {
+    fn validate_brokers(&self) -> Result<(), ConfigError> {
+        check_amqp_url("upstream.url", &self.upstream.url)?;
+        if self.upstream.prefetch == 0 {
+            // basic.qos 0 means "unlimited": a stalled store would buffer the whole queue here.
+            return Err(invalid(
+                "upstream.prefetch",
+                "must be at least 1 (0 means unlimited in AMQP); the default is 2000",
+            ));
+        }
+        let up = [self.upstream.url.as_str()];
+        check_tls(
+            "upstream.tls",
+            self.upstream.tls.as_ref(),
+            &up,
+            "upstream.url",
+            "amqps://",
+        )?;
+        if let Some(down) = &self.downstream {
+            let url_key = match &down.url {
+                Some(url) => {
+                    check_amqp_url("downstream.url", url)?;
+                    "downstream.url"
+                }
+                None => "upstream.url (which downstream.url defaults to)",
+            };
+            let urls = [self.downstream_url()];
+            check_tls(
+                "downstream.tls",
+                down.tls.as_ref(),
+                &urls,
+                url_key,
+                "amqps://",
+            )?;
+        }
+        Ok(())
+    }
+
+    fn validate_tuning(&self) -> Result<(), ConfigError> {
+        if self.metrics.listen.parse::<SocketAddr>().is_err() {
+            return Err(invalid(
+                "metrics.listen",
+                format!(
+                    "{:?} is not IP:PORT: write e.g. \"127.0.0.1:9187\" or \"0.0.0.0:9187\" \
+                     (host names are not accepted)",
+                    self.metrics.listen
+                ),
+            ));
+        }
+        let t = &self.tuning;
+        if !(1..=10_000).contains(&t.batch_size) {
+            return Err(invalid(
+                "tuning.batch_size",
+                format!("is {}: use 1 to 10000; the default is 500", t.batch_size),
+            ));
+        }
+        if t.max_batches_in_flight == 0 {
+            return Err(invalid(
+                "tuning.max_batches_in_flight",
+                "must be at least 1, or nothing is ever published; the default is 4",
+            ));
+        }
+        if t.confirm_timeout.is_zero() {
+            return Err(invalid(
+                "tuning.confirm_timeout",
+                "must be longer than 0; the default is \"15s\"",
+            ));
+        }
+        if t.backoff_min.is_zero() {
+            // The backoff doubles from backoff_min: from zero it would retry in a hot loop.
+            return Err(invalid(
+                "tuning.backoff_min",
+                "must be longer than 0 (it doubles up to backoff_max); the default is \"100ms\"",
+            ));
+        }
+        if t.backoff_min > t.backoff_max {
+            return Err(invalid(
+                "tuning.backoff_min",
+                format!(
+                    "{} is longer than tuning.backoff_max ({}): lower backoff_min or raise backoff_max",
+                    fmt_duration(t.backoff_min),
+                    fmt_duration(t.backoff_max)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_routes(&self) -> Result<(), ConfigError> {
+        if self.routes.is_empty() {
+            return Err(invalid(
+                "routes",
+                "no route is configured: add a [routes.NAME] table with at least `queue`",
+            ));
+        }
+        // A default-exchange publish only loops back when it lands on the broker it came from.
+        let same_broker = same_broker(&self.upstream.url, self.downstream_url());
+        let mut consumers: BTreeMap<&str, &str> = BTreeMap::new();
+        for (name, route) in &self.routes {
+            let key = |field: &str| format!("routes.{name}.{field}");
+            let name_ok = name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+            if name.is_empty() || !name_ok {
+                return Err(invalid(
+                    format!("routes.{name}"),
+                    "route names may only use A-Z a-z 0-9 _ . - (they go into store keys and \
+                     metric labels): rename the table",
+                ));
+            }
+            let queue = route.queue.as_str();
+            if queue.is_empty() {
+                return Err(invalid(
+                    key("queue"),
+                    "is empty: name the upstream queue to consume",
+                ));
+            }
+            if let Some(other) = consumers.insert(queue, name) {
+                return Err(invalid(
+                    key("queue"),
+                    format!(
+                        "route {other:?} already consumes {queue:?}: two routes would split one \
+                         stream between two dedup namespaces; keep one route per queue"
+                    ),
+                ));
+            }
+            if route.exchange.is_empty() {
+                match route.routing_key.as_deref() {
+                    Some("") => {
+                        return Err(invalid(
+                            key("routing_key"),
+                            "is empty, and the default exchange (exchange = \"\") routes an \
+                             empty key nowhere: name the downstream queue",
+                        ));
+                    }
+                    None if same_broker => {
+                        return Err(invalid(
+                            key("routing_key"),
+                            format!(
+                                "is required with exchange = \"\": the default exchange delivers \
+                                 to the queue named by the message's own routing key, which for \
+                                 messages published straight to {queue:?} is {queue:?} itself (a \
+                                 forwarding loop); set routing_key to the downstream queue, or \
+                                 set exchange"
+                            ),
+                        ));
+                    }
+                    Some(rk) if same_broker && rk == queue => {
+                        return Err(invalid(
+                            key("routing_key"),
+                            format!(
+                                "{rk:?} with exchange = \"\" publishes back into the route's own \
+                                 queue (a forwarding loop): name a different downstream queue"
+                            ),
+                        ));
+                    }
+                    _ => {}
+                }
+            }
+            if route.window < Duration::from_secs(1) {
+                return Err(invalid(
+                    key("window"),
+                    format!(
+                        "is {}: use at least \"1s\" (how long a forwarded key is remembered, e.g. \"24h\")",
+                        fmt_duration(route.window)
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The human summary `dedupd check` prints: endpoints (passwords redacted), store settings
+    /// and one line per route.
+    pub fn describe(&self) -> String {
+        let s = &self.store;
+        let tls = |t: Option<&Tls>| if t.is_some() { " (tls settings)" } else { "" };
+        let store_url = match (&s.kind, &s.url) {
+            (StoreKind::Memory, _) => "in-process, not shared".to_owned(),
+            (StoreKind::Redis, StoreUrl::One(url)) => redact_url(url),
+            (StoreKind::Redis, StoreUrl::Cluster(urls)) => {
+                let urls: Vec<String> = urls.iter().map(|u| redact_url(u)).collect();
+                format!("cluster [{}]", urls.join(", "))
+            }
+        };
+        let mut out = format!(
+            "upstream:   {}{}, prefetch {}\n\
+             downstream: {}{}\n\
+             store:      {} {}{}, key_prefix {}, lease {}, timeout {}, on_error {}\n\
+             metrics:    {}\n\
+             routes:\n",
+            redact_url(&self.upstream.url),
+            tls(self.upstream.tls.as_ref()),
+            self.upstream.prefetch,
+            redact_url(self.downstream_url()),
+            tls(self.downstream_tls()),
+            s.kind,
+            store_url,
+            tls(s.tls.as_ref().filter(|_| s.kind == StoreKind::Redis)),
+            s.key_prefix,
+            fmt_duration(s.lease),
+            fmt_duration(s.timeout),
+            s.on_error,
+            self.metrics.listen,
+        );
+        for (name, r) in &self.routes {
+            let routing_key = r.routing_key.as_deref().unwrap_or("(the message's own)");
+            out.push_str(&format!(
+                "  {name}: {} -> exchange {:?} routing_key {routing_key}, key {}, window {}, \
+                 on_missing_key {}, mode {}\n",
+                r.queue,
+                r.exchange,
+                r.key,
+                fmt_duration(r.window),
+                r.on_missing_key,
+                r.mode,
+            ));
+        }
+        out
+    }
+}
+
+impl StoreConfig {
+    fn validate(&self) -> Result<(), ConfigError> {
+        // kind = "memory" never connects, so its url and tls are ignored rather than checked.
+        if self.kind == StoreKind::Redis {
+            let urls: Vec<&str> = match &self.url {
+                StoreUrl::One(url) => vec![url.as_str()],
+                StoreUrl::Cluster(urls) => urls.iter().map(String::as_str).collect(),
+            };
+            if urls.is_empty() {
+                return Err(invalid(
+                    "store.url",
+                    "the cluster list is empty: give at least one seed node, \
+                     e.g. [\"redis://10.0.0.1:6379\"]",
+                ));
+            }
+            let cluster = matches!(self.url, StoreUrl::Cluster(_));
+            for url in &urls {
+                check_redis_url(url, cluster)?;
+            }
+            if cluster
+                && urls
+                    .iter()
+                    .any(|u| u.starts_with("rediss://") != urls[0].starts_with("rediss://"))
+            {
+                return Err(invalid(
+                    "store.url",
+                    "mixes redis:// and rediss://: use one scheme for every cluster node",
+                ));
+            }
+            check_tls(
+                "store.tls",
+                self.tls.as_ref(),
+                &urls,
+                "store.url",
+                "rediss://",
+            )?;
+        }
+        if self.key_prefix.is_empty() || self.key_prefix.chars().any(char::is_whitespace) {
+            return Err(invalid(
+                "store.key_prefix",
+                format!(
+                    "{:?} must be non-empty and without whitespace; the default is \"dedupd\"",
+                    self.key_prefix
+                ),
+            ));
+        }
+        if self.lease < Duration::from_millis(100) {
+            return Err(invalid(
+                "store.lease",
+                format!(
+                    "is {}: use at least \"100ms\" (a claim must outlive its publish); the default is \"30s\"",
+                    fmt_duration(self.lease)
+                ),
+            ));
+        }
+        if self.timeout.is_zero() {
+            return Err(invalid(
+                "store.timeout",
+                "must be longer than 0; the default is \"2s\"",
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn check_amqp_url(key: &str, url: &str) -> Result<(), ConfigError> {
+    let shown = redact_url(url);
+    if !(url.starts_with("amqp://") || url.starts_with("amqps://")) {
+        return Err(invalid(
+            key,
+            format!(
+                "{shown:?} is not an AMQP URL: write amqp://user:password@host:5672/vhost \
+                 (amqps:// for TLS)"
+            ),
+        ));
+    }
+    match url.parse::<AMQPUri>() {
+        Err(e) => Err(invalid(
+            key,
+            format!(
+                "{shown:?} does not parse ({}): write amqp://user:password@host:5672/vhost, \
+                 percent-encoding special characters in the password",
+                redact_in_text(&e.replace(url, &shown))
+            ),
+        )),
+        // lapin reads "amqp://host/" as the vhost "", which RabbitMQ does not have.
+        Ok(uri) if uri.vhost.is_empty() => Err(invalid(
+            key,
+            format!(
+                "{shown:?} names the empty virtual host: end it with /%2f for the default \
+                 vhost \"/\", or drop the trailing slash"
+            ),
+        )),
+        Ok(_) => Ok(()),
+    }
+}
+
+fn check_redis_url(url: &str, cluster: bool) -> Result<(), ConfigError> {
+    let shown = redact_url(url);
+    if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+        return Err(invalid(
+            "store.url",
+            format!(
+                "{shown:?} is not a Redis URL: write redis://[:password@]host:6379/db \
+                 (rediss:// for TLS)"
+            ),
+        ));
+    }
+    match redis::IntoConnectionInfo::into_connection_info(url) {
+        Err(e) => Err(invalid(
+            "store.url",
+            format!(
+                "{shown:?} does not parse ({}): write redis://[:password@]host:6379/db",
+                redact_in_text(&e.to_string().replace(url, &shown))
+            ),
+        )),
+        Ok(info) if cluster && info.redis_settings().db() != 0 => Err(invalid(
+            "store.url",
+            format!(
+                "{shown:?} selects a database, but Redis Cluster only has database 0: drop the /db"
+            ),
+        )),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// Checks a `tls` table against the URLs it applies to (`url_key` names them in messages).
+fn check_tls(
+    key: &str,
+    tls: Option<&Tls>,
+    urls: &[&str],
+    url_key: &str,
+    scheme: &str,
+) -> Result<(), ConfigError> {
+    let Some(tls) = tls else { return Ok(()) };
+    if let Some(plain) = urls.iter().find(|u| !u.starts_with(scheme)) {
+        return Err(invalid(
+            key,
+            format!(
+                "TLS settings need a {scheme} URL, but {url_key} is {:?}: change it to {scheme}",
+                redact_url(plain)
+            ),
+        ));
+    }
+    match (&tls.cert_file, &tls.key_file) {
+        (Some(_), None) => {
+            return Err(invalid(
+                format!("{key}.key_file"),
+                "is missing: cert_file and key_file go together (the client certificate and its \
+                 private key)",
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(invalid(
+                format!("{key}.cert_file"),
+                "is missing: cert_file and key_file go together (the client certificate and its \
+                 private key)",
+            ));
+        }
+        _ => {}
+    }
+    let files = [
+        ("ca_file", &tls.ca_file),
+        ("cert_file", &tls.cert_file),
+        ("key_file", &tls.key_file),
+    ];
+    for (field, file) in files {
+        if let Some(file) = file.as_deref().filter(|f| !f.is_file()) {
+            return Err(invalid(
+                format!("{key}.{field}"),
+                format!(
+                    "{} is not a file: give the path of a PEM file (relative paths start at the \
+                     working directory)",
+                    file.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Whether two AMQP URLs reach the same broker and vhost (credentials may differ).
+/// Unparsable URLs count as the same: the checks that depend on it then err on the safe side.
+fn same_broker(a: &str, b: &str) -> bool {
+    match (a.parse::<AMQPUri>(), b.parse::<AMQPUri>()) {
+        (Ok(a), Ok(b)) => {
+            a.authority.host.eq_ignore_ascii_case(&b.authority.host)
+                && a.authority.port == b.authority.port
+                && a.vhost == b.vhost
+        }
+        _ => true,
+    }
+}
+
+/// A duration in the largest whole unit, so it reads like the config (`24h`, not `1day`).
+fn fmt_duration(d: Duration) -> String {
+    let ms = d.as_millis();
+    if !d.subsec_nanos().is_multiple_of(1_000_000) {
+        humantime::format_duration(d).to_string()
+    } else if ms == 0 || !ms.is_multiple_of(1000) {
+        format!("{ms}ms")
+    } else if ms.is_multiple_of(3_600_000) {
+        format!("{}h", ms / 3_600_000)
+    } else if ms.is_multiple_of(60_000) {
+        format!("{}m", ms / 60_000)
+    } else {
+        format!("{}s", ms / 1000)
+    }
+}
+
 /// `url` with any password replaced by `***`, for logs and `check` output.
 pub fn redact_url(url: &str) -> String {
-    let _ = url;
-    todo!("redact")
+    let Some(scheme_end) = url.find("://") else {
+        return url.to_owned();
+    };
+    let rest = &url[scheme_end + 3..];
+    // The last '@' ends the userinfo; an unencoded '/' or '@' in a password then errs towards
+    // hiding too much rather than too little.
+    match rest.rfind('@') {
+        Some(at) => match rest[..at].find(':') {
+            Some(colon) => format!(
+                "{}{}:***{}",
+                &url[..scheme_end + 3],
+                &rest[..colon],
+                &rest[at..]
+            ),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+/// `text` with every password of every `scheme://user:password@` URL in it redacted; for
+/// messages that may quote a config line or value.
+fn redact_in_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(pos) = rest.find("://") {
+        // The URL runs from its scheme to the next delimiter that cannot be part of one.
+        let start = rest[..pos]
+            .rfind(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
+            .map_or(0, |p| p + 1);
+        let end = rest[pos..]
+            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '`' | ',' | '[' | ']'))
+            .map_or(rest.len(), |p| pos + p);
+        out.push_str(&rest[..start]);
+        out.push_str(&redact_url(&rest[start..end]));
+        rest = &rest[end..];
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The kind of TOML string a `${VAR}` sits in: it decides how the value is escaped.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Quote {
+    Basic,
+    MultiBasic,
+    Literal,
+    MultiLiteral,
+}
+
+impl Quote {
+    fn delimiter(self) -> &'static str {
+        match self {
+            Quote::Basic => "\"",
+            Quote::MultiBasic => "\"\"\"",
+            Quote::Literal => "'",
+            Quote::MultiLiteral => "'''",
+        }
+    }
+}
+
+/// One replaced span: `len` bytes at `at` in the interpolated text were `orig_len` at `orig_at`.
+struct Substitution {
+    at: usize,
+    len: usize,
+    orig_at: usize,
+    orig_len: usize,
+}
+
+/// The TOML text after `${VAR}` interpolation, with what is needed to point parse errors back
+/// at the original text and keep the substituted values out of them.
+struct Interpolated {
+    text: String,
+    subs: Vec<Substitution>,
+    /// `(name, value)` of every substituted variable.
+    values: Vec<(String, String)>,
+}
+
+/// Replaces `${VAR}` inside quoted strings (comments and bare words are left alone) with the
+/// variable's value, escaped for the kind of string it is in, so a value can never end the
+/// string or add keys. `$${` stands for a literal `${`. Line numbers are preserved.
+fn interpolate(text: &str, path: &Path) -> Result<Interpolated, ConfigError> {
+    let parse_err = |line: usize, message: String| ConfigError::Parse {
+        path: path.to_owned(),
+        message: format!("line {line}: {message}"),
+    };
+    let mut out = Interpolated {
+        text: String::with_capacity(text.len()),
+        subs: Vec::new(),
+        values: Vec::new(),
+    };
+    let (mut line, mut in_comment, mut quote) = (1, false, None::<Quote>);
+    let mut i = 0;
+    while let Some(c) = text[i..].chars().next() {
+        let rest = &text[i..];
+        let mut take = c.len_utf8();
+        match quote {
+            None if in_comment => in_comment = c != '\n',
+            None => {
+                let opened = [
+                    Quote::MultiBasic,
+                    Quote::MultiLiteral,
+                    Quote::Basic,
+                    Quote::Literal,
+                ]
+                .into_iter()
+                .find(|q| rest.starts_with(q.delimiter()));
+                if let Some(q) = opened {
+                    take = q.delimiter().len();
+                    quote = Some(q);
+                }
+                in_comment = c == '#';
+            }
+            Some(q) => {
+                if matches!(q, Quote::Basic | Quote::MultiBasic) && c == '\\' {
+                    // Copy an escape whole, so `\"` does not end the string.
+                    take += rest[1..].chars().next().map_or(0, char::len_utf8);
+                } else if rest.starts_with(q.delimiter()) {
+                    // A multi-line string may end with up to two extra quotes of content.
+                    let d = q.delimiter();
+                    take = rest.len() - rest.trim_start_matches(&d[..1]).len();
+                    take = take.min(d.len() + 2 * usize::from(d.len() == 3));
+                    quote = None;
+                } else if c == '\n' && matches!(q, Quote::Basic | Quote::Literal) {
+                    // Unterminated: leave the error to the TOML parser.
+                    quote = None;
+                } else if rest.starts_with("$${") {
+                    out.substitute(i, 3, "${");
+                    i += 3;
+                    continue;
+                } else if let Some(after) = rest.strip_prefix("${") {
+                    let name = after.split_once('}').map(|(n, _)| n).filter(|n| {
+                        n.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_')
+                            && n.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+                    });
+                    let Some(name) = name else {
+                        return Err(parse_err(
+                            line,
+                            "`${` must start a reference like ${NAME} (letters, digits, _); \
+                             write $${ for a literal ${"
+                                .into(),
+                        ));
+                    };
+                    let value = match std::env::var(name) {
+                        Ok(value) => value,
+                        Err(std::env::VarError::NotPresent) => {
+                            return Err(ConfigError::MissingEnv {
+                                path: path.to_owned(),
+                                var: name.to_owned(),
+                                line,
+                            });
+                        }
+                        Err(std::env::VarError::NotUnicode(_)) => {
+                            return Err(parse_err(
+                                line,
+                                format!("environment variable ${{{name}}} is not valid UTF-8"),
+                            ));
+                        }
+                    };
+                    let escaped = match q {
+                        Quote::Basic | Quote::MultiBasic => escape_basic(&value),
+                        // Literal strings have no escapes: refuse what they cannot hold.
+                        _ if value
+                            .contains(|c: char| c == '\'' || (c.is_control() && c != '\t')) =>
+                        {
+                            return Err(parse_err(
+                                line,
+                                format!(
+                                    "${{{name}}} holds a quote or control character, which a \
+                                     '...' string cannot contain: use a \"...\" string"
+                                ),
+                            ));
+                        }
+                        _ => value.clone(),
+                    };
+                    let ref_len = name.len() + 3;
+                    out.substitute(i, ref_len, &escaped);
+                    out.values.push((name.to_owned(), value));
+                    i += ref_len;
+                    continue;
+                }
+            }
+        }
+        line += rest[..take].matches('\n').count();
+        out.text.push_str(&rest[..take]);
+        i += take;
+    }
+    Ok(out)
+}
+
+/// `value` escaped for a TOML basic string: quotes, backslashes and control characters.
+fn escape_basic(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => out.push_str(&format!("\\u{:04X}", u32::from(c))),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+impl Interpolated {
+    /// Appends `replacement` for the `orig_len` bytes at `orig_at` of the original text.
+    fn substitute(&mut self, orig_at: usize, orig_len: usize, replacement: &str) {
+        self.subs.push(Substitution {
+            at: self.text.len(),
+            len: replacement.len(),
+            orig_at,
+            orig_len,
+        });
+        self.text.push_str(replacement);
+    }
+
+    /// The original-text offset of `pos` in the interpolated text (a position inside a
+    /// substituted value maps to the start of its `${VAR}`).
+    fn to_original(&self, pos: usize) -> usize {
+        let (mut from, mut to) = (0, 0);
+        for s in &self.subs {
+            if pos < s.at {
+                break;
+            }
+            if pos < s.at + s.len {
+                return s.orig_at;
+            }
+            (from, to) = (s.at + s.len, s.orig_at + s.orig_len);
+        }
+        to + (pos - from)
+    }
+
+    /// Renders toml's error like toml does (line, column, the line, carets, message), but
+    /// quoting the original line, so an interpolated secret never shows; values quoted by the
+    /// message itself are replaced by their `${VAR}`, and URL passwords are redacted.
+    fn parse_error(&self, err: toml::de::Error, original: &str, path: &Path) -> ConfigError {
+        let message = match err.span() {
+            Some(span) => {
+                let start = self.to_original(span.start).min(original.len());
+                let line_start = original[..start].rfind('\n').map_or(0, |p| p + 1);
+                let line_end = original[start..]
+                    .find('\n')
+                    .map_or(original.len(), |p| start + p);
+                let end = self.to_original(span.end).clamp(start, line_end);
+                let line_no = original[..line_start].matches('\n').count() + 1;
+                let column = original[line_start..start].chars().count();
+                let width = original
+                    .get(start..end)
+                    .map_or(1, |s| s.chars().count().max(1));
+                let gutter = " ".repeat(line_no.to_string().len());
+                format!(
+                    "TOML parse error at line {line_no}, column {}\n{gutter} |\n{line_no} | {}\n\
+                     {gutter} | {}{}\n{}",
+                    column + 1,
+                    original[line_start..line_end].trim_end_matches('\r'),
+                    " ".repeat(column),
+                    "^".repeat(width),
+                    err.message().trim_end(),
+                )
+            }
+            None => {
+                let mut err = err;
+                err.set_input(None);
+                err.to_string().trim_end().to_owned()
+            }
+        };
+        // serde's message for an untagged enum names the Rust type, not what to write.
+        let message = message.replace(
+            "data did not match any variant of untagged enum StoreUrl",
+            "expected a URL string, or a list of URL strings for Redis Cluster",
+        );
+        let mut message = redact_in_text(&message);
+        // Short values would garble the message and hide little; four characters is a compromise.
+        for (name, value) in self.values.iter().filter(|(_, v)| v.chars().count() >= 4) {
+            // serde quotes strings with `{:?}`: scrub that form too.
+            let debug = format!("{value:?}");
+            for form in [value.as_str(), &debug[1..debug.len() - 1]] {
+                message = message.replace(form, &format!("${{{name}}}"));
+            }
+        }
+        ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        }
+    }
+}
+
+/// Writes each setting the way the config file spells it.
+macro_rules! display_as_config {
+    ($($ty:ty { $($variant:ident => $text:literal),+ $(,)? })+) => {$(
+        impl fmt::Display for $ty {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(match self { $(<$ty>::$variant => $text),+ })
+            }
+        }
+    )+};
+}
+
+display_as_config! {
+    StoreKind { Redis => "redis", Memory => "memory" }
+    OnStoreError { Block => "block", Forward => "forward" }
+    OnMissingKey { Reject => "reject", Forward => "forward", HashBody => "hash_body" }
+    Mode { Enforce => "enforce", Observe => "observe" }
+}
+
+impl fmt::Display for KeySpec {
+    /// The config spelling: `message_id`, `header:NAME`, `body`, `json:/pointer`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeySpec::MessageId => f.write_str("message_id"),
+            KeySpec::Header(name) => write!(f, "header:{name}"),
+            KeySpec::Body => f.write_str("body"),
+            KeySpec::Json(ptr) => write!(f, "json:{ptr}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[upstream]
+url = "amqp://guest:guest@127.0.0.1:5672/%2f"
+
+[store]
+kind = "memory"
+
+[routes.orders]
+queue = "orders.in"
+exchange = ""
+routing_key = "orders.out"
+"#;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_toml(text, Path::new("test.toml"))
+    }
+
+    /// Parses `text`, expecting a validation error, and returns `(key, message)`.
+    fn invalid_of(text: &str) -> (String, String) {
+        match parse(text) {
+            Err(ConfigError::Invalid { key, message }) => (key, message),
+            other => panic!("expected Invalid, got {other:?}"),
+        }
+    }
+
+    /// Asserts that `BASE` with `from` replaced by `to` is refused for `key`, message containing `hint`.
+    fn refused(from: &str, to: &str, key: &str, hint: &str) {
+        assert!(BASE.contains(from), "{from:?} not in BASE");
+        let (k, message) = invalid_of(&BASE.replacen(from, to, 1));
+        assert_eq!(k, key, "{message}");
+        assert!(message.contains(hint), "{key}: {message:?} lacks {hint:?}");
+    }
+
+    #[test]
+    fn base_is_valid_with_defaults() {
+        let c = parse(BASE).unwrap();
+        assert_eq!(c.upstream.prefetch, 2000);
+        assert_eq!(c.routes["orders"].window, Duration::from_secs(86400));
+        assert_eq!(c.downstream_url(), c.upstream.url);
+        assert_eq!(c.tuning.batch_size, 500);
+    }
+
+    #[test]
+    fn interpolates_env_in_strings_only() {
+        std::env::set_var("DEDUPD_T_INTERP_PW", "s3cret");
+        let text = BASE.replace("guest:guest@", "guest:${DEDUPD_T_INTERP_PW}@")
+            + "# ${DEDUPD_T_UNSET_IN_COMMENT} is ignored in comments\n";
+        let c = parse(&text).unwrap();
+        assert_eq!(c.upstream.url, "amqp://guest:s3cret@127.0.0.1:5672/%2f");
+    }
+
+    #[test]
+    fn dollar_dollar_is_a_literal() {
+        let c = parse(&BASE.replace("orders.out", "out$${NOT_A_VAR}")).unwrap();
+        assert_eq!(
+            c.routes["orders"].routing_key.as_deref(),
+            Some("out${NOT_A_VAR}")
+        );
+    }
+
+    #[test]
+    fn missing_env_names_var_and_line() {
+        let text = BASE.replace("orders.out", "${DEDUPD_T_SURELY_UNSET}");
+        match parse(&text) {
+            Err(ConfigError::MissingEnv { var, line, .. }) => {
+                assert_eq!(var, "DEDUPD_T_SURELY_UNSET");
+                assert_eq!(line, 11);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn malformed_reference_is_refused() {
+        let err = parse(&BASE.replace("orders.out", "a${oops")).unwrap_err();
+        assert!(err.to_string().contains("line 11"), "{err}");
+    }
+
+    #[test]
+    fn quotes_in_values_cannot_break_out() {
+        let evil = "x\"\nprefetch = 1\nq = \"\\";
+        std::env::set_var("DEDUPD_T_EVIL", evil);
+        let c = parse(&BASE.replace("orders.out", "${DEDUPD_T_EVIL}")).unwrap();
+        assert_eq!(c.routes["orders"].routing_key.as_deref(), Some(evil));
+        assert_eq!(c.upstream.prefetch, 2000);
+        // Multi-line basic strings take the same escaping.
+        let c = parse(&BASE.replace("\"orders.out\"", "\"\"\"${DEDUPD_T_EVIL}\"\"\"")).unwrap();
+        assert_eq!(c.routes["orders"].routing_key.as_deref(), Some(evil));
+        // Literal strings cannot escape, so such a value is refused instead.
+        let err = parse(&BASE.replace("\"orders.out\"", "'${DEDUPD_T_EVIL}'")).unwrap_err();
+        assert!(err.to_string().contains("\"...\" string"), "{err}");
+        std::env::set_var("DEDUPD_T_PLAIN", "plain.out");
+        let c = parse(&BASE.replace("\"orders.out\"", "'${DEDUPD_T_PLAIN}'")).unwrap();
+        assert_eq!(c.routes["orders"].routing_key.as_deref(), Some("plain.out"));
+    }
+
+    #[test]
+    fn unknown_key_is_named_with_its_line() {
+        let text = BASE.replace("url = ", "prefecth = 10\nurl = ");
+        let err = parse(&text).unwrap_err();
+        let msg = err.to_string();
+        assert!(matches!(err, ConfigError::Parse { .. }), "{msg}");
+        assert!(msg.contains("prefecth"), "{msg}");
+        assert!(msg.contains("line 3"), "{msg}");
+    }
+
+    #[test]
+    fn parse_errors_do_not_show_interpolated_secrets() {
+        std::env::set_var("DEDUPD_T_PARSE_PW", "hunter2\"hunter2");
+        let text = BASE.replace(
+            "[store]",
+            "[store]\nlease = \"${DEDUPD_T_PARSE_PW}\"\nkey_prefix = 7",
+        );
+        let msg = parse(&text).unwrap_err().to_string();
+        assert!(msg.contains("line"), "{msg}");
+        assert!(!msg.contains("hunter2"), "{msg}");
+        let text = BASE.replace("url = \"amqp", "url = 5\nurll = \"amqp");
+        let msg = parse(&text).unwrap_err().to_string();
+        assert!(!msg.contains("guest:guest"), "{msg}");
+    }
+
+    #[test]
+    fn column_points_at_the_original_text() {
+        // The value is longer than `${DEDUPD_T_COL}`: the column must not count it.
+        std::env::set_var("DEDUPD_T_COL", "a-much-longer-value-than-its-reference");
+        let text = BASE.replace(
+            "exchange = \"\"",
+            "exchange = \"\"\nwhat = \"${DEDUPD_T_COL}\"; x = 1",
+        );
+        let msg = parse(&text).unwrap_err().to_string();
+        assert!(msg.contains("line 11, column 25"), "{msg}");
+        assert!(
+            msg.contains("11 | what = \"${DEDUPD_T_COL}\"; x = 1"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn broker_urls() {
+        refused("amqp://guest", "http://guest", "upstream.url", "amqp://");
+        refused(
+            "127.0.0.1:5672",
+            "127.0.0.1:notaport",
+            "upstream.url",
+            "does not parse",
+        );
+        refused("5672/%2f", "5672/", "upstream.url", "/%2f");
+        refused(
+            "[store]",
+            "[downstream]\nurl = \"redis://x\"\n[store]",
+            "downstream.url",
+            "amqp://",
+        );
+        refused(
+            "%2f\"",
+            "%2f\"\nprefetch = 0",
+            "upstream.prefetch",
+            "at least 1",
+        );
+        // Passwords stay out of messages.
+        let (_, message) = invalid_of(&BASE.replace("amqp://", "ftp://"));
+        assert!(!message.contains("guest:guest"), "{message}");
+    }
+
+    #[test]
+    fn store_rules() {
+        let redis = |rest: &str| format!("kind = \"redis\"\n{rest}");
+        let kind = "kind = \"memory\"";
+        refused(kind, &redis("url = \"http://x\""), "store.url", "redis://");
+        refused(kind, &redis("url = []"), "store.url", "at least one");
+        refused(
+            kind,
+            &redis("url = [\"redis://a\", \"rediss://b\"]"),
+            "store.url",
+            "one scheme",
+        );
+        refused(
+            kind,
+            &redis("url = [\"redis://a/3\"]"),
+            "store.url",
+            "database 0",
+        );
+        refused(
+            kind,
+            &redis("url = \"redis://a/x\""),
+            "store.url",
+            "does not parse",
+        );
+        refused(kind, "key_prefix = \"\"", "store.key_prefix", "non-empty");
+        refused(
+            kind,
+            "key_prefix = \"a b\"",
+            "store.key_prefix",
+            "whitespace",
+        );
+        refused(kind, "lease = \"50ms\"", "store.lease", "100ms");
+        refused(kind, "timeout = \"0s\"", "store.timeout", "longer than 0");
+        // kind = "memory" ignores the url.
+        parse(&BASE.replace(kind, "kind = \"memory\"\nurl = \"nonsense\"")).unwrap();
+        parse(&BASE.replace(
+            kind,
+            &redis("url = [\"rediss://:pw@a:7000\", \"rediss://b\"]"),
+        ))
+        .unwrap();
+    }
+
+    #[test]
+    fn tls_rules() {
+        let tls = |table: &str, body: &str| format!("[{table}.tls]\n{body}\n[store]");
+        let existing = file!(); // a file that exists while tests run from the crate root
+        refused(
+            "[store]",
+            &tls("upstream", "ca_file = \"/x\""),
+            "upstream.tls",
+            "amqps://",
+        );
+        let amqps = BASE.replace("amqp://", "amqps://");
+        let cases = [
+            (
+                "ca_file = \"/nonexistent/ca.pem\"",
+                "upstream.tls.ca_file",
+                "not a file",
+            ),
+            (
+                "cert_file = \"/nonexistent\"",
+                "upstream.tls.key_file",
+                "go together",
+            ),
+            (
+                "key_file = \"/nonexistent\"",
+                "upstream.tls.cert_file",
+                "go together",
+            ),
+        ];
+        for (body, key, hint) in cases {
+            let (k, m) = invalid_of(&amqps.replace("[store]", &tls("upstream", body)));
+            assert_eq!((k.as_str(), m.contains(hint)), (key, true), "{m}");
+        }
+        parse(&amqps.replace(
+            "[store]",
+            &tls("upstream", &format!("ca_file = {existing:?}")),
+        ))
+        .unwrap();
+        // A downstream that defaults to a plain upstream URL cannot take TLS settings.
+        refused(
+            "[store]",
+            &tls("downstream", "ca_file = \"/x\""),
+            "downstream.tls",
+            "amqps://",
+        );
+        refused(
+            "kind = \"memory\"",
+            "kind = \"redis\"\n[store.tls]",
+            "store.tls",
+            "rediss://",
+        );
+    }
+
+    #[test]
+    fn metrics_and_tuning_rules() {
+        let at = "[store]";
+        let with = |s: &str| format!("{s}\n[store]");
+        refused(
+            at,
+            &with("[metrics]\nlisten = \"localhost:9187\""),
+            "metrics.listen",
+            "IP:PORT",
+        );
+        let cases = [
+            ("batch_size = 0", "tuning.batch_size", "1 to 10000"),
+            ("batch_size = 10001", "tuning.batch_size", "1 to 10000"),
+            (
+                "max_batches_in_flight = 0",
+                "tuning.max_batches_in_flight",
+                "at least 1",
+            ),
+            (
+                "confirm_timeout = \"0s\"",
+                "tuning.confirm_timeout",
+                "longer than 0",
+            ),
+            (
+                "backoff_min = \"0s\"",
+                "tuning.backoff_min",
+                "longer than 0",
+            ),
+            ("backoff_min = \"10s\"", "tuning.backoff_min", "backoff_max"),
+        ];
+        for (line, key, hint) in cases {
+            refused(at, &with(&format!("[tuning]\n{line}")), key, hint);
+        }
+    }
+
+    #[test]
+    fn route_rules() {
+        let (key, _) = invalid_of(BASE.split("[routes.orders]").next().unwrap());
+        assert_eq!(key, "routes");
+        refused(
+            "[routes.orders]",
+            "[routes.\"or ders\"]",
+            "routes.or ders",
+            "A-Z",
+        );
+        refused("[routes.orders]", "[routes.\"\"]", "routes.", "A-Z");
+        refused(
+            "queue = \"orders.in\"",
+            "queue = \"\"",
+            "routes.orders.queue",
+            "empty",
+        );
+        refused(
+            "routing_key = \"orders.out\"",
+            "window = \"500ms\"",
+            "routes.orders.routing_key",
+            "loop",
+        );
+        refused(
+            "\"orders.out\"",
+            "\"orders.in\"",
+            "routes.orders.routing_key",
+            "loop",
+        );
+        refused(
+            "\"orders.out\"",
+            "\"\"",
+            "routes.orders.routing_key",
+            "nowhere",
+        );
+        refused(
+            "\"orders.out\"",
+            "\"x\"\nwindow = \"500ms\"",
+            "routes.orders.window",
+            "1s",
+        );
+        let twin = "[routes.orders]\nqueue = \"orders.in\"\nexchange = \"x\"\n[routes.twin]";
+        refused("[routes.orders]", twin, "routes.twin.queue", "\"orders\"");
+        // With a non-default exchange, or on another broker, the message's own key is fine.
+        parse(
+            &BASE
+                .replace("exchange = \"\"", "exchange = \"out\"")
+                .replace("routing_key = \"orders.out\"", ""),
+        )
+        .unwrap();
+        let other = "[downstream]\nurl = \"amqp://other:5672/%2f\"\n[store]";
+        parse(
+            &BASE
+                .replace("[store]", other)
+                .replace("routing_key = \"orders.out\"", ""),
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn bad_key_source_is_a_parse_error() {
+        let err = parse(&BASE.replace("exchange = \"\"", "exchange = \"\"\nkey = \"header:\""))
+            .unwrap_err();
+        assert!(err.to_string().contains("header:NAME"), "{err}");
+    }
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact_url("amqp://guest:guest@h:5672/%2f"),
+            "amqp://guest:***@h:5672/%2f"
+        );
+        assert_eq!(redact_url("amqps://u:p%40ss@h/v"), "amqps://u:***@h/v");
+        assert_eq!(
+            redact_url("redis://:pw@127.0.0.1:6379/0"),
+            "redis://:***@127.0.0.1:6379/0"
+        );
+        assert_eq!(redact_url("rediss://user:p@ss/x@h"), "rediss://user:***@h");
+        assert_eq!(redact_url("redis://user@h"), "redis://user@h");
+        assert_eq!(redact_url("redis://h:6379"), "redis://h:6379");
+        assert_eq!(redact_url("not a url"), "not a url");
+        assert_eq!(
+            redact_in_text("url = \"amqp://a:b@h\", [\"redis://:c@d\"]"),
+            "url = \"amqp://a:***@h\", [\"redis://:***@d\"]"
+        );
+    }
+
+    #[test]
+    fn describe_shows_routes_but_no_password() {
+        std::env::set_var("DEDUPD_T_DESCRIBE_PW", "topsecretpw");
+        let text = BASE
+            .replace("guest:guest@", "guest:${DEDUPD_T_DESCRIBE_PW}@")
+            .replace(
+                "kind = \"memory\"",
+                "kind = \"redis\"\nurl = [\"redis://:${DEDUPD_T_DESCRIBE_PW}@a:7000\"]",
+            );
+        let out = parse(&text).unwrap().describe();
+        assert!(!out.contains("topsecretpw"), "{out}");
+        assert!(out.contains("amqp://guest:***@127.0.0.1:5672/%2f"), "{out}");
+        assert!(out.contains("redis://:***@a:7000"), "{out}");
+        assert!(
+            out.contains(
+                "orders: orders.in -> exchange \"\" routing_key orders.out, key message_id, \
+             window 24h, on_missing_key reject, mode enforce"
+            ),
+            "{out}"
+        );
+        assert!(out.contains("lease 30s"), "{out}");
+    }
+
+    #[test]
+    fn durations_read_like_the_config() {
+        let f = |ms| fmt_duration(Duration::from_millis(ms));
+        assert_eq!(
+            [
+                f(86_400_000),
+                f(30_000),
+                f(90_000),
+                f(120_000),
+                f(100),
+                f(1_500)
+            ],
+            ["24h", "30s", "90s", "2m", "100ms", "1500ms"]
+        );
+    }
 }

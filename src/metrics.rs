@@ -1,0 +1,255 @@
+//! Metric names (the only place they are spelled), the Prometheus recorder, the health state
+//! behind `/readyz`, and the HTTP endpoint serving `/metrics`, `/healthz` and `/readyz`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+use tokio_util::sync::CancellationToken;
+
+/// Upstream deliveries received, per route.
+pub const CONSUMED: &str = "dedupd_messages_consumed_total";
+/// Messages published downstream and confirmed, per route.
+pub const FORWARDED: &str = "dedupd_messages_forwarded_total";
+/// Duplicates dropped (enforce) or seen (observe), per route.
+pub const DUPLICATES: &str = "dedupd_duplicates_total";
+/// Messages nacked without requeue, per route and reason.
+pub const REJECTED: &str = "dedupd_messages_rejected_total";
+/// Claims taken over from a dead owner (possible duplicates), per route.
+pub const TAKEOVERS: &str = "dedupd_takeovers_total";
+/// Store operations that failed, per route.
+pub const STORE_ERRORS: &str = "dedupd_store_errors_total";
+/// Store round-trip latency, per operation.
+pub const STORE_DURATION: &str = "dedupd_store_duration_seconds";
+/// Delivery to upstream ack, per route.
+pub const FORWARD_DURATION: &str = "dedupd_forward_duration_seconds";
+/// Deliveries received and not yet settled, per route.
+pub const INFLIGHT: &str = "dedupd_inflight_messages";
+/// 1 while a component is connected: upstream, downstream, store.
+pub const UP: &str = "dedupd_up";
+/// Always 1, labelled with the version.
+pub const BUILD_INFO: &str = "dedupd_build_info";
+
+/// `reason` label values of [`REJECTED`].
+pub mod reason {
+    /// No key could be derived and `on_missing_key = "reject"`.
+    pub const MISSING_KEY: &str = "missing_key";
+    /// The downstream broker returned the message (no queue bound).
+    pub const UNROUTABLE: &str = "unroutable";
+    /// The downstream broker refused the message (publisher nack) repeatedly.
+    pub const NACKED: &str = "nacked";
+}
+
+static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
+
+/// Installs the global recorder once per process (tests call `run` many times) and returns
+/// the handle that renders the scrape payload.
+pub fn install() -> PrometheusHandle {
+    HANDLE
+        .get_or_init(|| {
+            let builder = PrometheusBuilder::new()
+                .set_buckets_for_metric(
+                    Matcher::Suffix("_seconds".into()),
+                    &[
+                        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                        5.0, 10.0, 30.0,
+                    ],
+                )
+                .expect("static bucket list is not empty");
+            let recorder = builder.build_recorder();
+            let handle = recorder.handle();
+            // Another recorder may already be global (an embedding program's): then ours only
+            // renders what is recorded through it, which is nothing; say so.
+            if metrics::set_global_recorder(recorder).is_err() {
+                tracing::warn!("a metrics recorder was already installed; /metrics will be empty");
+            }
+            describe();
+            metrics::gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+            handle
+        })
+        .clone()
+}
+
+fn describe() {
+    use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
+    describe_counter!(CONSUMED, "Upstream deliveries received");
+    describe_counter!(FORWARDED, "Messages published downstream and confirmed");
+    describe_counter!(DUPLICATES, "Duplicates dropped (enforce) or seen (observe)");
+    describe_counter!(REJECTED, "Messages nacked without requeue, by reason");
+    describe_counter!(
+        TAKEOVERS,
+        "Claims taken over from a dead owner: possible duplicates"
+    );
+    describe_counter!(STORE_ERRORS, "Store operations that failed");
+    describe_histogram!(STORE_DURATION, Unit::Seconds, "Store round-trip latency");
+    describe_histogram!(FORWARD_DURATION, Unit::Seconds, "Delivery to upstream ack");
+    describe_gauge!(INFLIGHT, "Deliveries received and not yet settled");
+    describe_gauge!(UP, "1 while the component is connected");
+    describe_gauge!(BUILD_INFO, "Build information");
+}
+
+/// Which connection a [`Health`] flag describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Component {
+    /// Every route's upstream consumer.
+    Upstream,
+    /// Every route's downstream publisher.
+    Downstream,
+    /// The key store.
+    Store,
+}
+
+impl Component {
+    fn label(self) -> &'static str {
+        match self {
+            Component::Upstream => "upstream",
+            Component::Downstream => "downstream",
+            Component::Store => "store",
+        }
+    }
+}
+
+/// Readiness: the process is ready while every route has both connections and the store answers.
+#[derive(Debug)]
+pub struct Health {
+    /// Per component, how many holders are currently disconnected.
+    down: [AtomicUsize; 3],
+}
+
+impl Health {
+    /// Starts with everything down until the first connection succeeds.
+    pub fn new() -> Arc<Health> {
+        let health = Arc::new(Health {
+            down: Default::default(),
+        });
+        for c in [Component::Upstream, Component::Downstream, Component::Store] {
+            health.publish(c);
+        }
+        health
+    }
+
+    /// A flag for one holder (a route's connection, or the store) that starts down.
+    pub fn flag(self: &Arc<Self>, component: Component) -> HealthFlag {
+        self.down[component as usize].fetch_add(1, Ordering::SeqCst);
+        self.publish(component);
+        HealthFlag {
+            health: self.clone(),
+            component,
+            up: AtomicBool::new(false),
+        }
+    }
+
+    /// True while nothing is down.
+    pub fn ready(&self) -> bool {
+        self.down.iter().all(|d| d.load(Ordering::SeqCst) == 0)
+    }
+
+    /// True while `component` has no holder down.
+    pub fn is_up(&self, component: Component) -> bool {
+        self.down[component as usize].load(Ordering::SeqCst) == 0
+    }
+
+    fn publish(&self, component: Component) {
+        let up = if self.is_up(component) { 1.0 } else { 0.0 };
+        metrics::gauge!(UP, "component" => component.label()).set(up);
+    }
+}
+
+/// One holder's connected state; dropping it counts as down no more (the holder is gone).
+#[derive(Debug)]
+pub struct HealthFlag {
+    health: Arc<Health>,
+    component: Component,
+    up: AtomicBool,
+}
+
+impl HealthFlag {
+    /// Marks this holder connected or not; only transitions change the counts.
+    pub fn set(&self, up: bool) {
+        if self.up.swap(up, Ordering::SeqCst) == up {
+            return;
+        }
+        let counter = &self.health.down[self.component as usize];
+        if up {
+            counter.fetch_sub(1, Ordering::SeqCst);
+        } else {
+            counter.fetch_add(1, Ordering::SeqCst);
+        }
+        self.health.publish(self.component);
+    }
+}
+
+impl Drop for HealthFlag {
+    fn drop(&mut self) {
+        if !self.up.load(Ordering::SeqCst) {
+            self.health.down[self.component as usize].fetch_sub(1, Ordering::SeqCst);
+            self.health.publish(self.component);
+        }
+    }
+}
+
+/// Why the endpoint could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// `metrics.listen` could not be bound.
+    #[error("cannot listen on {addr} (metrics.listen): {source}")]
+    Bind {
+        /// The address.
+        addr: String,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+/// Binds `listen` and serves until `shutdown`. Returns the bound address (port 0 picks one).
+pub async fn serve(
+    listen: &str,
+    handle: PrometheusHandle,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), ServeError> {
+    let bind_err = |source| ServeError::Bind {
+        addr: listen.to_owned(),
+        source,
+    };
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(bind_err)?;
+    let addr = listener.local_addr().map_err(bind_err)?;
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let handle = handle.clone();
+                async move {
+                    handle.run_upkeep();
+                    handle.render()
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let health = health.clone();
+                async move {
+                    if health.ready() {
+                        (StatusCode::OK, "ready\n")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+                    }
+                }
+            }),
+        );
+    let task = tokio::spawn(async move {
+        let server = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned());
+        if let Err(error) = server.await {
+            tracing::error!(%error, "metrics endpoint failed");
+        }
+    });
+    Ok((addr, task))
+}

@@ -1,0 +1,950 @@
+//! One route's forwarding pipeline: where a message is claimed, published, committed and acked.
+//!
+//! A route runs in *sessions*: each session owns one upstream consumer channel and one
+//! downstream publisher channel, and an epoch that goes into the owner token of every claim it
+//! makes. Any broker error ends the session; the route reconnects with backoff and the next
+//! session, with the next epoch, takes over the claims the old one left behind at once.
+//!
+//! Inside a session two stages run concurrently, connected by a bounded channel of batches:
+//!
+//! * **intake** gathers up to `batch_size` deliveries that are ready, derives their keys,
+//!   claims them in one store round trip, and publishes the ones to forward in delivery order
+//!   (all publishes of a batch started together, their confirm futures kept). Duplicates of a
+//!   key that is still in flight are *held*: parked unacked until the first copy's fate is
+//!   known, then claimed again.
+//! * **settle** takes batches in order, awaits their confirms, commits the confirmed keys in
+//!   one round trip (retried until it succeeds: a confirmed message is never released), releases
+//!   the failed ones, wakes deliveries held on those keys, then acks upstream, with
+//!   `multiple = true` when no held delivery lies below the batch.
+//!
+//! Up to `max_batches_in_flight` batches sit between the stages, so store round trips, publish
+//! confirms and acks of different batches overlap. The order of publishes is the order of
+//! deliveries because only intake publishes, one batch after another.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::future::join_all;
+use futures::{FutureExt, StreamExt};
+use lapin::message::Delivery;
+use lapin::options::BasicPublishOptions;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{Channel, Confirmation, Consumer, PublisherConfirm};
+use metrics::{Counter, Gauge, Histogram};
+use tokio::sync::{mpsc, Notify};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::amqp::{AmqpError, Endpoint};
+use crate::backoff::Backoff;
+use crate::config::{Mode, OnMissingKey, OnStoreError, Route, Tuning};
+use crate::error_chain;
+use crate::keys;
+use crate::metrics::{self as m, HealthFlag};
+use crate::store::{ClaimOutcome, Owner, Store};
+
+/// Everything a route needs, fixed for the life of the process.
+pub struct RouteCtx {
+    /// Route name (the `[routes.NAME]` table).
+    pub name: Arc<str>,
+    /// The route's settings.
+    pub route: Route,
+    /// The shared store.
+    pub store: Store,
+    /// `store.key_prefix`.
+    pub key_prefix: String,
+    /// `store.lease`.
+    pub lease: Duration,
+    /// `store.on_error`.
+    pub on_store_error: OnStoreError,
+    /// `[tuning]`.
+    pub tuning: Tuning,
+    /// `upstream.prefetch`.
+    pub prefetch: u16,
+    /// Where to consume.
+    pub upstream: Endpoint,
+    /// Where to publish.
+    pub downstream: Endpoint,
+    /// Random per process; with the session epoch it makes the owner token.
+    pub instance: Arc<str>,
+    /// This route's upstream connection state.
+    pub upstream_up: HealthFlag,
+    /// This route's downstream connection state.
+    pub downstream_up: HealthFlag,
+    /// The store's state, shared by all routes.
+    pub store_up: Arc<HealthFlag>,
+}
+
+/// Why a session ended early.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error(transparent)]
+    Amqp(#[from] AmqpError),
+    #[error("upstream consumer: {0}")]
+    Consumer(lapin::Error),
+    #[error("upstream consumer was cancelled by the broker (queue deleted?)")]
+    Cancelled,
+    #[error("downstream publish: {0}")]
+    Publish(String),
+    #[error("upstream ack: {0}")]
+    Ack(lapin::Error),
+}
+
+/// Runs the route until `shutdown`, reconnecting after any failure.
+pub async fn run_route(ctx: RouteCtx, shutdown: CancellationToken) {
+    let metrics = RouteMetrics::new(&ctx.name);
+    let mut backoff = Backoff::new(ctx.tuning.backoff_min, ctx.tuning.backoff_max);
+    let mut epoch = 0;
+    while !shutdown.is_cancelled() {
+        epoch += 1;
+        let started = Instant::now();
+        let result = session(&ctx, &metrics, epoch, &shutdown).await;
+        ctx.upstream_up.set(false);
+        ctx.downstream_up.set(false);
+        match result {
+            Ok(()) => break,
+            Err(error) => {
+                tracing::warn!(route = %ctx.name, epoch, error = %error_chain(&error), "session ended; reconnecting");
+            }
+        }
+        // A session that ran a while was healthy: start the backoff over.
+        if started.elapsed() > ctx.tuning.backoff_max * 2 {
+            backoff.reset();
+        }
+        if !backoff.wait(&shutdown).await {
+            break;
+        }
+    }
+    tracing::info!(route = %ctx.name, "route stopped");
+}
+
+async fn session(
+    ctx: &RouteCtx,
+    metrics: &RouteMetrics,
+    epoch: u64,
+    shutdown: &CancellationToken,
+) -> Result<(), SessionError> {
+    let up_conn = ctx.upstream.connect().await?;
+    let down_conn = ctx.downstream.connect().await?;
+    let ch_in = ctx
+        .upstream
+        .consumer_channel(&up_conn, ctx.prefetch)
+        .await?;
+    let ch_out = ctx.downstream.publisher_channel(&down_conn).await?;
+    ctx.downstream_up.set(true);
+
+    // With on_error = block nothing is consumed until the store answers, so a store that is
+    // absent at start leaves every message in its queue.
+    if ctx.on_store_error == OnStoreError::Block && !wait_for_store(ctx, shutdown).await {
+        return Ok(());
+    }
+
+    let tag = format!("dedupd-{}-{}-{}", ctx.name, ctx.instance, epoch);
+    let consumer = ctx
+        .upstream
+        .rpc(
+            "consuming",
+            ch_in.basic_consume(
+                ctx.route.queue.as_str().into(),
+                tag.as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            ),
+        )
+        .await?;
+    ctx.upstream_up.set(true);
+    tracing::info!(route = %ctx.name, epoch, queue = %ctx.route.queue, upstream = %ctx.upstream.redacted(), downstream = %ctx.downstream.redacted(), "consuming");
+
+    let shared = Shared {
+        ctx,
+        metrics,
+        owner: Owner::new(ctx.instance.clone(), epoch),
+        holds: Holds::default(),
+        unsettled: AtomicI64::new(0),
+    };
+    let (tx, rx) = mpsc::channel(ctx.tuning.max_batches_in_flight);
+    let intake = Intake {
+        shared: &shared,
+        ch_in: &ch_in,
+        ch_out: &ch_out,
+        tag: tag.as_str().into(),
+        exchange: ctx.route.exchange.as_str().into(),
+        routing_key: ctx.route.routing_key.as_deref().map(ShortString::from),
+        store_backoff: Backoff::new(ctx.tuning.backoff_min, ctx.tuning.backoff_max),
+    };
+    let (intake_result, settle_result) = tokio::join!(
+        intake.run(consumer, tx, shutdown),
+        settle(&shared, &ch_in, rx)
+    );
+
+    // Whatever is still unacked (held deliveries, batches cut short) returns to the queue
+    // when the channel closes; it is no longer ours to count.
+    metrics
+        .inflight
+        .decrement(shared.unsettled.load(Ordering::Relaxed) as f64);
+    let close = async {
+        let _ = ch_in.close(200, "dedupd session end".into()).await;
+        let _ = ch_out.close(200, "dedupd session end".into()).await;
+        let _ = up_conn.close(200, "dedupd session end".into()).await;
+        let _ = down_conn.close(200, "dedupd session end".into()).await;
+    };
+    if tokio::time::timeout(crate::amqp::RPC_TIMEOUT, close)
+        .await
+        .is_err()
+    {
+        tracing::debug!(route = %ctx.name, "closing broker connections timed out");
+    }
+    intake_result.and(settle_result)
+}
+
+/// Pings the store until it answers; `false` if shutdown came first.
+async fn wait_for_store(ctx: &RouteCtx, shutdown: &CancellationToken) -> bool {
+    let mut backoff = Backoff::new(ctx.tuning.backoff_min, ctx.tuning.backoff_max);
+    loop {
+        match ctx.store.ping().await {
+            Ok(()) => {
+                ctx.store_up.set(true);
+                return true;
+            }
+            Err(error) => {
+                ctx.store_up.set(false);
+                tracing::warn!(route = %ctx.name, error = %error_chain(&error), "store not answering; not consuming until it does");
+            }
+        }
+        if !backoff.wait(shutdown).await {
+            return false;
+        }
+    }
+}
+
+/// Metric handles of one route, resolved once.
+struct RouteMetrics {
+    consumed: Counter,
+    forwarded: Counter,
+    duplicates: Counter,
+    takeovers: Counter,
+    store_errors: Counter,
+    rejected_missing_key: Counter,
+    rejected_unroutable: Counter,
+    forward_duration: Histogram,
+    inflight: Gauge,
+}
+
+impl RouteMetrics {
+    fn new(route: &str) -> Self {
+        let r = route.to_owned();
+        Self {
+            consumed: metrics::counter!(m::CONSUMED, "route" => r.clone()),
+            forwarded: metrics::counter!(m::FORWARDED, "route" => r.clone()),
+            duplicates: metrics::counter!(m::DUPLICATES, "route" => r.clone()),
+            takeovers: metrics::counter!(m::TAKEOVERS, "route" => r.clone()),
+            store_errors: metrics::counter!(m::STORE_ERRORS, "route" => r.clone()),
+            rejected_missing_key: metrics::counter!(m::REJECTED, "route" => r.clone(), "reason" => m::reason::MISSING_KEY),
+            rejected_unroutable: metrics::counter!(m::REJECTED, "route" => r.clone(), "reason" => m::reason::UNROUTABLE),
+            forward_duration: metrics::histogram!(m::FORWARD_DURATION, "route" => r.clone()),
+            inflight: metrics::gauge!(m::INFLIGHT, "route" => r),
+        }
+    }
+
+    fn rejected(&self, reason: &'static str) -> &Counter {
+        match reason {
+            m::reason::UNROUTABLE => &self.rejected_unroutable,
+            _ => &self.rejected_missing_key,
+        }
+    }
+}
+
+/// State both stages of one session see.
+struct Shared<'a> {
+    ctx: &'a RouteCtx,
+    metrics: &'a RouteMetrics,
+    owner: Owner,
+    holds: Holds,
+    /// Deliveries received and not yet acked or nacked in this session.
+    unsettled: AtomicI64,
+}
+
+/// A delivery on its way through the pipeline.
+struct Incoming {
+    delivery: Delivery,
+    received: Instant,
+    /// The store key; `None` forwards without dedup.
+    key: Option<String>,
+    /// How often it was found in flight elsewhere (spaces out the rechecks).
+    rechecks: u32,
+}
+
+/// What intake decided for a delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Fate {
+    /// Publish it; a claimed key (with its local claim number) is committed on confirm and
+    /// released on failure.
+    Publish { claim: Option<u64> },
+    /// A duplicate of a key already done: ack.
+    Duplicate,
+    /// Nack without requeue, so the queue's dead-letter exchange receives it.
+    Reject(&'static str),
+}
+
+/// A delivery intake has finished with, and its publish (if any).
+struct Item {
+    incoming: Incoming,
+    fate: Fate,
+    published: Option<Result<PublisherConfirm, String>>,
+}
+
+/// Deliveries held because their key is in flight, and the tags they occupy.
+#[derive(Default)]
+struct Holds {
+    inner: Mutex<HoldsInner>,
+    /// Wakes intake when a local first copy finished.
+    wake: Notify,
+}
+
+#[derive(Default)]
+struct HoldsInner {
+    /// Keys in flight in this session, each with the deliveries waiting for its outcome.
+    local: HashMap<String, Local>,
+    /// Numbers the claims of this session, so a finished claim never clears a newer one.
+    claims: u64,
+    /// Deliveries waiting on another instance's claim, with when to check again.
+    remote: Vec<(Instant, Incoming)>,
+    /// Deliveries whose key's local first copy finished: claim them again.
+    ready: Vec<Incoming>,
+    /// Tags of every held delivery, until settle acks or nacks it.
+    tags: BTreeSet<u64>,
+}
+
+impl Holds {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HoldsInner> {
+        // A panic while holding this lock is a bug elsewhere; the map itself stays usable.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Ready and due deliveries, removed from the holds (their tags stay until settled).
+    fn take_due(&self, now: Instant) -> Vec<Incoming> {
+        let mut inner = self.lock();
+        let mut out = std::mem::take(&mut inner.ready);
+        let mut i = 0;
+        while i < inner.remote.len() {
+            if inner.remote[i].0 <= now {
+                out.push(inner.remote.swap_remove(i).1);
+            } else {
+                i += 1;
+            }
+        }
+        out
+    }
+
+    fn next_due(&self) -> Option<Instant> {
+        self.lock().remote.iter().map(|(due, _)| *due).min()
+    }
+}
+
+/// A key claimed in this session and not yet committed or released.
+#[derive(Default)]
+struct Local {
+    claim: u64,
+    waiting: Vec<Incoming>,
+}
+
+impl HoldsInner {
+    /// Records a new local claim of `key` (keeping anyone already waiting on the key) and
+    /// returns its number.
+    fn claim(&mut self, key: String) -> u64 {
+        self.claims += 1;
+        self.local.entry(key).or_default().claim = self.claims;
+        self.claims
+    }
+
+    /// The claim `claim` of `key` finished: wake whoever waits on it. `true` if anyone did.
+    fn finish(&mut self, key: &str, claim: u64) -> bool {
+        match self.local.get(key) {
+            Some(local) if local.claim == claim => {}
+            // A newer claim of the key is in flight; its waiters wait for that one.
+            _ => return false,
+        }
+        let waiting = self
+            .local
+            .remove(key)
+            .map(|l| l.waiting)
+            .unwrap_or_default();
+        let woke = !waiting.is_empty();
+        self.ready.extend(waiting);
+        woke
+    }
+}
+
+/// Remote recheck delay: 50ms doubling to 1s, never past the other claim's lease.
+fn recheck_delay(attempt: u32, lease_left: Duration) -> Duration {
+    let backoff = Duration::from_millis(50) * 2u32.saturating_pow(attempt.min(5));
+    backoff
+        .min(Duration::from_secs(1))
+        .min(lease_left + Duration::from_millis(5))
+}
+
+struct Intake<'a> {
+    shared: &'a Shared<'a>,
+    ch_in: &'a Channel,
+    ch_out: &'a Channel,
+    tag: ShortString,
+    exchange: ShortString,
+    routing_key: Option<ShortString>,
+    store_backoff: Backoff,
+}
+
+impl Intake<'_> {
+    async fn run(
+        mut self,
+        mut consumer: Consumer,
+        tx: mpsc::Sender<Vec<Item>>,
+        shutdown: &CancellationToken,
+    ) -> Result<(), SessionError> {
+        let batch_size = self.shared.ctx.tuning.batch_size;
+        loop {
+            let next_due = self.shared.holds.next_due();
+            let batch = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => {
+                    let _ = self
+                        .shared
+                        .ctx
+                        .upstream
+                        .rpc("cancelling the consumer", self.ch_in.basic_cancel(self.tag.clone(), BasicCancelOptions::default()))
+                        .await;
+                    return Ok(());
+                }
+                _ = self.shared.holds.wake.notified() => self.shared.holds.take_due(Instant::now()),
+                _ = sleep_until(next_due), if next_due.is_some() => self.shared.holds.take_due(Instant::now()),
+                first = consumer.next() => {
+                    let mut batch = vec![self.receive(first)?];
+                    while batch.len() < batch_size {
+                        match consumer.next().now_or_never() {
+                            Some(next) => batch.push(self.receive(next)?),
+                            None => break,
+                        }
+                    }
+                    batch
+                }
+            };
+            if batch.is_empty() {
+                continue;
+            }
+            let Some(items) = self.process(batch, shutdown).await? else {
+                return Ok(());
+            };
+            // A publish that could not even be written means the downstream channel is gone:
+            // settle this batch (release, requeue) and reconnect.
+            let broken = items.iter().find_map(|item| match &item.published {
+                Some(Err(error)) => Some(error.clone()),
+                _ => None,
+            });
+            if tx.send(items).await.is_err() {
+                return Ok(());
+            }
+            if let Some(error) = broken {
+                return Err(SessionError::Publish(error));
+            }
+        }
+    }
+
+    fn receive(&self, next: Option<lapin::Result<Delivery>>) -> Result<Incoming, SessionError> {
+        let delivery = match next {
+            None => return Err(SessionError::Cancelled),
+            Some(Err(error)) => return Err(SessionError::Consumer(error)),
+            Some(Ok(delivery)) => delivery,
+        };
+        let shared = self.shared;
+        shared.metrics.consumed.increment(1);
+        shared.metrics.inflight.increment(1.0);
+        shared.unsettled.fetch_add(1, Ordering::Relaxed);
+        Ok(Incoming {
+            key: None,
+            rechecks: 0,
+            received: Instant::now(),
+            delivery,
+        })
+    }
+
+    /// Keys, claims and publishes one batch. `None`: shutdown while waiting for the store.
+    async fn process(
+        &mut self,
+        mut batch: Vec<Incoming>,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Vec<Item>>, SessionError> {
+        let ctx = self.shared.ctx;
+        let route = &ctx.route;
+        let mut fates: Vec<Option<Fate>> = Vec::with_capacity(batch.len());
+        for incoming in &mut batch {
+            // Held deliveries come back with their key already derived.
+            if incoming.key.is_some() {
+                fates.push(None);
+                continue;
+            }
+            let d = &incoming.delivery;
+            match keys::derive(&route.key, &d.properties, &d.data) {
+                Ok(id) => {
+                    incoming.key = Some(keys::store_key(&ctx.key_prefix, &ctx.name, &id));
+                    fates.push(None);
+                }
+                Err(why) => match route.on_missing_key {
+                    OnMissingKey::Reject => {
+                        tracing::debug!(route = %ctx.name, %why, "no key: rejecting");
+                        fates.push(Some(Fate::Reject(m::reason::MISSING_KEY)));
+                    }
+                    OnMissingKey::Forward => {
+                        fates.push(Some(Fate::Publish { claim: None }));
+                    }
+                    OnMissingKey::HashBody => {
+                        let id = keys::body_hash(&d.data);
+                        incoming.key = Some(keys::store_key(&ctx.key_prefix, &ctx.name, &id));
+                        fates.push(None);
+                    }
+                },
+            }
+        }
+
+        let claim_keys: Vec<String> = batch
+            .iter()
+            .zip(&fates)
+            .filter(|(_, f)| f.is_none())
+            .filter_map(|(i, _)| i.key.clone())
+            .collect();
+        // Keys in flight here when the claim goes out: an `Ours` answer for them means "still
+        // in flight" even if the first copy finished while the claim was on the wire.
+        let was_local: Vec<bool> = {
+            let holds = self.shared.holds.lock();
+            claim_keys
+                .iter()
+                .map(|k| holds.local.contains_key(k))
+                .collect()
+        };
+        let outcomes = if claim_keys.is_empty() {
+            Some(Vec::new())
+        } else {
+            match self.claim(&claim_keys, shutdown).await {
+                Claimed::Outcomes(o) => Some(o),
+                Claimed::FailOpen => None,
+                Claimed::Shutdown => return Ok(None),
+            }
+        };
+
+        let observe = route.mode == Mode::Observe;
+        let mut outcomes = outcomes.map(|o| o.into_iter().zip(was_local));
+        let mut items = Vec::with_capacity(batch.len());
+        let now = Instant::now();
+        for (incoming, fate) in batch.into_iter().zip(fates) {
+            if let Some(fate) = fate {
+                items.push((incoming, fate));
+                continue;
+            }
+            let Some(outcomes) = outcomes.as_mut() else {
+                // Store down with on_error = forward: counted per message, forwarded as is.
+                ctx.store_up.set(false);
+                items.push((incoming, Fate::Publish { claim: None }));
+                continue;
+            };
+            let mut incoming = incoming;
+            let (outcome, was_local) = outcomes
+                .next()
+                .expect("the store answers one outcome per key");
+            let key = incoming.key.clone().unwrap_or_default();
+            let mut holds = self.shared.holds.lock();
+            let fate = match outcome {
+                ClaimOutcome::Claimed => Fate::Publish {
+                    claim: Some(holds.claim(key)),
+                },
+                ClaimOutcome::TakenOver => {
+                    self.shared.metrics.takeovers.increment(1);
+                    Fate::Publish {
+                        claim: Some(holds.claim(key)),
+                    }
+                }
+                ClaimOutcome::Ours if !was_local && !holds.local.contains_key(&key) => {
+                    // Our own claim with nobody working on it (a release that failed): its
+                    // earlier publish may have arrived, so this is a takeover too.
+                    self.shared.metrics.takeovers.increment(1);
+                    Fate::Publish {
+                        claim: Some(holds.claim(key)),
+                    }
+                }
+                ClaimOutcome::Done => {
+                    self.shared.metrics.duplicates.increment(1);
+                    if observe {
+                        Fate::Publish { claim: None }
+                    } else {
+                        Fate::Duplicate
+                    }
+                }
+                ClaimOutcome::Ours | ClaimOutcome::InFlightElsewhere { .. } if observe => {
+                    self.shared.metrics.duplicates.increment(1);
+                    Fate::Publish { claim: None }
+                }
+                ClaimOutcome::Ours => {
+                    // The first copy is in flight in this session: wait for its outcome, or
+                    // look again at once if it finished while this claim was on the wire.
+                    holds.tags.insert(incoming.delivery.delivery_tag);
+                    match holds.local.get_mut(&key) {
+                        Some(local) => local.waiting.push(incoming),
+                        None => {
+                            holds.ready.push(incoming);
+                            self.shared.holds.wake.notify_one();
+                        }
+                    }
+                    continue;
+                }
+                ClaimOutcome::InFlightElsewhere { lease_left } => {
+                    holds.tags.insert(incoming.delivery.delivery_tag);
+                    let due = now + recheck_delay(incoming.rechecks, lease_left);
+                    incoming.rechecks += 1;
+                    holds.remote.push((due, incoming));
+                    continue;
+                }
+            };
+            drop(holds);
+            items.push((incoming, fate));
+        }
+
+        Ok(Some(self.publish(items).await))
+    }
+
+    /// Claims with retries while the store is down (on_error = block).
+    async fn claim(&mut self, keys: &[String], shutdown: &CancellationToken) -> Claimed {
+        let ctx = self.shared.ctx;
+        loop {
+            match ctx.store.claim(keys, &self.shared.owner, ctx.lease).await {
+                Ok(outcomes) => {
+                    ctx.store_up.set(true);
+                    self.store_backoff.reset();
+                    return Claimed::Outcomes(outcomes);
+                }
+                Err(error) => {
+                    self.shared.metrics.store_errors.increment(1);
+                    ctx.store_up.set(false);
+                    if ctx.on_store_error == OnStoreError::Forward {
+                        tracing::warn!(route = %ctx.name, error = %error_chain(&error), "store failed: forwarding without dedup (on_error = forward)");
+                        return Claimed::FailOpen;
+                    }
+                    tracing::warn!(route = %ctx.name, error = %error_chain(&error), "store failed: holding the batch until it answers (on_error = block)");
+                }
+            }
+            if !self.store_backoff.wait(shutdown).await {
+                return Claimed::Shutdown;
+            }
+        }
+    }
+
+    /// Starts every publish of the batch at once, in order, and keeps the confirm futures.
+    async fn publish(&self, items: Vec<(Incoming, Fate)>) -> Vec<Item> {
+        let mut items: Vec<Item> = items
+            .into_iter()
+            .map(|(incoming, fate)| Item {
+                incoming,
+                fate,
+                published: None,
+            })
+            .collect();
+        let mut props = Vec::new();
+        for item in &mut items {
+            if matches!(item.fate, Fate::Publish { .. }) {
+                props.push(std::mem::take(&mut item.incoming.delivery.properties));
+            }
+        }
+        if props.is_empty() {
+            return items;
+        }
+        let options = BasicPublishOptions {
+            mandatory: true,
+            immediate: false,
+        };
+        let publishes = items
+            .iter()
+            .filter(|item| matches!(item.fate, Fate::Publish { .. }))
+            .zip(props)
+            .map(|(item, props)| {
+                let d = &item.incoming.delivery;
+                let routing_key = self
+                    .routing_key
+                    .clone()
+                    .unwrap_or_else(|| d.routing_key.clone());
+                self.ch_out.basic_publish(
+                    self.exchange.clone(),
+                    routing_key,
+                    options,
+                    &d.data,
+                    props,
+                )
+            });
+        let timeout = self.shared.ctx.tuning.confirm_timeout;
+        let results: Vec<Result<PublisherConfirm, String>> =
+            match tokio::time::timeout(timeout, join_all(publishes)).await {
+                Ok(results) => results
+                    .into_iter()
+                    .map(|r| r.map_err(|e| e.to_string()))
+                    .collect(),
+                // lapin can wait forever for a socket that the broker closed cleanly.
+                Err(_) => (0..items.len())
+                    .map(|_| Err(format!("publish not written within {timeout:?}")))
+                    .collect(),
+            };
+        let mut results = results.into_iter();
+        for item in &mut items {
+            if matches!(item.fate, Fate::Publish { .. }) {
+                item.published = results.next();
+            }
+        }
+        items
+    }
+}
+
+enum Claimed {
+    Outcomes(Vec<ClaimOutcome>),
+    FailOpen,
+    Shutdown,
+}
+
+async fn sleep_until(due: Option<Instant>) {
+    match due {
+        Some(due) => tokio::time::sleep_until(due).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// How a delivery ends upstream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settlement {
+    Ack,
+    Requeue,
+    Reject(&'static str),
+}
+
+/// The settle stage: confirms → commit/release → wake holds → acks.
+async fn settle(
+    shared: &Shared<'_>,
+    ch_in: &Channel,
+    mut rx: mpsc::Receiver<Vec<Item>>,
+) -> Result<(), SessionError> {
+    let ctx = shared.ctx;
+    let mut result = Ok(());
+    while let Some(mut items) = rx.recv().await {
+        let deadline = Instant::now() + ctx.tuning.confirm_timeout;
+        let confirms = items.iter_mut().map(|item| {
+            let published = item.published.take();
+            async move {
+                match published {
+                    None => None,
+                    Some(Err(error)) => Some(Err(error)),
+                    Some(Ok(confirm)) => {
+                        Some(match tokio::time::timeout_at(deadline, confirm).await {
+                            Ok(Ok(confirmation)) => Ok(confirmation),
+                            Ok(Err(error)) => Err(error.to_string()),
+                            Err(_) => Err(format!(
+                                "no confirm within {:?}",
+                                ctx.tuning.confirm_timeout
+                            )),
+                        })
+                    }
+                }
+            }
+        });
+        let confirms = join_all(confirms).await;
+
+        let mut commit = Vec::new();
+        let mut release = Vec::new();
+        let mut settlements = Vec::with_capacity(items.len());
+        let mut finished = Vec::new();
+        for (item, confirm) in items.iter().zip(confirms) {
+            let claimed_key = match item.fate {
+                Fate::Publish { claim: Some(claim) } => {
+                    finished.push((item.incoming.key.as_deref().unwrap_or_default(), claim));
+                    item.incoming.key.clone()
+                }
+                _ => None,
+            };
+            let settlement = match (item.fate, confirm) {
+                (Fate::Duplicate, _) => Settlement::Ack,
+                (Fate::Reject(reason), _) => Settlement::Reject(reason),
+                (
+                    Fate::Publish { .. },
+                    Some(Ok(Confirmation::Ack(None) | Confirmation::NotRequested)),
+                ) => {
+                    shared.metrics.forwarded.increment(1);
+                    commit.extend(claimed_key);
+                    Settlement::Ack
+                }
+                (Fate::Publish { .. }, Some(Ok(Confirmation::Ack(Some(returned))))) => {
+                    tracing::warn!(route = %ctx.name, exchange = %ctx.route.exchange, reply = %returned.reply_text, "downstream returned the message (unroutable): rejecting it to the upstream dead-letter exchange");
+                    release.extend(claimed_key);
+                    Settlement::Reject(m::reason::UNROUTABLE)
+                }
+                (Fate::Publish { .. }, Some(Ok(Confirmation::Nack(_)))) => {
+                    tracing::warn!(route = %ctx.name, "downstream nacked a publish: requeueing upstream");
+                    release.extend(claimed_key);
+                    Settlement::Requeue
+                }
+                (Fate::Publish { .. }, failed) => {
+                    let why = match failed {
+                        Some(Err(error)) => error,
+                        _ => "not published".to_owned(),
+                    };
+                    // The publish may have reached the queue: requeueing may duplicate it.
+                    if claimed_key.is_some() {
+                        shared.metrics.takeovers.increment(1);
+                    }
+                    tracing::warn!(route = %ctx.name, error = %why, "publish outcome unknown: requeueing upstream");
+                    release.extend(claimed_key);
+                    Settlement::Requeue
+                }
+            };
+            settlements.push(settlement);
+        }
+
+        if !commit.is_empty() {
+            commit_until_done(shared, &commit).await;
+        }
+        if !release.is_empty() {
+            release_best_effort(shared, &release).await;
+        }
+        if !finished.is_empty() {
+            let mut holds = shared.holds.lock();
+            let mut woke = false;
+            for (key, claim) in finished {
+                woke |= holds.finish(key, claim);
+            }
+            drop(holds);
+            if woke {
+                shared.holds.wake.notify_one();
+            }
+        }
+
+        if let Err(error) = ack(shared, ch_in, &items, &settlements).await {
+            // Tags of a dead channel: the broker requeued those deliveries itself. Keep
+            // draining so confirmed publishes still get committed.
+            if result.is_ok() {
+                result = Err(error);
+            }
+        }
+    }
+    result
+}
+
+/// Commits until the store answers: a confirmed message must never be released, or a later
+/// copy would be forwarded again.
+async fn commit_until_done(shared: &Shared<'_>, keys: &[String]) {
+    let ctx = shared.ctx;
+    let mut backoff = Backoff::new(ctx.tuning.backoff_min, ctx.tuning.backoff_max);
+    loop {
+        match ctx
+            .store
+            .commit(keys, &shared.owner, ctx.route.window)
+            .await
+        {
+            Ok(committed) => {
+                ctx.store_up.set(true);
+                let lost = committed.iter().filter(|ok| !**ok).count();
+                if lost > 0 {
+                    tracing::warn!(route = %ctx.name, keys = lost, "claims expired before their commit (confirm slower than store.lease?): another copy may be forwarded");
+                }
+                return;
+            }
+            Err(error) => {
+                shared.metrics.store_errors.increment(1);
+                ctx.store_up.set(false);
+                tracing::warn!(route = %ctx.name, error = %error_chain(&error), "commit failed; retrying (the messages were confirmed downstream)");
+            }
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+}
+
+/// Releases a few times; if the store stays away the lease frees the keys instead.
+async fn release_best_effort(shared: &Shared<'_>, keys: &[String]) {
+    let ctx = shared.ctx;
+    let mut backoff = Backoff::new(ctx.tuning.backoff_min, ctx.tuning.backoff_max);
+    for _ in 0..3 {
+        match ctx.store.release(keys, &shared.owner).await {
+            Ok(_) => return,
+            Err(error) => {
+                shared.metrics.store_errors.increment(1);
+                tracing::warn!(route = %ctx.name, error = %error_chain(&error), "release failed; retrying");
+            }
+        }
+        tokio::time::sleep(backoff.next_delay()).await;
+    }
+    tracing::warn!(route = %ctx.name, keys = keys.len(), "giving up releasing; the claims free themselves after store.lease");
+}
+
+/// Nacks, then acks, the batch's deliveries upstream.
+async fn ack(
+    shared: &Shared<'_>,
+    ch_in: &Channel,
+    items: &[Item],
+    settlements: &[Settlement],
+) -> Result<(), SessionError> {
+    let metrics = shared.metrics;
+    let min_held = {
+        let mut holds = shared.holds.lock();
+        if !holds.tags.is_empty() {
+            for item in items {
+                holds.tags.remove(&item.incoming.delivery.delivery_tag);
+            }
+        }
+        holds.tags.first().copied()
+    };
+
+    let mut nacks = Vec::new();
+    let mut acks = Vec::new();
+    for (item, settlement) in items.iter().zip(settlements) {
+        let tag = item.incoming.delivery.delivery_tag;
+        match settlement {
+            Settlement::Ack => acks.push(tag),
+            Settlement::Requeue => nacks.push((tag, true)),
+            Settlement::Reject(reason) => {
+                metrics.rejected(reason).increment(1);
+                nacks.push((tag, false));
+            }
+        }
+    }
+    let nacks = nacks.into_iter().map(|(tag, requeue)| {
+        ch_in.basic_nack(
+            tag,
+            BasicNackOptions {
+                multiple: false,
+                requeue,
+            },
+        )
+    });
+    let mut results = join_all(nacks).await;
+    if let Some(&last) = acks.iter().max() {
+        // `multiple` acks every unacked tag up to `last`: only safe when no held delivery
+        // lies below it (earlier batches are settled already, later ones have larger tags).
+        if min_held.is_none_or(|held| held > last) {
+            results.push(
+                ch_in
+                    .basic_ack(last, BasicAckOptions { multiple: true })
+                    .await,
+            );
+        } else {
+            let single = acks
+                .iter()
+                .map(|&tag| ch_in.basic_ack(tag, BasicAckOptions { multiple: false }));
+            results.extend(join_all(single).await);
+        }
+    }
+
+    let settled = items.len() as i64;
+    shared.unsettled.fetch_sub(settled, Ordering::Relaxed);
+    metrics.inflight.decrement(settled as f64);
+    for item in items {
+        metrics
+            .forward_duration
+            .record(item.incoming.received.elapsed().as_secs_f64());
+    }
+    results
+        .into_iter()
+        .find_map(Result::err)
+        .map_or(Ok(()), |e| Err(SessionError::Ack(e)))
+}

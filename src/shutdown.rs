@@ -1,0 +1,32 @@
+//! Turns SIGTERM and SIGINT into a cancelled [`CancellationToken`]: every task watches the
+//! token, stops taking new work and lets in-flight messages finish within the grace period.
+
+use tokio::signal::unix::{signal, SignalKind};
+use tokio_util::sync::CancellationToken;
+
+/// A token cancelled by the first SIGTERM or SIGINT. A second signal is left to the default
+/// disposition only after the first was handled, so an operator can still press Ctrl-C twice.
+pub fn on_signals() -> std::io::Result<CancellationToken> {
+    let token = CancellationToken::new();
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        let name = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!(
+            signal = name,
+            "shutting down: no new deliveries, finishing in-flight ones"
+        );
+        cancel.cancel();
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+        tracing::warn!("second signal: exiting now; unacked deliveries return to their queues");
+        std::process::exit(1);
+    });
+    Ok(token)
+}

@@ -1,0 +1,463 @@
+//! End-to-end forwarding against the real RabbitMQ and Redis, the proxy running in-process
+//! through `dedupd::run`: first-seen order, transparency, key kinds, policies, observe mode,
+//! restarts, and duplicates that arrive while their first copy is in flight.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::*;
+use lapin::types::{AMQPValue, ByteArray, DecimalValue, FieldArray, FieldTable};
+use lapin::BasicProperties;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+
+const SETTLE: Duration = Duration::from_secs(60);
+
+/// Headers with every field type RabbitMQ carries, nested tables and arrays included.
+fn every_header_type(n: usize) -> FieldTable {
+    let mut nested = FieldTable::default();
+    nested.insert("inner".into(), AMQPValue::LongString("deep".into()));
+    nested.insert("n".into(), AMQPValue::LongLongInt(-(n as i64)));
+    let mut h = FieldTable::default();
+    h.insert("bool".into(), AMQPValue::Boolean(n.is_multiple_of(2)));
+    h.insert("i8".into(), AMQPValue::ShortShortInt(-8));
+    h.insert("u8".into(), AMQPValue::ShortShortUInt(8));
+    h.insert("i16".into(), AMQPValue::ShortInt(-1600));
+    h.insert("u16".into(), AMQPValue::ShortUInt(1600));
+    h.insert("i32".into(), AMQPValue::LongInt(-320_000));
+    h.insert("u32".into(), AMQPValue::LongUInt(320_000));
+    h.insert(
+        "i64".into(),
+        AMQPValue::LongLongInt(n as i64 * 1_000_000_007),
+    );
+    h.insert("f32".into(), AMQPValue::Float(1.5));
+    h.insert("f64".into(), AMQPValue::Double(-2.25e100));
+    h.insert(
+        "decimal".into(),
+        AMQPValue::DecimalValue(DecimalValue {
+            scale: 2,
+            value: 12345,
+        }),
+    );
+    h.insert(
+        "text".into(),
+        AMQPValue::LongString(format!("héllo {n}").into()),
+    );
+    h.insert(
+        "array".into(),
+        AMQPValue::FieldArray(FieldArray::from(vec![
+            AMQPValue::LongInt(1),
+            AMQPValue::LongString("two".into()),
+            AMQPValue::FieldTable(nested.clone()),
+        ])),
+    );
+    h.insert("ts".into(), AMQPValue::Timestamp(1_700_000_000 + n as u64));
+    h.insert("table".into(), AMQPValue::FieldTable(nested));
+    h.insert(
+        "bytes".into(),
+        AMQPValue::ByteArray(ByteArray::from(vec![0u8, 255, 7])),
+    );
+    h.insert("void".into(), AMQPValue::Void);
+    h
+}
+
+fn full_properties(id: &str, n: usize) -> BasicProperties {
+    BasicProperties::default()
+        .with_message_id(id.into())
+        .with_correlation_id(format!("corr-{n}").into())
+        .with_reply_to("replies".into())
+        .with_expiration("3600000".into())
+        .with_timestamp(1_700_000_000 + n as u64)
+        .with_type("order.created".into())
+        .with_app_id("shop".into())
+        .with_priority((n % 10) as u8)
+        .with_delivery_mode(2)
+        .with_content_type("application/json".into())
+        .with_content_encoding("identity".into())
+        .with_user_id("guest".into())
+        .with_headers(every_header_type(n))
+}
+
+#[tokio::test]
+async fn forwards_first_seen_in_order_with_30pct_duplicates() {
+    let setup = Setup::new("order");
+    let mut broker = Broker::connect().await;
+    let dlq = setup.declare(&mut broker).await;
+
+    let seed: u64 = rand::random();
+    println!("seed {seed}");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let unique_ids: Vec<String> = (0..2100).map(|i| format!("order-{i}")).collect();
+    let mut ids: Vec<&String> = unique_ids.iter().collect();
+    ids.extend((0..900).map(|_| &unique_ids[rng.random_range(0..unique_ids.len())]));
+    ids.shuffle(&mut rng);
+
+    let messages: Vec<(Vec<u8>, BasicProperties)> = ids
+        .iter()
+        .enumerate()
+        .map(|(n, id)| {
+            (
+                format!("{{\"id\":\"{id}\",\"copy\":{n}}}").into_bytes(),
+                full_properties(id, n),
+            )
+        })
+        .collect();
+    let mut seen = HashSet::new();
+    let expected: Vec<&(Vec<u8>, BasicProperties)> = messages
+        .iter()
+        .zip(&ids)
+        .filter(|(_, id)| seen.insert(id.as_str()))
+        .map(|(m, _)| m)
+        .collect();
+    assert_eq!(expected.len(), 2100);
+
+    broker.publish_all(&setup.queue, &messages).await;
+    let proxy = InProcess::start(setup.config());
+    setup.wait_settled(3000, SETTLE).await;
+
+    let got = broker.drain(&setup.out).await;
+    assert_eq!(got.len(), expected.len(), "forwarded count");
+    for (i, (got, (body, props))) in got.iter().zip(expected).enumerate() {
+        assert_eq!(&got.data, body, "message {i}: body or order differs");
+        assert_eq!(&got.properties, props, "message {i}: properties differ");
+    }
+    assert_eq!(setup.metric("dedupd_messages_consumed_total").await, 3000.0);
+    assert_eq!(
+        setup.metric("dedupd_messages_forwarded_total").await,
+        2100.0
+    );
+    assert_eq!(setup.metric("dedupd_duplicates_total").await, 900.0);
+    assert_eq!(broker.ready(&setup.queue).await, 0, "left upstream");
+    assert_eq!(broker.ready(&dlq).await, 0, "dead-lettered");
+
+    proxy.stop().await;
+    broker.cleanup().await;
+    redis_cleanup(&setup.name).await;
+}
+
+/// Publishes the messages, runs the proxy until they are settled, and returns the bodies
+/// forwarded (the proxy still running, for metric checks).
+async fn forwarded_bodies(
+    setup: &Setup,
+    messages: Vec<(Vec<u8>, BasicProperties)>,
+) -> (Vec<String>, Broker, String, InProcess) {
+    let mut broker = Broker::connect().await;
+    let dlq = setup.declare(&mut broker).await;
+    let n = messages.len() as u64;
+    broker.publish_all(&setup.queue, &messages).await;
+    let proxy = InProcess::start(setup.config());
+    setup.wait_settled(n, SETTLE).await;
+    let bodies = broker
+        .drain(&setup.out)
+        .await
+        .into_iter()
+        .map(|d| String::from_utf8_lossy(&d.data).into_owned())
+        .collect();
+    (bodies, broker, dlq, proxy)
+}
+
+async fn finish(setup: &Setup, broker: Broker, proxy: InProcess) {
+    proxy.stop().await;
+    broker.cleanup().await;
+    redis_cleanup(&setup.name).await;
+}
+
+#[tokio::test]
+async fn key_from_header_of_any_type() {
+    let mut setup = Setup::new("hdr");
+    setup.key = "header:x-id".into();
+    setup.store_kind = "memory";
+    let with = |v: AMQPValue, body: &str| {
+        let mut h = FieldTable::default();
+        h.insert("x-id".into(), v);
+        (
+            body.as_bytes().to_vec(),
+            BasicProperties::default().with_headers(h),
+        )
+    };
+    let messages = vec![
+        with(AMQPValue::LongString("7".into()), "a"),
+        with(AMQPValue::LongInt(7), "b"), // same digits, other type: another key
+        with(AMQPValue::LongString("7".into()), "c"), // duplicate of a
+        with(AMQPValue::LongInt(7), "d"), // duplicate of b
+        with(
+            AMQPValue::FieldArray(vec![AMQPValue::Boolean(true)].into()),
+            "e",
+        ),
+        with(
+            AMQPValue::FieldArray(vec![AMQPValue::Boolean(true)].into()),
+            "f",
+        ),
+    ];
+    let (bodies, broker, _, proxy) = forwarded_bodies(&setup, messages).await;
+    assert_eq!(bodies, ["a", "b", "e"]);
+    assert_eq!(setup.metric("dedupd_duplicates_total").await, 3.0);
+    finish(&setup, broker, proxy).await;
+}
+
+#[tokio::test]
+async fn key_from_body_hash() {
+    let mut setup = Setup::new("body");
+    setup.key = "body".into();
+    let messages = ["x", "y", "x", "z", "y"]
+        .iter()
+        .map(|b| (b.as_bytes().to_vec(), BasicProperties::default()))
+        .collect();
+    let (bodies, broker, _, proxy) = forwarded_bodies(&setup, messages).await;
+    assert_eq!(bodies, ["x", "y", "z"]);
+    finish(&setup, broker, proxy).await;
+}
+
+#[tokio::test]
+async fn key_from_json_pointer_and_malformed_json_is_rejected() {
+    let mut setup = Setup::new("json");
+    setup.key = "json:/order/id".into();
+    let messages = [
+        r#"{"order":{"id":"A1"},"v":1}"#,
+        r#"{"order":{"id":"A2"}}"#,
+        r#"{"v":2,"order":{"id":"A1"}}"#, // duplicate of the first, other bytes
+        r#"{"order":{"id":42}}"#,
+        r#"{"order":{"id":42},"again":true}"#,
+        "not json",
+        r#"{"order":{}}"#,
+    ]
+    .iter()
+    .map(|b| (b.as_bytes().to_vec(), BasicProperties::default()))
+    .collect();
+    let (bodies, broker, dlq, proxy) = forwarded_bodies(&setup, messages).await;
+    assert_eq!(
+        bodies,
+        [
+            r#"{"order":{"id":"A1"},"v":1}"#,
+            r#"{"order":{"id":"A2"}}"#,
+            r#"{"order":{"id":42}}"#
+        ]
+    );
+    let dead: Vec<_> = broker
+        .drain(&dlq)
+        .await
+        .into_iter()
+        .map(|d| d.data)
+        .collect();
+    assert_eq!(dead, [b"not json".to_vec(), br#"{"order":{}}"#.to_vec()]);
+    let rejected = metric(
+        setup.metrics_port,
+        "dedupd_messages_rejected_total",
+        &[("route", &setup.name), ("reason", "missing_key")],
+    )
+    .await;
+    assert_eq!(rejected, 2.0);
+    finish(&setup, broker, proxy).await;
+}
+
+fn with_id(id: Option<&str>, body: &str) -> (Vec<u8>, BasicProperties) {
+    let props = match id {
+        Some(id) => BasicProperties::default().with_message_id(id.into()),
+        None => BasicProperties::default(),
+    };
+    (body.as_bytes().to_vec(), props)
+}
+
+#[tokio::test]
+async fn missing_key_reject_goes_to_the_dead_letter_queue() {
+    let setup = Setup::new("rej");
+    let messages = vec![
+        with_id(Some("1"), "a"),
+        with_id(None, "b"),
+        with_id(Some("2"), "c"),
+    ];
+    let (bodies, broker, dlq, proxy) = forwarded_bodies(&setup, messages).await;
+    assert_eq!(bodies, ["a", "c"]);
+    let dead: Vec<_> = broker
+        .drain(&dlq)
+        .await
+        .into_iter()
+        .map(|d| d.data)
+        .collect();
+    assert_eq!(dead, [b"b".to_vec()]);
+    assert_eq!(broker.ready(&setup.queue).await, 0);
+    finish(&setup, broker, proxy).await;
+}
+
+#[tokio::test]
+async fn missing_key_forward_forwards_every_copy() {
+    let mut setup = Setup::new("fwd");
+    setup.on_missing_key = "forward";
+    let messages = vec![
+        with_id(None, "a"),
+        with_id(None, "a"),
+        with_id(Some("1"), "b"),
+        with_id(Some("1"), "c"),
+    ];
+    let (bodies, broker, dlq, proxy) = forwarded_bodies(&setup, messages).await;
+    assert_eq!(bodies, ["a", "a", "b"]);
+    assert_eq!(broker.ready(&dlq).await, 0);
+    finish(&setup, broker, proxy).await;
+}
+
+#[tokio::test]
+async fn missing_key_hash_body_dedups_by_body() {
+    let mut setup = Setup::new("hashbody");
+    setup.on_missing_key = "hash_body";
+    let messages = vec![
+        with_id(None, "a"),
+        with_id(None, "a"),
+        with_id(None, "b"),
+        with_id(Some("1"), "a"),
+    ];
+    let (bodies, broker, _, proxy) = forwarded_bodies(&setup, messages).await;
+    assert_eq!(
+        bodies,
+        ["a", "b", "a"],
+        "the message_id one has its own key"
+    );
+    finish(&setup, broker, proxy).await;
+}
+
+#[tokio::test]
+async fn observe_mode_forwards_everything_and_counts_duplicates() {
+    let mut setup = Setup::new("observe");
+    setup.mode = "observe";
+    let messages: Vec<_> = ["1", "2", "1", "3", "1"]
+        .iter()
+        .enumerate()
+        .map(|(n, id)| with_id(Some(id), &n.to_string()))
+        .collect();
+    let mut broker = Broker::connect().await;
+    setup.declare(&mut broker).await;
+    broker.publish_all(&setup.queue, &messages).await;
+    let proxy = InProcess::start(setup.config());
+    setup.wait_settled(5, SETTLE).await;
+    assert_eq!(setup.metric("dedupd_duplicates_total").await, 2.0);
+    assert_eq!(setup.metric("dedupd_messages_forwarded_total").await, 5.0);
+    let bodies: Vec<_> = broker
+        .drain(&setup.out)
+        .await
+        .into_iter()
+        .map(|d| d.data)
+        .collect();
+    assert_eq!(bodies, [b"0", b"1", b"2", b"3", b"4"]);
+    finish(&setup, broker, proxy).await;
+}
+
+#[tokio::test]
+async fn a_restarted_proxy_still_drops_keys_it_forwarded() {
+    let setup = Setup::new("restart");
+    let mut broker = Broker::connect().await;
+    setup.declare(&mut broker).await;
+
+    broker
+        .publish_all(
+            &setup.queue,
+            &[with_id(Some("a"), "a1"), with_id(Some("b"), "b1")],
+        )
+        .await;
+    let proxy = InProcess::start(setup.config());
+    setup.wait_settled(2, SETTLE).await;
+    proxy.stop().await;
+
+    broker
+        .publish_all(
+            &setup.queue,
+            &[
+                with_id(Some("a"), "a2"),
+                with_id(Some("c"), "c1"),
+                with_id(Some("b"), "b2"),
+            ],
+        )
+        .await;
+    let proxy = InProcess::start(setup.config());
+    // Counters are process-wide: the second run continues from 2.
+    setup.wait_settled(5, SETTLE).await;
+
+    let bodies: Vec<_> = broker
+        .drain(&setup.out)
+        .await
+        .into_iter()
+        .map(|d| String::from_utf8_lossy(&d.data).into_owned())
+        .collect();
+    assert_eq!(bodies, ["a1", "b1", "c1"]);
+    finish(&setup, broker, proxy).await;
+}
+
+/// Another instance holds the key in flight: the copy here waits, unacked, then follows the
+/// first copy's fate.
+#[tokio::test]
+async fn duplicate_of_a_message_in_flight_elsewhere_is_held_then_dropped_or_forwarded() {
+    let setup = Setup::new("held");
+    let mut broker = Broker::connect().await;
+    let dlq = setup.declare(&mut broker).await;
+    let client = redis::Client::open(REDIS_URL).expect("redis url");
+    let mut redis = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let key = |id: &str| dedupd::keys::store_key(&setup.name, &setup.name, id.as_bytes());
+
+    // "done-later" will be committed by the other owner, "released-later" released by it.
+    for id in ["done-later", "released-later"] {
+        let _: () = redis::cmd("SET")
+            .arg(key(id))
+            .arg("other-instance:1")
+            .arg("PX")
+            .arg(60_000)
+            .query_async(&mut redis)
+            .await
+            .expect("pre-claim");
+    }
+    let proxy = InProcess::start(setup.config());
+    broker
+        .publish_all(
+            &setup.queue,
+            &[
+                with_id(Some("done-later"), "d"),
+                with_id(Some("released-later"), "r"),
+                with_id(Some("free"), "f"),
+            ],
+        )
+        .await;
+
+    // "free" goes through; the two held ones stay unacked and unforwarded.
+    let first = broker.receive(&setup.out, 1, SETTLE).await;
+    assert_eq!(first[0].data, b"f");
+    wait_for("two deliveries held", SETTLE, || async {
+        let consumed = setup.metric("dedupd_messages_consumed_total").await;
+        let inflight = setup.metric("dedupd_inflight_messages").await;
+        (consumed == 3.0 && inflight == 2.0).then_some(())
+    })
+    .await;
+    assert_eq!(broker.ready(&setup.out).await, 0);
+    assert_eq!(broker.ready(&setup.queue).await, 0, "held, not requeued");
+
+    // The other instance's first copy of "done-later" is confirmed: ours is a duplicate.
+    let _: () = redis::cmd("SET")
+        .arg(key("done-later"))
+        .arg("1")
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut redis)
+        .await
+        .expect("commit");
+    wait_for("held duplicate acked", SETTLE, || async {
+        (setup.metric("dedupd_duplicates_total").await == 1.0).then_some(())
+    })
+    .await;
+
+    // The other instance's first copy of "released-later" failed: ours is forwarded.
+    let _: () = redis::cmd("DEL")
+        .arg(key("released-later"))
+        .query_async(&mut redis)
+        .await
+        .expect("release");
+    let second = broker.receive(&setup.out, 1, SETTLE).await;
+    assert_eq!(second[0].data, b"r");
+    setup.wait_settled(3, SETTLE).await;
+
+    assert_eq!(broker.ready(&setup.out).await, 0, "nothing forwarded twice");
+    assert_eq!(broker.ready(&setup.queue).await, 0);
+    assert_eq!(broker.ready(&dlq).await, 0);
+    finish(&setup, broker, proxy).await;
+}
