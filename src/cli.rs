@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 
 use crate::amqp::Endpoint;
 use crate::config::Config;
@@ -63,6 +63,11 @@ pub enum Command {
         #[arg(long)]
         connect: bool,
     },
+    /// Declare every route's queues for a trial: the upstream queue (durable, dead-lettering
+    /// to `QUEUE.dlq`, also declared) and, on the default exchange, the queue named by
+    /// `routing_key`. Existing queues are left as they are. Production brokers declare their
+    /// own topology; `run` never declares anything.
+    Declare(ConfigArg),
     /// Show what the store holds for a key of a route.
     Inspect {
         #[command(flatten)]
@@ -88,6 +93,7 @@ impl Command {
     pub fn config_path(&self) -> &std::path::Path {
         match self {
             Command::Run(c)
+            | Command::Declare(c)
             | Command::Check { config: c, .. }
             | Command::Inspect { config: c, .. }
             | Command::Forget { config: c, .. } => &c.config,
@@ -107,6 +113,7 @@ pub async fn execute(command: &Command, config: &Config) -> ExitCode {
                 ExitCode::from(EXIT_OK)
             }
         }
+        Command::Declare(_) => ExitCode::from(declare(config).await),
         Command::Inspect { route, key, .. } => {
             with_key(config, route, key, |store, key| async move {
                 let state = store.inspect(&key).await?;
@@ -167,6 +174,71 @@ where
             eprintln!("store: {}", error_chain(&error));
             ExitCode::from(EXIT_RUNTIME)
         }
+    }
+}
+
+/// `declare`: 0 when every queue exists afterwards, 1 otherwise.
+async fn declare(config: &Config) -> u8 {
+    let mut wanted: Vec<(String, &str, FieldTable)> = Vec::new();
+    for route in config.routes.values() {
+        let dlq = format!("{}.dlq", route.queue);
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString("".into()),
+        );
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(dlq.as_str().into()),
+        );
+        wanted.push((dlq, config.upstream.url.as_str(), FieldTable::default()));
+        wanted.push((route.queue.clone(), config.upstream.url.as_str(), args));
+        if let (true, Some(rk)) = (route.exchange.is_empty(), &route.routing_key) {
+            wanted.push((rk.clone(), config.downstream_url(), FieldTable::default()));
+        }
+    }
+    let mut failed = false;
+    for (queue, url, args) in wanted {
+        let endpoint = Endpoint {
+            url: url.to_owned(),
+            tls: if url == config.upstream.url {
+                config.upstream.tls.clone()
+            } else {
+                config.downstream_tls().cloned()
+            },
+            name: "dedupd declare".into(),
+        };
+        let result = async {
+            let conn = endpoint.connect().await?;
+            let channel = endpoint
+                .rpc("opening a channel", conn.create_channel())
+                .await?;
+            let durable = QueueDeclareOptions {
+                durable: true,
+                ..Default::default()
+            };
+            let declared = endpoint
+                .rpc(
+                    "declaring the queue",
+                    channel.queue_declare(queue.as_str().into(), durable, args),
+                )
+                .await;
+            let _ = conn.close(200, "declare done".into()).await;
+            declared.map(|_| ())
+        }
+        .await;
+        match result {
+            Ok(()) => println!("ok    queue {queue:?} on {}", endpoint.redacted()),
+            Err(e) => {
+                failed = true;
+                println!("FAIL  queue {queue:?}: {}", error_chain(&e));
+            }
+        }
+    }
+    if failed {
+        EXIT_RUNTIME
+    } else {
+        EXIT_OK
     }
 }
 

@@ -1,0 +1,203 @@
+//! The built `dedupd` binary: exit codes, `check`, `inspect`, `forget`, and SIGTERM during a
+//! stream of messages.
+
+mod common;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use common::*;
+use lapin::BasicProperties;
+
+#[tokio::test]
+async fn check_accepts_a_valid_file_and_never_prints_the_password() {
+    let mut setup = Setup::new("check-ok");
+    setup.extra = String::new();
+    let toml = setup
+        .toml()
+        .replace("amqp://guest:guest@", "amqp://guest:${DEDUPD_TEST_SECRET}@");
+    let path = std::env::temp_dir().join(format!("{}.toml", setup.name));
+    std::fs::write(&path, toml).expect("write");
+    let (code, out, err) = run_binary(
+        &["check", "-c", path.to_str().expect("utf-8 path")],
+        &[("DEDUPD_TEST_SECRET", "guest")],
+    )
+    .await;
+    assert_eq!(code, 0, "stdout: {out}\nstderr: {err}");
+    assert!(out.contains(&setup.queue), "routes listed: {out}");
+    assert!(
+        !out.contains(":guest@") && !err.contains(":guest@"),
+        "password printed: {out}"
+    );
+    let _ = std::fs::remove_file(path);
+}
+
+#[tokio::test]
+async fn check_names_a_misspelled_key_and_exits_2() {
+    let setup = Setup::new("check-typo");
+    let toml = setup.toml().replace("prefetch = 200", "prefecth = 200");
+    let path = std::env::temp_dir().join(format!("{}.toml", setup.name));
+    std::fs::write(&path, toml).expect("write");
+    let (code, _, err) =
+        run_binary(&["check", "-c", path.to_str().expect("utf-8 path")], &[]).await;
+    assert_eq!(code, 2, "stderr: {err}");
+    assert!(err.contains("prefecth"), "names the key: {err}");
+    assert!(err.contains("line 4"), "names the line: {err}");
+    let _ = std::fs::remove_file(path);
+}
+
+#[tokio::test]
+async fn usage_errors_exit_2() {
+    let (code, _, _) = run_binary(&["frobnicate"], &[]).await;
+    assert_eq!(code, 2);
+    let (code, _, err) = run_binary(&["check", "-c", "/nonexistent/proxy.toml"], &[]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("/nonexistent/proxy.toml"), "{err}");
+}
+
+#[tokio::test]
+async fn check_connect_reports_a_missing_queue_with_exit_1() {
+    let setup = Setup::new("check-connect");
+    let path = setup.write();
+    let path = path.to_str().expect("utf-8 path");
+    let (code, out, _) = run_binary(&["check", "--connect", "-c", path], &[]).await;
+    assert_eq!(code, 1, "queue does not exist yet: {out}");
+    assert!(out.contains("FAIL") && out.contains(&setup.queue), "{out}");
+
+    let mut broker = Broker::connect().await;
+    setup.declare(&mut broker).await;
+    let (code, out, _) = run_binary(&["check", "--connect", "-c", path], &[]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(!out.contains("FAIL"), "{out}");
+    broker.cleanup().await;
+    let _ = std::fs::remove_file(path);
+}
+
+#[tokio::test]
+async fn inspect_and_forget_a_key() {
+    let setup = Setup::new("inspect");
+    let path = setup.write();
+    let path = path.to_str().expect("utf-8 path");
+    let client = redis::Client::open(REDIS_URL).expect("redis url");
+    let mut redis = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let key = dedupd::keys::store_key(&setup.name, &setup.name, b"order-1");
+
+    let args = ["inspect", "-c", path, &setup.name, "order-1"];
+    let (code, out, err) = run_binary(&args, &[]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("absent"), "{out}");
+
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg("1")
+        .arg("PX")
+        .arg(3_600_000)
+        .query_async(&mut redis)
+        .await
+        .expect("set done");
+    let (_, out, _) = run_binary(&args, &[]).await;
+    assert!(out.contains("done") && out.contains("window left"), "{out}");
+
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg("abc:3")
+        .arg("PX")
+        .arg(30_000)
+        .query_async(&mut redis)
+        .await
+        .expect("set in-flight");
+    let (_, out, _) = run_binary(&args, &[]).await;
+    assert!(out.contains("in-flight") && out.contains("abc:3"), "{out}");
+
+    let (code, out, _) = run_binary(&["forget", "-c", path, &setup.name, "order-1"], &[]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("forgotten"), "{out}");
+    let (_, out, _) = run_binary(&args, &[]).await;
+    assert!(out.contains("absent"), "{out}");
+
+    let (code, _, err) = run_binary(&["inspect", "-c", path, "no-such-route", "x"], &[]).await;
+    assert_eq!(code, 2, "{err}");
+    redis_cleanup(&setup.name).await;
+    let _ = std::fs::remove_file(path);
+}
+
+/// SIGTERM mid-stream: exit 0 within the grace period, nothing lost or doubled, and a restarted
+/// proxy forwards the rest.
+#[tokio::test]
+async fn sigterm_mid_stream_exits_0_and_a_restart_finishes_the_rest() {
+    let setup = Setup::new("sigterm");
+    let mut broker = Broker::connect().await;
+    let dlq = setup.declare(&mut broker).await;
+    let path = setup.write();
+    let path = path.to_str().expect("utf-8 path");
+
+    let n = 3000;
+    let messages: Vec<_> = (0..n)
+        .map(|i| {
+            (
+                format!("m{i}").into_bytes(),
+                BasicProperties::default()
+                    .with_message_id(format!("m{}", i % 2000).into())
+                    .with_delivery_mode(2),
+            )
+        })
+        .collect();
+    broker.publish_all(&setup.queue, &messages).await;
+
+    let mut proxy = Child::spawn(&["run", "-c", path]);
+    wait_for(
+        "some messages forwarded",
+        Duration::from_secs(60),
+        || async { (broker.ready(&setup.out).await > 0).then_some(()) },
+    )
+    .await;
+    proxy.signal(15);
+    let status = tokio::time::timeout(Duration::from_secs(10), proxy.child.wait())
+        .await
+        .expect("exits within the grace period")
+        .expect("wait");
+    assert_eq!(status.code(), Some(0));
+
+    let mut proxy = Child::spawn(&["run", "-c", path]);
+    wait_for("upstream drained", Duration::from_secs(60), || async {
+        let consumed = metric(
+            setup.metrics_port,
+            "dedupd_messages_consumed_total",
+            &[("route", &setup.name)],
+        )
+        .await;
+        let inflight = metric(
+            setup.metrics_port,
+            "dedupd_inflight_messages",
+            &[("route", &setup.name)],
+        )
+        .await;
+        (broker.ready(&setup.queue).await == 0 && consumed > 0.0 && inflight == 0.0).then_some(())
+    })
+    .await;
+    proxy.signal(15);
+    let status = proxy.child.wait().await.expect("wait");
+    assert_eq!(status.code(), Some(0));
+
+    let got = broker.drain(&setup.out).await;
+    let ids: Vec<String> = got
+        .iter()
+        .map(|d| {
+            d.properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.to_string())
+                .unwrap_or_default()
+        })
+        .collect();
+    let unique: HashSet<&String> = ids.iter().collect();
+    assert_eq!(unique.len(), 2000, "lost: {}", 2000 - unique.len());
+    assert_eq!(ids.len(), 2000, "duplicated: {}", ids.len() - unique.len());
+    assert_eq!(broker.ready(&dlq).await, 0);
+    broker.cleanup().await;
+    redis_cleanup(&setup.name).await;
+    let _ = std::fs::remove_file(path);
+}
