@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use lapin::options::{BasicQosOptions, ConfirmSelectOptions};
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
-use lapin::{Channel, Connection, ConnectionProperties};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
 use crate::config::{redact_url, Tls};
 
@@ -83,6 +83,16 @@ impl Endpoint {
         }
     }
 
+    /// Runs several broker operations with one [`RPC_TIMEOUT`]; the first error wins.
+    pub async fn rpc_all(
+        &self,
+        what: &'static str,
+        fut: impl std::future::Future<Output = Vec<lapin::Result<()>>>,
+    ) -> Result<(), AmqpError> {
+        let all = async { fut.await.into_iter().collect::<lapin::Result<()>>() };
+        self.rpc(what, all).await
+    }
+
     /// Opens a connection.
     pub async fn connect(&self) -> Result<Connection, AmqpError> {
         let props = ConnectionProperties::default().with_connection_name(self.name.clone().into());
@@ -150,5 +160,100 @@ impl Endpoint {
         )
         .await?;
         Ok(channel)
+    }
+}
+
+impl Endpoint {
+    /// The user the URL authenticates as (`guest` when the URL names none, as lapin does).
+    pub fn username(&self) -> String {
+        self.url
+            .parse::<lapin::uri::AMQPUri>()
+            .map(|uri| uri.authority.userinfo.username)
+            .unwrap_or_else(|_| "guest".into())
+    }
+}
+
+/// `props` without `user_id`. RabbitMQ closes the channel when a publish carries a user_id other
+/// than the connection's user (unless that user is an impersonator), so such a message is
+/// forwarded without it rather than failing forever.
+pub fn without_user_id(props: BasicProperties) -> BasicProperties {
+    let mut out = BasicProperties::default();
+    if let Some(v) = props.content_type() {
+        out = out.with_content_type(v.clone());
+    }
+    if let Some(v) = props.content_encoding() {
+        out = out.with_content_encoding(v.clone());
+    }
+    if let Some(v) = props.headers() {
+        out = out.with_headers(v.clone());
+    }
+    if let Some(v) = props.delivery_mode() {
+        out = out.with_delivery_mode(*v);
+    }
+    if let Some(v) = props.priority() {
+        out = out.with_priority(*v);
+    }
+    if let Some(v) = props.correlation_id() {
+        out = out.with_correlation_id(v.clone());
+    }
+    if let Some(v) = props.reply_to() {
+        out = out.with_reply_to(v.clone());
+    }
+    if let Some(v) = props.expiration() {
+        out = out.with_expiration(v.clone());
+    }
+    if let Some(v) = props.message_id() {
+        out = out.with_message_id(v.clone());
+    }
+    if let Some(v) = props.timestamp() {
+        out = out.with_timestamp(*v);
+    }
+    if let Some(v) = props.kind() {
+        out = out.with_type(v.clone());
+    }
+    if let Some(v) = props.app_id() {
+        out = out.with_app_id(v.clone());
+    }
+    if let Some(v) = props.cluster_id() {
+        out = out.with_cluster_id(v.clone());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn without_user_id_keeps_every_other_property() {
+        let mut headers = lapin::types::FieldTable::default();
+        headers.insert("h".into(), lapin::types::AMQPValue::LongInt(1));
+        let full = BasicProperties::default()
+            .with_content_type("a".into())
+            .with_content_encoding("b".into())
+            .with_headers(headers)
+            .with_delivery_mode(2)
+            .with_priority(3)
+            .with_correlation_id("c".into())
+            .with_reply_to("d".into())
+            .with_expiration("5".into())
+            .with_message_id("e".into())
+            .with_timestamp(6)
+            .with_type("f".into())
+            .with_app_id("g".into())
+            .with_cluster_id("h".into());
+        let stripped = without_user_id(full.clone().with_user_id("mallory".into()));
+        assert_eq!(stripped, full);
+    }
+
+    #[test]
+    fn username_comes_from_the_url() {
+        let e = |url: &str| Endpoint {
+            url: url.into(),
+            tls: None,
+            name: String::new(),
+        };
+        assert_eq!(e("amqp://alice:pw@h:5672/%2f").username(), "alice");
+        assert_eq!(e("amqp://h:5672/%2f").username(), "guest");
     }
 }

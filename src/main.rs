@@ -54,8 +54,12 @@ fn main() -> ExitCode {
     })
 }
 
+/// `info`, except lapin's own warning for a returned message, which prints the whole message
+/// (ids included); dedupd logs the return itself without them.
+const DEFAULT_LOG_FILTER: &str = "info,lapin::returned_messages=error";
+
 fn init_tracing(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())

@@ -40,8 +40,8 @@ pub mod reason {
     pub const MISSING_KEY: &str = "missing_key";
     /// The downstream broker returned the message (no queue bound).
     pub const UNROUTABLE: &str = "unroutable";
-    /// The downstream broker refused the message (publisher nack) repeatedly.
-    pub const NACKED: &str = "nacked";
+    /// Not a rejection: forwarded without a `user_id` the downstream user may not set.
+    pub const USER_ID_STRIPPED: &str = "user_id_stripped";
 }
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();

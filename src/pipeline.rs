@@ -38,7 +38,7 @@ use tokio::sync::{mpsc, Notify};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::amqp::{AmqpError, Endpoint};
+use crate::amqp::{self, AmqpError, Endpoint};
 use crate::backoff::Backoff;
 use crate::config::{Mode, OnMissingKey, OnStoreError, Route, Tuning};
 use crate::error_chain;
@@ -89,8 +89,6 @@ enum SessionError {
     Cancelled,
     #[error("downstream publish: {0}")]
     Publish(String),
-    #[error("upstream ack: {0}")]
-    Ack(lapin::Error),
 }
 
 /// Runs the route until `shutdown`, reconnecting after any failure.
@@ -173,6 +171,7 @@ async fn session(
         tag: tag.as_str().into(),
         exchange: ctx.route.exchange.as_str().into(),
         routing_key: ctx.route.routing_key.as_deref().map(ShortString::from),
+        user: ctx.downstream.username(),
         store_backoff: Backoff::new(ctx.tuning.backoff_min, ctx.tuning.backoff_max),
     };
     let (intake_result, settle_result) = tokio::join!(
@@ -229,6 +228,7 @@ struct RouteMetrics {
     store_errors: Counter,
     rejected_missing_key: Counter,
     rejected_unroutable: Counter,
+    user_id_stripped: Counter,
     forward_duration: Histogram,
     inflight: Gauge,
 }
@@ -244,6 +244,7 @@ impl RouteMetrics {
             store_errors: metrics::counter!(m::STORE_ERRORS, "route" => r.clone()),
             rejected_missing_key: metrics::counter!(m::REJECTED, "route" => r.clone(), "reason" => m::reason::MISSING_KEY),
             rejected_unroutable: metrics::counter!(m::REJECTED, "route" => r.clone(), "reason" => m::reason::UNROUTABLE),
+            user_id_stripped: metrics::counter!(m::REJECTED, "route" => r.clone(), "reason" => m::reason::USER_ID_STRIPPED),
             forward_duration: metrics::histogram!(m::FORWARD_DURATION, "route" => r.clone()),
             inflight: metrics::gauge!(m::INFLIGHT, "route" => r),
         }
@@ -393,6 +394,8 @@ struct Intake<'a> {
     tag: ShortString,
     exchange: ShortString,
     routing_key: Option<ShortString>,
+    /// The downstream user: RabbitMQ refuses any other `user_id`.
+    user: String,
     store_backoff: Backoff,
 }
 
@@ -554,9 +557,16 @@ impl Intake<'_> {
             let key = incoming.key.clone().unwrap_or_default();
             let mut holds = self.shared.holds.lock();
             let fate = match outcome {
-                ClaimOutcome::Claimed => Fate::Publish {
-                    claim: Some(holds.claim(key)),
-                },
+                ClaimOutcome::Claimed => {
+                    // A redelivered message may have been published by an owner that died or
+                    // lost its connection before the confirm: count it as a possible duplicate.
+                    if incoming.delivery.redelivered {
+                        self.shared.metrics.takeovers.increment(1);
+                    }
+                    Fate::Publish {
+                        claim: Some(holds.claim(key)),
+                    }
+                }
                 ClaimOutcome::TakenOver => {
                     self.shared.metrics.takeovers.increment(1);
                     Fate::Publish {
@@ -564,9 +574,9 @@ impl Intake<'_> {
                     }
                 }
                 ClaimOutcome::Ours if !was_local && !holds.local.contains_key(&key) => {
-                    // Our own claim with nobody working on it (a release that failed): its
-                    // earlier publish may have arrived, so this is a takeover too.
-                    self.shared.metrics.takeovers.increment(1);
+                    // Our own claim that nobody here works on: a claim attempt that timed out
+                    // but was applied, or a release that failed. Neither left a publish with an
+                    // unknown outcome behind (those are counted where they happen).
                     Fate::Publish {
                         claim: Some(holds.claim(key)),
                     }
@@ -650,7 +660,16 @@ impl Intake<'_> {
         let mut props = Vec::new();
         for item in &mut items {
             if matches!(item.fate, Fate::Publish { .. }) {
-                props.push(std::mem::take(&mut item.incoming.delivery.properties));
+                let mut p = std::mem::take(&mut item.incoming.delivery.properties);
+                if p.user_id()
+                    .as_ref()
+                    .is_some_and(|u| u.as_str() != self.user)
+                {
+                    tracing::debug!(route = %self.shared.ctx.name, "user_id differs from the downstream user: forwarding without it");
+                    self.shared.metrics.user_id_stripped.increment(1);
+                    p = amqp::without_user_id(p);
+                }
+                props.push(p);
             }
         }
         if props.is_empty() {
@@ -790,10 +809,8 @@ async fn settle(
                         Some(Err(error)) => error,
                         _ => "not published".to_owned(),
                     };
-                    // The publish may have reached the queue: requeueing may duplicate it.
-                    if claimed_key.is_some() {
-                        shared.metrics.takeovers.increment(1);
-                    }
+                    // The publish may have reached the queue: the requeued copy may be
+                    // forwarded again (counted as a takeover when it is claimed again).
                     tracing::warn!(route = %ctx.name, error = %why, "publish outcome unknown: requeueing upstream");
                     release.extend(claimed_key);
                     Settlement::Requeue
@@ -917,23 +934,27 @@ async fn ack(
             },
         )
     });
-    let mut results = join_all(nacks).await;
-    if let Some(&last) = acks.iter().max() {
-        // `multiple` acks every unacked tag up to `last`: only safe when no held delivery
-        // lies below it (earlier batches are settled already, later ones have larger tags).
-        if min_held.is_none_or(|held| held > last) {
-            results.push(
-                ch_in
-                    .basic_ack(last, BasicAckOptions { multiple: true })
-                    .await,
-            );
-        } else {
-            let single = acks
-                .iter()
-                .map(|&tag| ch_in.basic_ack(tag, BasicAckOptions { multiple: false }));
-            results.extend(join_all(single).await);
+    let acks = async {
+        let mut results = join_all(nacks).await;
+        if let Some(&last) = acks.iter().max() {
+            // `multiple` acks every unacked tag up to `last`: only safe when no held delivery
+            // lies below it (earlier batches are settled already, later ones have larger tags).
+            if min_held.is_none_or(|held| held > last) {
+                results.push(
+                    ch_in
+                        .basic_ack(last, BasicAckOptions { multiple: true })
+                        .await,
+                );
+            } else {
+                let single = acks
+                    .iter()
+                    .map(|&tag| ch_in.basic_ack(tag, BasicAckOptions { multiple: false }));
+                results.extend(join_all(single).await);
+            }
         }
-    }
+        results
+    };
+    let results = shared.ctx.upstream.rpc_all("acking upstream", acks).await;
 
     let settled = items.len() as i64;
     shared.unsettled.fetch_sub(settled, Ordering::Relaxed);
@@ -943,8 +964,5 @@ async fn ack(
             .forward_duration
             .record(item.incoming.received.elapsed().as_secs_f64());
     }
-    results
-        .into_iter()
-        .find_map(Result::err)
-        .map_or(Ok(()), |e| Err(SessionError::Ack(e)))
+    results.map_err(SessionError::from)
 }

@@ -3,14 +3,43 @@
 //! with release(owner) and lease expiry returning a key to absent.
 //!
 //! All operations take a batch of keys and cost one round trip per batch.
+//!
+//! # What a key holds
+//!
+//! - nothing: never seen, released, or expired. The next copy is forwarded.
+//! - an owner token `{instance}:{epoch}` with a PX lease: in flight. The lease is what frees
+//!   the key when its owner dies between claiming and committing.
+//! - `"1"` with a PX of the route's window: done. Tokens always contain `:`, so no token can
+//!   ever equal the marker.
+//!
+//! # Why every step is a script
+//!
+//! Each step must read the value and decide what to write in one atomic step, or two
+//! instances racing on the same key could both believe they own it:
+//!
+//! - **claim** (per key): absent → write our token (`Claimed`); `"1"` → `Done`; our exact
+//!   token → refresh the lease (`Ours`: the caller claimed it earlier, e.g. an earlier copy in
+//!   the same batch); a token of this same process with an *older* epoch → overwrite with ours
+//!   (`TakenOver`: the connection that publish went out on is gone, so waiting out the lease
+//!   would only delay the redelivered copy); anything else → `InFlightElsewhere` with the
+//!   remaining lease, so the caller knows how long to hold the duplicate at most. A plain
+//!   `SET NX` plus a `GET` could not do the takeover atomically, hence Lua.
+//! - **commit**: compare-and-set: only if the key still carries our token does it become
+//!   `"1"` for the window. An owner whose lease expired and whose key was claimed by someone
+//!   else must not overwrite the new owner's state, and must learn that it lost (`false`).
+//! - **release**: compare-and-delete, for the same reason.
+//!
+//! The Redis backend loads the scripts once (EVALSHA) and reloads them when the server answers
+//! NOSCRIPT (a restarted or flushed server); the memory backend runs the same decisions under
+//! a per-key lock. Both are exercised by one shared test suite (`tests/store.rs`).
 
 mod memory;
 mod redis;
 
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use crate::config::StoreConfig;
+use crate::config::{StoreConfig, StoreKind};
 
 /// Who holds a claim: a random per-process instance id plus the route's connection epoch.
 /// Rendered as `{instance}:{epoch}`; the done marker (`"1"`) can never equal a token.
@@ -25,7 +54,11 @@ impl Owner {
     /// The owner token of `instance` at `epoch`.
     pub fn new(instance: Arc<str>, epoch: u64) -> Self {
         let token = format!("{instance}:{epoch}");
-        Self { instance, epoch, token }
+        Self {
+            instance,
+            epoch,
+            token,
+        }
     }
     /// The string stored in the key while in flight.
     pub fn token(&self) -> &str {
@@ -55,7 +88,9 @@ pub enum ClaimOutcome {
     Ours,
     /// The key was forwarded and committed; `window_left` until it is forgotten.
     Done,
-    /// Another instance holds it in flight for up to `lease_left`.
+    /// Another instance holds it in flight for up to `lease_left`. Also returned for a token
+    /// of this instance with a *newer* epoch: a caller still on an old epoch must not steal
+    /// from the current connection.
     InFlightElsewhere {
         /// Time until that claim expires unless committed or released first.
         lease_left: Duration,
@@ -74,7 +109,8 @@ pub enum KeyState {
         /// Remaining lease.
         lease_left: Duration,
     },
-    /// Forwarded; remembered for `window_left`.
+    /// Forwarded; remembered for `window_left` (`Duration::MAX` if the key has no expiry,
+    /// which dedupd never writes).
     Done {
         /// Remaining window.
         window_left: Duration,
@@ -106,46 +142,122 @@ pub enum Store {
 
 impl Store {
     /// Builds the store. For Redis this does not wait for the server: operations fail (and
-    /// are retried by the caller) until it answers.
+    /// are retried by the caller) until it answers. Only an unusable URL or TLS file fails.
+    /// Must be called inside a tokio runtime (the memory store spawns its sweeper).
     pub async fn open(cfg: &StoreConfig) -> Result<Store, StoreError> {
-        let _ = cfg;
-        todo!()
+        match cfg.kind {
+            StoreKind::Memory => Ok(Store::Memory(memory::MemoryStore::new())),
+            StoreKind::Redis => Ok(Store::Redis(redis::RedisStore::open(cfg)?)),
+        }
     }
 
     /// Claims every key for `owner` (one round trip). Outcomes are in key order; a key that
     /// appears twice in `keys` sees its own earlier claim (`Ours`).
-    pub async fn claim(&self, keys: &[String], owner: &Owner, lease: Duration) -> Result<Vec<ClaimOutcome>, StoreError> {
-        let _ = (keys, owner, lease);
-        todo!()
+    pub async fn claim(
+        &self,
+        keys: &[String],
+        owner: &Owner,
+        lease: Duration,
+    ) -> Result<Vec<ClaimOutcome>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let started = Instant::now();
+        let result = match self {
+            Store::Memory(m) => Ok(m.claim(keys, owner, lease)),
+            Store::Redis(r) => r.claim(keys, owner, lease).await,
+        };
+        record("claim", started);
+        result
     }
 
     /// Marks each key done for `window` if it still carries `owner`'s token; `false` where it
     /// no longer does (taken over or expired), in which case nothing is written.
-    pub async fn commit(&self, keys: &[String], owner: &Owner, window: Duration) -> Result<Vec<bool>, StoreError> {
-        let _ = (keys, owner, window);
-        todo!()
+    pub async fn commit(
+        &self,
+        keys: &[String],
+        owner: &Owner,
+        window: Duration,
+    ) -> Result<Vec<bool>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let started = Instant::now();
+        let result = match self {
+            Store::Memory(m) => Ok(m.commit(keys, owner, window)),
+            Store::Redis(r) => r.commit(keys, owner, window).await,
+        };
+        record("commit", started);
+        result
     }
 
     /// Deletes each key if it still carries `owner`'s token; `false` where it does not.
     pub async fn release(&self, keys: &[String], owner: &Owner) -> Result<Vec<bool>, StoreError> {
-        let _ = (keys, owner);
-        todo!()
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let started = Instant::now();
+        let result = match self {
+            Store::Memory(m) => Ok(m.release(keys, owner)),
+            Store::Redis(r) => r.release(keys, owner).await,
+        };
+        record("release", started);
+        result
     }
 
     /// What the store holds for `key`.
     pub async fn inspect(&self, key: &str) -> Result<KeyState, StoreError> {
-        let _ = key;
-        todo!()
+        let started = Instant::now();
+        let result = match self {
+            Store::Memory(m) => Ok(m.inspect(key)),
+            Store::Redis(r) => r.inspect(key).await,
+        };
+        record("inspect", started);
+        result
     }
 
     /// Deletes `key` whatever it holds; `true` if it existed.
     pub async fn forget(&self, key: &str) -> Result<bool, StoreError> {
-        let _ = key;
-        todo!()
+        let started = Instant::now();
+        let result = match self {
+            Store::Memory(m) => Ok(m.forget(key)),
+            Store::Redis(r) => r.forget(key).await,
+        };
+        record("forget", started);
+        result
     }
 
     /// One cheap round trip, for readiness and `check --connect`.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        todo!()
+        let started = Instant::now();
+        let result = match self {
+            Store::Memory(_) => Ok(()),
+            Store::Redis(r) => r.ping().await,
+        };
+        record("ping", started);
+        result
     }
+}
+
+/// Records one operation's latency, failures included: a slow failing store is exactly what
+/// the histogram must show.
+fn record(op: &'static str, started: Instant) {
+    metrics::histogram!(crate::metrics::STORE_DURATION, "op" => op)
+        .record(started.elapsed().as_secs_f64());
+}
+
+/// Milliseconds for a PX argument. Redis refuses `PX 0`, and a zero lease or window would
+/// be meaningless anyway, so the floor is 1 ms.
+fn px_millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+/// Whether `stored` is a token of `owner`'s process with an epoch older than `owner`'s.
+/// Epochs are compared numerically; anything unparsable is treated as someone else's.
+fn is_older_epoch_of(stored: &str, owner: &Owner) -> bool {
+    stored
+        .strip_prefix(owner.instance_prefix().as_str())
+        .filter(|epoch| !epoch.is_empty() && epoch.bytes().all(|b| b.is_ascii_digit()))
+        .and_then(|epoch| epoch.parse::<u64>().ok())
+        .is_some_and(|epoch| epoch < owner.epoch())
 }

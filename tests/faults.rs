@@ -1,0 +1,628 @@
+//! Faults, with the built binary as a child process: SIGKILL, broker connections closed, Redis
+//! paused, killed and absent, two instances on one queue, and bad input. Every test ends with a
+//! tally of what arrived downstream and what was left upstream: lost = 0 and left = 0 always;
+//! duplicates = 0 except where the fault cuts confirms off, where they stay within what was in
+//! flight (prefetch × faults).
+//!
+//! The tests here run one at a time (they share `rabbitmqctl` and restart things), each against
+//! its own queues, key prefix and, for Redis faults, its own `redis-server` on a free port.
+
+mod common;
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use common::*;
+use lapin::types::FieldTable;
+use lapin::BasicProperties;
+use tokio::sync::Mutex;
+
+static SERIAL: Mutex<()> = Mutex::const_new(());
+const LONG: Duration = Duration::from_secs(120);
+const PREFETCH: usize = 200;
+
+/// `n` messages whose ids repeat with probability `dup_ratio`; returns them and the unique ids.
+fn workload(n: usize, dup_ratio: f64) -> (Vec<(Vec<u8>, BasicProperties)>, HashSet<String>) {
+    let mut ids: Vec<String> = Vec::with_capacity(n);
+    let mut unique = HashSet::new();
+    for i in 0..n {
+        let id = if i > 0 && rand::random::<f64>() < dup_ratio {
+            ids[rand::random_range(0..ids.len())].clone()
+        } else {
+            format!("id-{i}")
+        };
+        unique.insert(id.clone());
+        ids.push(id);
+    }
+    let messages = ids
+        .into_iter()
+        .enumerate()
+        .map(|(i, id)| {
+            (
+                format!("body-{i}").into_bytes(),
+                BasicProperties::default()
+                    .with_message_id(id.into())
+                    .with_delivery_mode(2),
+            )
+        })
+        .collect();
+    (messages, unique)
+}
+
+/// What the checker found after the run.
+#[derive(Debug, Default)]
+struct Tally {
+    forwarded: usize,
+    lost: usize,
+    duplicates: usize,
+    left_upstream: u32,
+    dead_lettered: u32,
+}
+
+/// Drains the destination and counts against the expected ids.
+async fn tally(broker: &Broker, setup: &Setup, expected: &HashSet<String>) -> Tally {
+    let got = broker.drain(&setup.out).await;
+    let mut counts: HashMap<String, usize> = HashMap::new();
+    for d in &got {
+        let id = d
+            .properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.to_string())
+            .unwrap_or_default();
+        *counts.entry(id).or_default() += 1;
+    }
+    Tally {
+        forwarded: got.len(),
+        lost: expected
+            .iter()
+            .filter(|id| !counts.contains_key(*id))
+            .count(),
+        duplicates: counts.values().map(|c| c - 1).sum(),
+        left_upstream: broker.ready(&setup.queue).await,
+        dead_lettered: broker.ready(&format!("{}.dlq", setup.queue)).await,
+    }
+}
+
+/// Waits until the destination holds at least `n` messages.
+async fn wait_downstream(broker: &Broker, queue: &str, n: u32) {
+    wait_for(&format!("{n} messages in {queue}"), LONG, || async {
+        (broker.ready(queue).await >= n).then_some(())
+    })
+    .await
+}
+
+/// Waits until the upstream queue is empty and the proxy on `port` has nothing in flight.
+async fn wait_drained(broker: &Broker, setup: &Setup, port: u16) {
+    wait_for("upstream drained and nothing in flight", LONG, || async {
+        let inflight = metric(port, "dedupd_inflight_messages", &[("route", &setup.name)]).await;
+        let consumed = metric(
+            port,
+            "dedupd_messages_consumed_total",
+            &[("route", &setup.name)],
+        )
+        .await;
+        (broker.ready(&setup.queue).await == 0 && consumed > 0.0 && inflight == 0.0).then_some(())
+    })
+    .await
+}
+
+async fn stop(mut child: Child) {
+    child.signal(15);
+    let status = tokio::time::timeout(Duration::from_secs(15), child.child.wait())
+        .await
+        .expect("exits after SIGTERM")
+        .expect("wait");
+    assert_eq!(status.code(), Some(0), "exit code after SIGTERM");
+}
+
+/// A throwaway redis-server on its own port, so Redis faults touch nobody else.
+struct OwnRedis {
+    port: u16,
+}
+
+impl OwnRedis {
+    fn port() -> OwnRedis {
+        OwnRedis { port: free_port() }
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    async fn start(&self) {
+        let status = tokio::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--daemonize",
+                "yes",
+            ])
+            .args([
+                "--pidfile",
+                &format!("/tmp/dedupd-test-redis-{}.pid", self.port),
+            ])
+            .status()
+            .await
+            .expect("redis-server");
+        assert!(status.success());
+        wait_for("own redis answers", Duration::from_secs(20), || async {
+            self.cmd(&["PING"]).await.then_some(())
+        })
+        .await;
+    }
+
+    async fn cmd(&self, args: &[&str]) -> bool {
+        tokio::process::Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .await
+            .map(|o| o.status.success() && !String::from_utf8_lossy(&o.stdout).contains("ERR"))
+            .unwrap_or(false)
+    }
+
+    async fn stop(&self) {
+        let _ = self.cmd(&["SHUTDOWN", "NOSAVE"]).await;
+    }
+}
+
+/// Closes every broker connection of this test's proxy (named `dedupd ROUTE ...`), as
+/// `rabbitmqctl close_all_connections` would, without touching other tests' connections.
+async fn close_proxy_connections(route: &str) -> usize {
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .args(["-q", "list_connections", "pid", "client_properties"])
+        .output()
+        .await
+        .expect("rabbitmqctl");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let marker = format!("dedupd {route} ");
+    let mut closed = 0;
+    for line in text.lines().filter(|l| l.contains(&marker)) {
+        let pid = line.split('\t').next().unwrap_or_default();
+        let status = tokio::process::Command::new("rabbitmqctl")
+            .args(["-q", "close_connection", pid, "dedupd fault test"])
+            .status()
+            .await
+            .expect("rabbitmqctl");
+        if status.success() {
+            closed += 1;
+        }
+    }
+    closed
+}
+
+fn report(test: &str, t: &Tally, takeovers: f64) {
+    println!(
+        "FAULT-FIGURES {test}: forwarded={} lost={} duplicates={} left={} dead_lettered={} takeovers(last process)={takeovers}",
+        t.forwarded, t.lost, t.duplicates, t.left_upstream, t.dead_lettered
+    );
+}
+
+#[tokio::test]
+async fn sigkill_five_times_mid_stream() {
+    let _serial = SERIAL.lock().await;
+    let mut setup = Setup::new("sigkill");
+    setup.lease = "1s";
+    let mut broker = Broker::connect().await;
+    setup.declare(&mut broker).await;
+    let (messages, expected) = workload(20_000, 0.3);
+    broker.publish_all(&setup.queue, &messages).await;
+    let path = setup.write();
+    let args = ["run", "-c", path.to_str().expect("utf-8 path")];
+
+    let mut proxy = Child::spawn(&args);
+    for kill in 1..=5u32 {
+        wait_downstream(&broker, &setup.out, kill * expected.len() as u32 / 7).await;
+        proxy.signal(9);
+        let _ = proxy.child.wait().await;
+        proxy = Child::spawn(&args);
+    }
+    wait_drained(&broker, &setup, setup.metrics_port).await;
+    let takeovers = setup.metric("dedupd_takeovers_total").await;
+    stop(proxy).await;
+
+    let t = tally(&broker, &setup, &expected).await;
+    report("sigkill x5", &t, takeovers);
+    assert_eq!(
+        (t.lost, t.left_upstream, t.dead_lettered),
+        (0, 0, 0),
+        "{t:?}"
+    );
+    assert!(
+        t.duplicates <= PREFETCH * 5,
+        "duplicates beyond what was in flight: {t:?}"
+    );
+    broker.cleanup().await;
+    redis_cleanup(&setup.name).await;
+}
+
+#[tokio::test]
+async fn broker_connections_closed_three_times() {
+    let _serial = SERIAL.lock().await;
+    let setup = Setup::new("connclose");
+    let mut broker = Broker::connect().await;
+    setup.declare(&mut broker).await;
+    let (messages, expected) = workload(20_000, 0.3);
+    broker.publish_all(&setup.queue, &messages).await;
+    let path = setup.write();
+    let proxy = Child::spawn(&["run", "-c", path.to_str().expect("utf-8 path")]);
+
+    for round in 1..=3u32 {
+        wait_downstream(&broker, &setup.out, round * expected.len() as u32 / 5).await;
+        // Between a close and the reconnect there is nothing to close: wait for one.
+        wait_for(
+            &format!("round {round}: a proxy connection to close"),
+            LONG,
+            || async { (close_proxy_connections(&setup.name).await > 0).then_some(()) },
+        )
+        .await;
+    }
+    wait_drained(&broker, &setup, setup.metrics_port).await;
+    let takeovers = setup.metric("dedupd_takeovers_total").await;
+    stop(proxy).await;
+
+    let t = tally(&broker, &setup, &expected).await;
+    report("connections closed x3", &t, takeovers);
+    assert_eq!(
+        (t.lost, t.left_upstream, t.dead_lettered),
+        (0, 0, 0),
+        "{t:?}"
+    );
+    assert!(
+        t.duplicates <= PREFETCH * 3,
+        "duplicates beyond what was in flight: {t:?}"
+    );
+    assert!(
+        t.duplicates as f64 <= takeovers,
+        "every duplicate was counted: {t:?}"
+    );
+    broker.cleanup().await;
+    redis_cleanup(&setup.name).await;
+}
+
+#[tokio::test]
+async fn redis_paused_then_its_connections_killed_twice() {
+    let _serial = SERIAL.lock().await;
+    let redis = OwnRedis::port();
+    redis.start().await;
+    let mut setup = Setup::new("redispause");
+    setup.extra = String::new();
+    let mut broker = Broker::connect().await;
+    setup.declare(&mut broker).await;
+    let (messages, expected) = workload(20_000, 0.3);
+    broker.publish_all(&setup.queue, &messages).await;
+    let path = std::env::temp_dir().join(format!("{}.toml", setup.name));
+    std::fs::write(&path, setup.toml().replace(REDIS_URL, &redis.url())).expect("config");
+    let proxy = Child::spawn(&["run", "-c", path.to_str().expect("utf-8 path")]);
+
+    let third = expected.len() as u32 / 4;
+    wait_downstream(&broker, &setup.out, third).await;
+    assert!(redis.cmd(&["CLIENT", "PAUSE", "3000", "ALL"]).await);
+    wait_for("store marked down during the pause", LONG, || async {
+        let up = metric(setup.metrics_port, "dedupd_up", &[("component", "store")]).await;
+        (up == 0.0).then_some(())
+    })
+    .await;
+    for round in 2..=3u32 {
+        wait_downstream(&broker, &setup.out, round * third).await;
+        assert!(redis.cmd(&["CLIENT", "KILL", "TYPE", "normal"]).await);
+    }
+    wait_drained(&broker, &setup, setup.metrics_port).await;
+    let errors = setup.metric("dedupd_store_errors_total").await;
+    let takeovers = setup.metric("dedupd_takeovers_total").await;
+    stop(proxy).await;
+    redis.stop().await;
+
+    let t = tally(&broker, &setup, &expected).await;
+    report("redis pause + client kill x2", &t, takeovers);
+    println!("FAULT-FIGURES redis pause: store_errors={errors}");
+    assert_eq!(
+        (t.lost, t.left_upstream, t.dead_lettered, t.duplicates),
+        (0, 0, 0, 0),
+        "{t:?}"
+    );
+    assert!(errors > 0.0, "the pause was noticed");
+    broker.cleanup().await;
+}
+
+#[tokio::test]
+async fn redis_absent_at_start_then_started() {
+    let _serial = SERIAL.lock().await;
+    let redis = OwnRedis::port();
+    let setup = Setup::new("redisabsent");
+    let mut broker = Broker::connect().await;
+    setup.declare(&mut broker).await;
+    let (messages, expected) = workload(3_000, 0.3);
+    broker.publish_all(&setup.queue, &messages).await;
+    let path = std::env::temp_dir().join(format!("{}.toml", setup.name));
+    std::fs::write(&path, setup.toml().replace(REDIS_URL, &redis.url())).expect("config");
+    let proxy = Child::spawn(&["run", "-c", path.to_str().expect("utf-8 path")]);
+
+    // Up and answering, not ready, consuming nothing, for several store retries.
+    wait_for("metrics endpoint up", LONG, || async {
+        http_get(setup.metrics_port, "/healthz").await.map(|_| ())
+    })
+    .await;
+    let total = messages.len() as u32;
+    let watch_until = tokio::time::Instant::now() + Duration::from_secs(2);
+    while tokio::time::Instant::now() < watch_until {
+        let ready = http_get(setup.metrics_port, "/readyz")
+            .await
+            .map(|(s, _)| s);
+        assert_eq!(ready, Some(503), "not ready without a store");
+        assert_eq!(broker.ready(&setup.queue).await, total, "nothing consumed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    redis.start().await;
+    wait_drained(&broker, &setup, setup.metrics_port).await;
+    let ready = http_get(setup.metrics_port, "/readyz")
+        .await
+        .map(|(s, _)| s);
+    assert_eq!(ready, Some(200));
+    stop(proxy).await;
+    redis.stop().await;
+
+    let t = tally(&broker, &setup, &expected).await;
+    report("redis absent at start", &t, 0.0);
+    assert_eq!(
+        (t.lost, t.left_upstream, t.dead_lettered, t.duplicates),
+        (0, 0, 0, 0),
+        "{t:?}"
+    );
+    broker.cleanup().await;
+}
+
+#[tokio::test]
+async fn two_instances_share_one_window() {
+    let _serial = SERIAL.lock().await;
+    let setup = Setup::new("twoinst");
+    let mut broker = Broker::connect().await;
+    setup.declare(&mut broker).await;
+    let (messages, expected) = workload(10_000, 0.5);
+    let path_a = setup.write();
+    let port_b = free_port();
+    let path_b = std::env::temp_dir().join(format!("{}-b.toml", setup.name));
+    std::fs::write(
+        &path_b,
+        setup.toml().replace(
+            &format!("127.0.0.1:{}", setup.metrics_port),
+            &format!("127.0.0.1:{}", port_b),
+        ),
+    )
+    .expect("config");
+    let a = Child::spawn(&["run", "-c", path_a.to_str().expect("utf-8 path")]);
+    let b = Child::spawn(&["run", "-c", path_b.to_str().expect("utf-8 path")]);
+    wait_for("both instances consuming", LONG, || async {
+        let ra = http_get(setup.metrics_port, "/readyz")
+            .await
+            .map(|(s, _)| s);
+        let rb = http_get(port_b, "/readyz").await.map(|(s, _)| s);
+        (ra == Some(200) && rb == Some(200)).then_some(())
+    })
+    .await;
+    broker.publish_all(&setup.queue, &messages).await;
+    wait_drained(&broker, &setup, setup.metrics_port).await;
+    wait_drained(&broker, &setup, port_b).await;
+    let consumed_a = setup.metric("dedupd_messages_consumed_total").await;
+    let consumed_b = metric(
+        port_b,
+        "dedupd_messages_consumed_total",
+        &[("route", &setup.name)],
+    )
+    .await;
+    stop(a).await;
+    stop(b).await;
+
+    let t = tally(&broker, &setup, &expected).await;
+    report("two instances, 50% duplicates", &t, 0.0);
+    println!("FAULT-FIGURES two instances: consumed a={consumed_a} b={consumed_b}");
+    assert!(
+        consumed_a > 0.0 && consumed_b > 0.0,
+        "both instances took part"
+    );
+    assert_eq!(
+        (t.lost, t.left_upstream, t.dead_lettered, t.duplicates),
+        (0, 0, 0, 0),
+        "{t:?}"
+    );
+    broker.cleanup().await;
+    redis_cleanup(&setup.name).await;
+}
+
+/// Bad input never stops the route: after each bad message, a good one still goes through.
+#[tokio::test]
+async fn bad_input_goes_through_policy_and_the_flow_continues() {
+    let _serial = SERIAL.lock().await;
+    let mut setup = Setup::new("badinput");
+    // Publish through a direct exchange, so "unroutable" can be produced and then fixed.
+    let exchange = format!("{}.x", setup.name);
+    setup.extra = String::new();
+    let mut broker = Broker::connect().await;
+    let dlq = setup.declare(&mut broker).await;
+    broker
+        .ch
+        .exchange_declare(
+            exchange.as_str().into(),
+            lapin::ExchangeKind::Direct,
+            lapin::options::ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("exchange");
+    // The proxy publishes as another user than the producer, so the producer's own user_id
+    // ("guest") is one the downstream user may not set.
+    let user = format!("dedupd-{}", setup.name);
+    rabbitmqctl(&["add_user", &user, "pw"]).await;
+    rabbitmqctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]).await;
+    let toml = setup
+        .toml()
+        .replace(
+            "[store]",
+            &format!("[downstream]\nurl = \"amqp://{user}:pw@127.0.0.1:5672/%2f\"\n\n[store]"),
+        )
+        .replace("exchange = \"\"", &format!("exchange = \"{exchange}\""))
+        .replace(
+            &format!("routing_key = \"{}\"", setup.out),
+            "routing_key = \"bound\"",
+        );
+    let path = std::env::temp_dir().join(format!("{}.toml", setup.name));
+    std::fs::write(&path, toml).expect("config");
+    let proxy = Child::spawn(&["run", "-c", path.to_str().expect("utf-8 path")]);
+    let port = setup.metrics_port;
+    let rejected = |reason: &'static str| {
+        let name = setup.name.clone();
+        async move {
+            metric(
+                port,
+                "dedupd_messages_rejected_total",
+                &[("route", &name), ("reason", reason)],
+            )
+            .await
+        }
+    };
+
+    // Unroutable: no queue is bound yet. Rejected to the DLQ, key not remembered.
+    broker
+        .publish(
+            &setup.queue,
+            b"early",
+            BasicProperties::default().with_message_id("u1".into()),
+        )
+        .await;
+    wait_for("unroutable rejected", LONG, || async {
+        (broker.ready(&dlq).await == 1).then_some(())
+    })
+    .await;
+    assert_eq!(rejected("unroutable").await, 1.0);
+    broker
+        .ch
+        .queue_bind(
+            setup.out.as_str().into(),
+            exchange.as_str().into(),
+            "bound".into(),
+            Default::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("bind");
+    broker
+        .publish(
+            &setup.queue,
+            b"retry",
+            BasicProperties::default().with_message_id("u1".into()),
+        )
+        .await;
+    let got = broker.receive(&setup.out, 1, LONG).await;
+    assert_eq!(got[0].data, b"retry", "the retried key goes through");
+
+    let good = |n: usize| BasicProperties::default().with_message_id(format!("good-{n}").into());
+    let mut bad: Vec<(&str, Vec<u8>, BasicProperties)> = vec![
+        (
+            "5 MB body",
+            vec![b'x'; 5 * 1024 * 1024],
+            BasicProperties::default().with_message_id("big".into()),
+        ),
+        (
+            "255-byte UTF-8 message_id",
+            b"long id".to_vec(),
+            BasicProperties::default().with_message_id(format!("{}x", "é".repeat(127)).into()),
+        ),
+        (
+            "missing message_id",
+            b"no key".to_vec(),
+            BasicProperties::default(),
+        ),
+        (
+            "user_id of another user",
+            b"foreign user_id".to_vec(),
+            BasicProperties::default()
+                .with_message_id("uid".into())
+                .with_user_id("guest".into()),
+        ),
+    ];
+    let mut expect_forwarded = Vec::new();
+    for (n, (what, body, props)) in bad.drain(..).enumerate() {
+        broker.publish(&setup.queue, &body, props.clone()).await;
+        broker
+            .publish(&setup.queue, format!("good-{n}").as_bytes(), good(n))
+            .await;
+        if what == "missing message_id" {
+            let got = broker.receive(&setup.out, 1, LONG).await;
+            assert_eq!(
+                got[0].data,
+                format!("good-{n}").as_bytes(),
+                "{what}: flow continues"
+            );
+            continue;
+        }
+        let got = broker.receive(&setup.out, 2, LONG).await;
+        assert_eq!(got[0].data, body, "{what}: forwarded intact");
+        assert_eq!(
+            got[1].data,
+            format!("good-{n}").as_bytes(),
+            "{what}: flow continues"
+        );
+        if what == "user_id of another user" {
+            assert_eq!(got[0].properties.user_id(), &None, "user_id stripped");
+            assert_eq!(
+                got[0].properties.message_id().as_ref().map(|s| s.as_str()),
+                Some("uid")
+            );
+        } else {
+            assert_eq!(got[0].properties, props, "{what}: properties intact");
+        }
+        expect_forwarded.push(what);
+    }
+    // The long id is remembered like any other.
+    broker
+        .publish(
+            &setup.queue,
+            b"again",
+            BasicProperties::default().with_message_id(format!("{}x", "é".repeat(127)).into()),
+        )
+        .await;
+    wait_drained(&broker, &setup, port).await;
+    assert_eq!(
+        broker.ready(&setup.out).await,
+        0,
+        "long-id duplicate dropped"
+    );
+    assert_eq!(rejected("missing_key").await, 1.0);
+    assert_eq!(rejected("user_id_stripped").await, 1.0);
+    stop(proxy).await;
+
+    let dead = broker.drain(&dlq).await;
+    let dead: Vec<&[u8]> = dead.iter().map(|d| d.data.as_slice()).collect();
+    assert_eq!(dead, [b"early".as_slice(), b"no key".as_slice()]);
+    assert_eq!(broker.ready(&setup.queue).await, 0);
+    println!("FAULT-FIGURES bad input: forwarded {expect_forwarded:?}, rejected unroutable=1 missing_key=1, user_id_stripped=1");
+    let _ = broker
+        .ch
+        .exchange_delete(exchange.as_str().into(), Default::default())
+        .await;
+    rabbitmqctl(&["delete_user", &user]).await;
+    broker.cleanup().await;
+    redis_cleanup(&setup.name).await;
+}
+
+async fn rabbitmqctl(args: &[&str]) {
+    let out = tokio::process::Command::new("rabbitmqctl")
+        .arg("-q")
+        .args(args)
+        .output()
+        .await
+        .expect("rabbitmqctl");
+    assert!(
+        out.status.success(),
+        "rabbitmqctl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -1,0 +1,795 @@
+//! One claim-protocol suite, run against both stores: each case is written once as an async fn
+//! over a `Ctx`, and `suite!` generates a `#[tokio::test]` per store. The Redis cases need a
+//! server on 127.0.0.1:6379 (db 0); every test writes under its own random key prefix and
+//! deletes its keys at the end. Waits poll with a deadline, never a bare sleep.
+//!
+//! A third copy runs against a Redis Cluster when `DEDUPD_TEST_REDIS_CLUSTER` lists its seed
+//! URLs (comma-separated), e.g. three `--cluster-enabled yes` servers joined with
+//! `redis-cli --cluster create ... --cluster-replicas 0`.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dedupd::config::{StoreConfig, StoreKind, StoreUrl};
+use dedupd::store::{ClaimOutcome, KeyState, Owner, Store, StoreError};
+
+const REDIS_URL: &str = "redis://127.0.0.1:6379/0";
+const LEASE: Duration = Duration::from_secs(30);
+const WINDOW: Duration = Duration::from_secs(60);
+/// How long an expiry test may wait for a 200 ms TTL to run out, with room for a slow CI box.
+const EXPIRY_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Seed URLs of a Redis Cluster for the `cluster` copy of the suite, comma-separated. Unset:
+/// those tests report SKIPPED and pass (a cluster is not part of the usual test setup).
+const CLUSTER_ENV: &str = "DEDUPD_TEST_REDIS_CLUSTER";
+
+enum Backend {
+    Memory,
+    Redis,
+    Cluster(Vec<String>),
+}
+
+struct Ctx {
+    store: Store,
+    prefix: String,
+    backend: Backend,
+}
+
+impl Ctx {
+    fn key(&self, name: &str) -> String {
+        format!("{}:{name}", self.prefix)
+    }
+
+    fn keys(&self, names: &[&str]) -> Vec<String> {
+        names.iter().map(|n| self.key(n)).collect()
+    }
+
+    /// Deletes every key the test wrote (Redis only: a memory store dies with the test).
+    async fn cleanup(&self) {
+        match &self.backend {
+            Backend::Memory => {}
+            Backend::Redis => self.cleanup_redis().await,
+            Backend::Cluster(urls) => {
+                // Keys live on several nodes: the store's own `forget` routes each one.
+                let client = ::redis::cluster::ClusterClient::new(urls.clone()).expect("urls");
+                let mut conn = client
+                    .get_async_connection()
+                    .await
+                    .expect("cluster connection for cleanup");
+                let keys: Vec<String> = ::redis::cmd("KEYS")
+                    .arg(format!("{}:*", self.prefix))
+                    .query_async(&mut conn)
+                    .await
+                    .expect("KEYS");
+                for key in keys {
+                    self.store.forget(&key).await.expect("forget");
+                }
+            }
+        }
+    }
+
+    async fn cleanup_redis(&self) {
+        let client = ::redis::Client::open(REDIS_URL).expect("redis url");
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("redis connection for cleanup");
+        let keys: Vec<String> = ::redis::cmd("KEYS")
+            .arg(format!("{}:*", self.prefix))
+            .query_async(&mut conn)
+            .await
+            .expect("KEYS");
+        for chunk in keys.chunks(500) {
+            let _: i64 = ::redis::cmd("DEL")
+                .arg(chunk)
+                .query_async(&mut conn)
+                .await
+                .expect("DEL");
+        }
+    }
+}
+
+fn prefix(store: &str, test: &str) -> String {
+    format!("dedupd-test-{store}-{test}-{:016x}", rand::random::<u64>())
+}
+
+fn store_config(kind: StoreKind, url: &str, timeout: Duration) -> StoreConfig {
+    StoreConfig {
+        kind,
+        url: StoreUrl::One(url.to_owned()),
+        timeout,
+        ..StoreConfig::default()
+    }
+}
+
+async fn memory_ctx(test: &str) -> Ctx {
+    let cfg = store_config(StoreKind::Memory, REDIS_URL, Duration::from_secs(2));
+    Ctx {
+        store: Store::open(&cfg).await.expect("memory store"),
+        prefix: prefix("mem", test),
+        backend: Backend::Memory,
+    }
+}
+
+async fn redis_ctx(test: &str) -> Ctx {
+    let cfg = store_config(StoreKind::Redis, REDIS_URL, Duration::from_secs(5));
+    Ctx {
+        store: Store::open(&cfg).await.expect("redis store"),
+        prefix: prefix("redis", test),
+        backend: Backend::Redis,
+    }
+}
+
+async fn cluster_ctx(test: &str) -> Option<Ctx> {
+    let Ok(urls) = std::env::var(CLUSTER_ENV) else {
+        eprintln!("SKIPPED: set {CLUSTER_ENV} to run against a Redis Cluster");
+        return None;
+    };
+    let urls: Vec<String> = urls.split(',').map(|u| u.trim().to_owned()).collect();
+    let cfg = StoreConfig {
+        kind: StoreKind::Redis,
+        url: StoreUrl::Cluster(urls.clone()),
+        timeout: Duration::from_secs(5),
+        ..StoreConfig::default()
+    };
+    Some(Ctx {
+        store: Store::open(&cfg).await.expect("cluster store"),
+        prefix: prefix("cluster", test),
+        backend: Backend::Cluster(urls),
+    })
+}
+
+fn owner(instance: &str, epoch: u64) -> Owner {
+    Owner::new(Arc::from(instance), epoch)
+}
+
+/// Polls `claim` by `by` until it returns `Claimed`, asserting that every earlier answer
+/// satisfied `before`. Fails past `EXPIRY_DEADLINE`.
+async fn wait_until_claimable(
+    ctx: &Ctx,
+    key: &str,
+    by: &Owner,
+    before: impl Fn(&ClaimOutcome) -> bool,
+) {
+    let deadline = Instant::now() + EXPIRY_DEADLINE;
+    let keys = vec![key.to_owned()];
+    loop {
+        let outcome = ctx.store.claim(&keys, by, LEASE).await.unwrap().remove(0);
+        if outcome == ClaimOutcome::Claimed {
+            return;
+        }
+        assert!(before(&outcome), "unexpected {outcome:?} while waiting");
+        assert!(
+            Instant::now() < deadline,
+            "{key} still {outcome:?} after {EXPIRY_DEADLINE:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+// ---- the shared cases -------------------------------------------------------------------
+
+async fn claim_absent_is_claimed(ctx: &Ctx) {
+    let a = owner("inst-a", 1);
+    let keys = ctx.keys(&["k"]);
+    assert_eq!(
+        ctx.store.claim(&keys, &a, LEASE).await.unwrap(),
+        [ClaimOutcome::Claimed]
+    );
+}
+
+async fn other_instance_sees_in_flight_elsewhere(ctx: &Ctx) {
+    let (a, b) = (owner("inst-a", 1), owner("inst-b", 1));
+    let keys = ctx.keys(&["k"]);
+    ctx.store.claim(&keys, &a, LEASE).await.unwrap();
+    match ctx.store.claim(&keys, &b, LEASE).await.unwrap()[..] {
+        [ClaimOutcome::InFlightElsewhere { lease_left }] => {
+            assert!(lease_left <= LEASE, "{lease_left:?}");
+            assert!(
+                lease_left > LEASE - Duration::from_secs(5),
+                "{lease_left:?}"
+            );
+        }
+        ref other => panic!("{other:?}"),
+    }
+    // B's attempt changed nothing.
+    assert!(matches!(
+        ctx.store.inspect(&keys[0]).await.unwrap(),
+        KeyState::InFlight { owner, .. } if owner == a.token()
+    ));
+}
+
+async fn same_token_is_ours_and_refreshes_lease(ctx: &Ctx) {
+    let a = owner("inst-a", 1);
+    let keys = ctx.keys(&["k"]);
+    ctx.store
+        .claim(&keys, &a, Duration::from_secs(5))
+        .await
+        .unwrap();
+    assert_eq!(
+        ctx.store.claim(&keys, &a, WINDOW).await.unwrap(),
+        [ClaimOutcome::Ours]
+    );
+    match ctx.store.inspect(&keys[0]).await.unwrap() {
+        KeyState::InFlight { lease_left, .. } => {
+            assert!(
+                lease_left > Duration::from_secs(30),
+                "not refreshed: {lease_left:?}"
+            )
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn older_epoch_of_same_instance_is_taken_over(ctx: &Ctx) {
+    // 9 -> 10 also checks that epochs compare as numbers, not as text.
+    let (old, new) = (owner("inst-a", 9), owner("inst-a", 10));
+    let keys = ctx.keys(&["k"]);
+    ctx.store.claim(&keys, &old, LEASE).await.unwrap();
+    assert_eq!(
+        ctx.store.claim(&keys, &new, LEASE).await.unwrap(),
+        [ClaimOutcome::TakenOver]
+    );
+    assert!(matches!(
+        ctx.store.inspect(&keys[0]).await.unwrap(),
+        KeyState::InFlight { owner, .. } if owner == new.token()
+    ));
+    // The stale epoch cannot take it back, nor commit or release it.
+    assert!(matches!(
+        ctx.store.claim(&keys, &old, LEASE).await.unwrap()[..],
+        [ClaimOutcome::InFlightElsewhere { .. }]
+    ));
+    assert_eq!(
+        ctx.store.commit(&keys, &old, WINDOW).await.unwrap(),
+        [false]
+    );
+    assert_eq!(ctx.store.release(&keys, &old).await.unwrap(), [false]);
+    // An instance whose id merely starts like ours is someone else.
+    let lookalike = owner("inst-a:10", 11);
+    assert!(matches!(
+        ctx.store.claim(&keys, &lookalike, LEASE).await.unwrap()[..],
+        [ClaimOutcome::InFlightElsewhere { .. }]
+    ));
+    assert_eq!(ctx.store.commit(&keys, &new, WINDOW).await.unwrap(), [true]);
+}
+
+async fn commit_by_owner_then_claim_is_done(ctx: &Ctx) {
+    let (a, b) = (owner("inst-a", 1), owner("inst-b", 1));
+    let keys = ctx.keys(&["k"]);
+    ctx.store.claim(&keys, &a, LEASE).await.unwrap();
+    assert_eq!(ctx.store.commit(&keys, &a, WINDOW).await.unwrap(), [true]);
+    assert_eq!(
+        ctx.store.claim(&keys, &b, LEASE).await.unwrap(),
+        [ClaimOutcome::Done]
+    );
+    // Done is done for its owner too, and a second commit finds no token.
+    assert_eq!(
+        ctx.store.claim(&keys, &a, LEASE).await.unwrap(),
+        [ClaimOutcome::Done]
+    );
+    assert_eq!(ctx.store.commit(&keys, &a, WINDOW).await.unwrap(), [false]);
+}
+
+async fn commit_by_non_owner_is_refused(ctx: &Ctx) {
+    let (a, b) = (owner("inst-a", 1), owner("inst-b", 1));
+    let keys = ctx.keys(&["k", "absent"]);
+    ctx.store.claim(&keys[..1], &a, LEASE).await.unwrap();
+    assert_eq!(
+        ctx.store.commit(&keys, &b, WINDOW).await.unwrap(),
+        [false, false]
+    );
+    assert!(matches!(
+        ctx.store.inspect(&keys[0]).await.unwrap(),
+        KeyState::InFlight { owner, .. } if owner == a.token()
+    ));
+    assert_eq!(
+        ctx.store.inspect(&keys[1]).await.unwrap(),
+        KeyState::Absent,
+        "a refused commit must not create the key"
+    );
+}
+
+async fn release_by_owner_then_claim_is_claimed(ctx: &Ctx) {
+    let (a, b) = (owner("inst-a", 1), owner("inst-b", 1));
+    let keys = ctx.keys(&["k"]);
+    ctx.store.claim(&keys, &a, LEASE).await.unwrap();
+    assert_eq!(ctx.store.release(&keys, &a).await.unwrap(), [true]);
+    assert_eq!(ctx.store.inspect(&keys[0]).await.unwrap(), KeyState::Absent);
+    assert_eq!(
+        ctx.store.claim(&keys, &b, LEASE).await.unwrap(),
+        [ClaimOutcome::Claimed]
+    );
+}
+
+async fn release_by_non_owner_is_refused(ctx: &Ctx) {
+    let (a, b) = (owner("inst-a", 1), owner("inst-b", 1));
+    let keys = ctx.keys(&["k", "done", "absent"]);
+    ctx.store.claim(&keys[..2], &a, LEASE).await.unwrap();
+    ctx.store.commit(&keys[1..2], &a, WINDOW).await.unwrap();
+    assert_eq!(
+        ctx.store.release(&keys, &b).await.unwrap(),
+        [false, false, false]
+    );
+    assert!(matches!(
+        ctx.store.inspect(&keys[0]).await.unwrap(),
+        KeyState::InFlight { owner, .. } if owner == a.token()
+    ));
+    // Release never undoes a commit, even by the former owner.
+    assert_eq!(ctx.store.release(&keys[1..2], &a).await.unwrap(), [false]);
+    assert!(matches!(
+        ctx.store.inspect(&keys[1]).await.unwrap(),
+        KeyState::Done { .. }
+    ));
+}
+
+async fn lease_expiry_frees_the_key(ctx: &Ctx) {
+    let (a, b) = (owner("inst-a", 1), owner("inst-b", 1));
+    let key = ctx.key("k");
+    let keys = std::slice::from_ref(&key);
+    let lease = Duration::from_millis(200);
+    ctx.store.claim(keys, &a, lease).await.unwrap();
+    wait_until_claimable(
+        ctx,
+        &key,
+        &b,
+        |o| matches!(o, ClaimOutcome::InFlightElsewhere { lease_left } if *lease_left <= lease),
+    )
+    .await;
+    // The expired owner lost it: its commit is refused.
+    assert_eq!(ctx.store.commit(keys, &a, WINDOW).await.unwrap(), [false]);
+}
+
+async fn window_expiry_forgets_done_keys(ctx: &Ctx) {
+    let (a, b) = (owner("inst-a", 1), owner("inst-b", 1));
+    let key = ctx.key("k");
+    let keys = std::slice::from_ref(&key);
+    ctx.store.claim(keys, &a, LEASE).await.unwrap();
+    assert_eq!(
+        ctx.store
+            .commit(keys, &a, Duration::from_millis(200))
+            .await
+            .unwrap(),
+        [true]
+    );
+    wait_until_claimable(ctx, &key, &b, |o| *o == ClaimOutcome::Done).await;
+}
+
+async fn duplicate_key_in_one_batch(ctx: &Ctx) {
+    let a = owner("inst-a", 1);
+    let keys = ctx.keys(&["k", "k"]);
+    assert_eq!(
+        ctx.store.claim(&keys, &a, LEASE).await.unwrap(),
+        [ClaimOutcome::Claimed, ClaimOutcome::Ours]
+    );
+    let keys = ctx.keys(&["x", "y", "x", "x"]);
+    assert_eq!(
+        ctx.store.claim(&keys, &a, LEASE).await.unwrap(),
+        [
+            ClaimOutcome::Claimed,
+            ClaimOutcome::Claimed,
+            ClaimOutcome::Ours,
+            ClaimOutcome::Ours
+        ]
+    );
+    // Commit of a repeated key: the first wins, the later ones find "1", not the token.
+    assert_eq!(
+        ctx.store.commit(&keys, &a, WINDOW).await.unwrap(),
+        [true, true, false, false]
+    );
+}
+
+async fn mixed_batch_keeps_key_order(ctx: &Ctx) {
+    let (a, b) = (owner("inst-a", 1), owner("inst-b", 1));
+    let keys = ctx.keys(&["done", "elsewhere", "mine", "new"]);
+    ctx.store.claim(&keys[..1], &b, LEASE).await.unwrap();
+    ctx.store.commit(&keys[..1], &b, WINDOW).await.unwrap();
+    ctx.store.claim(&keys[1..2], &b, LEASE).await.unwrap();
+    ctx.store.claim(&keys[2..3], &a, LEASE).await.unwrap();
+    let outcomes = ctx.store.claim(&keys, &a, LEASE).await.unwrap();
+    assert_eq!(outcomes[0], ClaimOutcome::Done);
+    assert!(matches!(
+        outcomes[1],
+        ClaimOutcome::InFlightElsewhere { .. }
+    ));
+    assert_eq!(outcomes[2], ClaimOutcome::Ours);
+    assert_eq!(outcomes[3], ClaimOutcome::Claimed);
+}
+
+async fn empty_batches(ctx: &Ctx) {
+    let a = owner("inst-a", 1);
+    assert!(ctx.store.claim(&[], &a, LEASE).await.unwrap().is_empty());
+    assert!(ctx.store.commit(&[], &a, WINDOW).await.unwrap().is_empty());
+    assert!(ctx.store.release(&[], &a).await.unwrap().is_empty());
+}
+
+async fn batch_of_1000_keys(ctx: &Ctx) {
+    let (a, b) = (owner("inst-a", 1), owner("inst-b", 1));
+    let keys: Vec<String> = (0..1000).map(|i| ctx.key(&format!("bulk-{i}"))).collect();
+    let claimed = ctx.store.claim(&keys, &a, LEASE).await.unwrap();
+    assert_eq!(claimed.len(), 1000);
+    assert!(claimed.iter().all(|o| *o == ClaimOutcome::Claimed));
+    // Commit the even keys, release the odd ones.
+    let even: Vec<String> = keys.iter().step_by(2).cloned().collect();
+    let odd: Vec<String> = keys.iter().skip(1).step_by(2).cloned().collect();
+    let committed = ctx.store.commit(&even, &a, WINDOW).await.unwrap();
+    assert_eq!(committed, vec![true; 500]);
+    let released = ctx.store.release(&odd, &a).await.unwrap();
+    assert_eq!(released, vec![true; 500]);
+    let again = ctx.store.claim(&keys, &b, LEASE).await.unwrap();
+    for (i, outcome) in again.iter().enumerate() {
+        let expected = if i % 2 == 0 {
+            ClaimOutcome::Done
+        } else {
+            ClaimOutcome::Claimed
+        };
+        assert_eq!(*outcome, expected, "key {i}");
+    }
+}
+
+async fn inspect_each_state(ctx: &Ctx) {
+    let a = owner("inst-a", 7);
+    let key = ctx.key("k");
+    let keys = std::slice::from_ref(&key);
+    assert_eq!(ctx.store.inspect(&key).await.unwrap(), KeyState::Absent);
+    ctx.store.claim(keys, &a, LEASE).await.unwrap();
+    match ctx.store.inspect(&key).await.unwrap() {
+        KeyState::InFlight { owner, lease_left } => {
+            assert_eq!(owner, a.token());
+            assert!(lease_left <= LEASE && lease_left > LEASE - Duration::from_secs(5));
+        }
+        other => panic!("{other:?}"),
+    }
+    ctx.store.commit(keys, &a, WINDOW).await.unwrap();
+    match ctx.store.inspect(&key).await.unwrap() {
+        KeyState::Done { window_left } => {
+            assert!(window_left <= WINDOW && window_left > WINDOW - Duration::from_secs(5));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+async fn forget_deletes_whatever_is_there(ctx: &Ctx) {
+    let a = owner("inst-a", 1);
+    let keys = ctx.keys(&["done", "inflight"]);
+    ctx.store.claim(&keys, &a, LEASE).await.unwrap();
+    ctx.store.commit(&keys[..1], &a, WINDOW).await.unwrap();
+    for key in &keys {
+        assert!(ctx.store.forget(key).await.unwrap(), "{key}");
+        assert_eq!(ctx.store.inspect(key).await.unwrap(), KeyState::Absent);
+        assert!(!ctx.store.forget(key).await.unwrap(), "{key} twice");
+    }
+    assert_eq!(
+        ctx.store.claim(&keys, &a, LEASE).await.unwrap(),
+        [ClaimOutcome::Claimed, ClaimOutcome::Claimed]
+    );
+}
+
+async fn ping_answers(ctx: &Ctx) {
+    ctx.store.ping().await.unwrap();
+}
+
+macro_rules! suite {
+    ($($case:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let ctx = super::memory_ctx(stringify!($case)).await;
+                    super::$case(&ctx).await;
+                    ctx.cleanup().await;
+                }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let ctx = super::redis_ctx(stringify!($case)).await;
+                    super::$case(&ctx).await;
+                    ctx.cleanup().await;
+                }
+            )*
+        }
+        mod cluster {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let Some(ctx) = super::cluster_ctx(stringify!($case)).await else {
+                        return;
+                    };
+                    super::$case(&ctx).await;
+                    ctx.cleanup().await;
+                }
+            )*
+        }
+    };
+}
+
+suite!(
+    claim_absent_is_claimed,
+    other_instance_sees_in_flight_elsewhere,
+    same_token_is_ours_and_refreshes_lease,
+    older_epoch_of_same_instance_is_taken_over,
+    commit_by_owner_then_claim_is_done,
+    commit_by_non_owner_is_refused,
+    release_by_owner_then_claim_is_claimed,
+    release_by_non_owner_is_refused,
+    lease_expiry_frees_the_key,
+    window_expiry_forgets_done_keys,
+    duplicate_key_in_one_batch,
+    mixed_batch_keeps_key_order,
+    empty_batches,
+    batch_of_1000_keys,
+    inspect_each_state,
+    forget_deletes_whatever_is_there,
+    ping_answers,
+);
+
+// ---- Redis only -------------------------------------------------------------------------
+
+/// Redis absent: `open` succeeds (the daemon must not exit), every operation fails within the
+/// timeout instead of hanging, again and again.
+#[tokio::test]
+async fn redis_unreachable_fails_fast_and_open_does_not() {
+    let timeout = Duration::from_millis(500);
+    let cfg = store_config(StoreKind::Redis, "redis://127.0.0.1:1/0", timeout);
+    let store = Store::open(&cfg)
+        .await
+        .expect("open must not need the server");
+    let a = owner("inst-a", 1);
+    let keys = vec!["dedupd-test-unreachable:k".to_owned()];
+    for _ in 0..3 {
+        let started = Instant::now();
+        let results: [Result<(), StoreError>; 6] = [
+            store.claim(&keys, &a, LEASE).await.map(drop),
+            store.commit(&keys, &a, WINDOW).await.map(drop),
+            store.release(&keys, &a).await.map(drop),
+            store.inspect(&keys[0]).await.map(drop),
+            store.forget(&keys[0]).await.map(drop),
+            store.ping().await,
+        ];
+        for r in &results {
+            assert!(r.is_err(), "{r:?}");
+        }
+        // Six operations, each bounded by the timeout (plus scheduling slack).
+        assert!(
+            started.elapsed() < 6 * timeout + Duration::from_secs(1),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+}
+
+/// A server that accepts and never answers (no RST, so only a timeout can tell): operations
+/// end within the timeout, not in a hang, including after the connection is replaced.
+#[tokio::test]
+async fn redis_silent_server_times_out() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let timeout = Duration::from_millis(300);
+    let cfg = store_config(StoreKind::Redis, &format!("redis://{addr}/0"), timeout);
+    let store = Store::open(&cfg).await.unwrap();
+    let keys = vec!["dedupd-test-silent:k".to_owned()];
+    for _ in 0..3 {
+        let started = Instant::now();
+        let result = store.claim(&keys, &owner("inst-a", 1), LEASE).await;
+        assert!(result.is_err(), "{result:?}");
+        assert!(
+            started.elapsed() < timeout + Duration::from_secs(1),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+    silent.abort();
+}
+
+/// `SCRIPT FLUSH` (what a restart does to the script cache): claims, commits and releases
+/// still work on the same store handle.
+#[tokio::test]
+async fn redis_noscript_recovery() {
+    let ctx = redis_ctx("noscript").await;
+    let a = owner("inst-a", 1);
+    let flush = || async {
+        let client = ::redis::Client::open(REDIS_URL).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let _: () = ::redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    };
+    let keys = ctx.keys(&["a", "b", "a"]);
+    assert_eq!(
+        ctx.store.claim(&keys[..1], &a, LEASE).await.unwrap(),
+        [ClaimOutcome::Claimed]
+    );
+    flush().await;
+    assert_eq!(
+        ctx.store.claim(&keys, &a, LEASE).await.unwrap(),
+        [
+            ClaimOutcome::Ours,
+            ClaimOutcome::Claimed,
+            ClaimOutcome::Ours
+        ]
+    );
+    flush().await;
+    assert_eq!(
+        ctx.store.commit(&keys[..1], &a, WINDOW).await.unwrap(),
+        [true]
+    );
+    flush().await;
+    assert_eq!(ctx.store.release(&keys[1..2], &a).await.unwrap(), [true]);
+    ctx.cleanup().await;
+}
+
+/// TLS settings with a plain `redis://` url would silently not apply: refused at open.
+#[tokio::test]
+async fn redis_tls_settings_need_rediss() {
+    let mut cfg = store_config(StoreKind::Redis, REDIS_URL, Duration::from_secs(1));
+    cfg.tls = Some(dedupd::config::Tls {
+        ca_file: None,
+        cert_file: None,
+        key_file: None,
+    });
+    assert!(matches!(
+        Store::open(&cfg).await,
+        Err(StoreError::Config(_))
+    ));
+}
+
+/// A throwaway redis-server of our own on a free port, killed when dropped.
+struct OwnRedis {
+    child: tokio::process::Child,
+}
+
+impl OwnRedis {
+    /// `None` when there is no `redis-server` binary to run.
+    fn start(port: u16) -> Option<OwnRedis> {
+        let spawned = tokio::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn();
+        match spawned {
+            Ok(child) => Some(OwnRedis { child }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => panic!("redis-server: {e}"),
+        }
+    }
+
+    async fn stop(mut self) {
+        self.child.kill().await.expect("kill our redis-server");
+    }
+}
+
+fn free_port() -> u16 {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    probe.local_addr().unwrap().port()
+}
+
+/// Polls a claim of `key` until the store answers, within a deadline.
+async fn claim_when_up(store: &Store, key: &str, by: &Owner) -> ClaimOutcome {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let keys = vec![key.to_owned()];
+    loop {
+        match store.claim(&keys, by, LEASE).await {
+            Ok(mut outcomes) => return outcomes.remove(0),
+            Err(e) => assert!(Instant::now() < deadline, "store still down: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Redis absent at start, then up; then restarted (empty script cache): the same store
+/// handle recovers each time without being reopened.
+#[tokio::test]
+async fn redis_comes_up_later_and_restarts() {
+    let port = free_port();
+    let cfg = store_config(
+        StoreKind::Redis,
+        &format!("redis://127.0.0.1:{port}/0"),
+        Duration::from_secs(1),
+    );
+    let store = Store::open(&cfg).await.expect("open without a server");
+    let a = owner("inst-a", 1);
+    assert!(store.ping().await.is_err());
+
+    let Some(server) = OwnRedis::start(port) else {
+        eprintln!("SKIPPED: no redis-server binary to start");
+        return;
+    };
+    assert_eq!(
+        claim_when_up(&store, "dedupd-test:k1", &a).await,
+        ClaimOutcome::Claimed
+    );
+    server.stop().await;
+    assert!(store.ping().await.is_err());
+
+    let server = OwnRedis::start(port).expect("redis-server ran a moment ago");
+    // A fresh server: no data (persistence off) and no scripts cached.
+    assert_eq!(
+        claim_when_up(&store, "dedupd-test:k2", &a).await,
+        ClaimOutcome::Claimed
+    );
+    assert_eq!(
+        store
+            .commit(&["dedupd-test:k2".to_owned()], &a, WINDOW)
+            .await
+            .unwrap(),
+        [true]
+    );
+    server.stop().await;
+}
+
+/// NOSCRIPT on a cluster: the per-key calls reload the script on every primary and go on.
+#[tokio::test]
+async fn cluster_noscript_recovery() {
+    let Some(ctx) = cluster_ctx("noscript").await else {
+        return;
+    };
+    let Backend::Cluster(urls) = &ctx.backend else {
+        unreachable!()
+    };
+    let a = owner("inst-a", 1);
+    let keys: Vec<String> = (0..50).map(|i| ctx.key(&format!("k{i}"))).collect();
+    ctx.store.claim(&keys[..1], &a, LEASE).await.unwrap();
+    let client = ::redis::cluster::ClusterClient::new(urls.clone()).unwrap();
+    let mut conn = client.get_async_connection().await.unwrap();
+    // Routed to every primary by redis-rs.
+    let _: () = ::redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let outcomes = ctx.store.claim(&keys, &a, LEASE).await.unwrap();
+    assert_eq!(outcomes[0], ClaimOutcome::Ours);
+    assert!(outcomes[1..].iter().all(|o| *o == ClaimOutcome::Claimed));
+    assert!(ctx
+        .store
+        .commit(&keys, &a, WINDOW)
+        .await
+        .unwrap()
+        .iter()
+        .all(|ok| *ok));
+    ctx.cleanup().await;
+}
+
+/// Cluster seeds that do not answer: `open` succeeds, operations fail within the timeout.
+#[tokio::test]
+async fn cluster_unreachable_fails_fast_and_open_does_not() {
+    let timeout = Duration::from_millis(500);
+    let cfg = StoreConfig {
+        kind: StoreKind::Redis,
+        url: StoreUrl::Cluster(vec![
+            "redis://127.0.0.1:1".to_owned(),
+            "redis://127.0.0.1:2".to_owned(),
+        ]),
+        timeout,
+        ..StoreConfig::default()
+    };
+    let store = Store::open(&cfg)
+        .await
+        .expect("open must not need the servers");
+    let keys = vec!["dedupd-test-unreachable:k".to_owned()];
+    for _ in 0..3 {
+        let started = Instant::now();
+        assert!(store
+            .claim(&keys, &owner("inst-a", 1), LEASE)
+            .await
+            .is_err());
+        assert!(store.ping().await.is_err());
+        assert!(
+            started.elapsed() < 2 * timeout + Duration::from_secs(1),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+}
