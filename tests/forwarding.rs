@@ -461,3 +461,54 @@ async fn duplicate_of_a_message_in_flight_elsewhere_is_held_then_dropped_or_forw
     assert_eq!(broker.ready(&dlq).await, 0);
     finish(&setup, broker, proxy).await;
 }
+
+/// The same pipeline over a Redis Cluster store (`scripts/test.sh` starts one).
+#[tokio::test]
+async fn forwards_through_a_redis_cluster_store() {
+    let Ok(urls) = std::env::var("DEDUPD_TEST_REDIS_CLUSTER") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "DEDUPD_TEST_REDIS_CLUSTER is not set: run the tests with scripts/test.sh"
+        );
+        eprintln!("SKIPPED: set DEDUPD_TEST_REDIS_CLUSTER to run against a Redis Cluster");
+        return;
+    };
+    let setup = Setup::new("cluster");
+    let list: Vec<String> = urls
+        .split(',')
+        .map(|u| format!("\"{}\"", u.trim()))
+        .collect();
+    let toml = setup.toml().replace(
+        &format!("url = \"{REDIS_URL}\""),
+        &format!("url = [{}]", list.join(", ")),
+    );
+    let config = dedupd::config::Config::from_toml(&toml, std::path::Path::new("cluster.toml"))
+        .expect("cluster config");
+    let mut broker = Broker::connect().await;
+    setup.declare(&mut broker).await;
+    let messages: Vec<_> = (0..600)
+        .map(|i| with_id(Some(&format!("k{}", i % 400)), &i.to_string()))
+        .collect();
+    broker.publish_all(&setup.queue, &messages).await;
+    let proxy = InProcess::start(config);
+    setup.wait_settled(600, SETTLE).await;
+    let bodies: Vec<String> = broker
+        .drain(&setup.out)
+        .await
+        .into_iter()
+        .map(|d| String::from_utf8_lossy(&d.data).into_owned())
+        .collect();
+    let expected: Vec<String> = (0..400).map(|i| i.to_string()).collect();
+    assert_eq!(bodies, expected);
+    assert_eq!(setup.metric("dedupd_duplicates_total").await, 200.0);
+    proxy.stop().await;
+    broker.cleanup().await;
+    let client =
+        redis::cluster::ClusterClient::new(urls.split(',').map(str::trim).collect::<Vec<_>>())
+            .expect("cluster urls");
+    let mut conn = client.get_async_connection().await.expect("cluster");
+    for i in 0..400 {
+        let key = dedupd::keys::store_key(&setup.name, &setup.name, format!("k{i}").as_bytes());
+        let _: Result<(), _> = redis::cmd("DEL").arg(key).query_async(&mut conn).await;
+    }
+}

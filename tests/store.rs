@@ -19,8 +19,9 @@ const WINDOW: Duration = Duration::from_secs(60);
 /// How long an expiry test may wait for a 200 ms TTL to run out, with room for a slow CI box.
 const EXPIRY_DEADLINE: Duration = Duration::from_secs(10);
 
-/// Seed URLs of a Redis Cluster for the `cluster` copy of the suite, comma-separated. Unset:
-/// those tests report SKIPPED and pass (a cluster is not part of the usual test setup).
+/// Seed URLs of a Redis Cluster for the `cluster` copy of the suite, comma-separated;
+/// `scripts/test.sh` starts one and sets it. Unset under CI: those tests fail; unset in a bare
+/// `cargo test`: they report SKIPPED.
 const CLUSTER_ENV: &str = "DEDUPD_TEST_REDIS_CLUSTER";
 
 enum Backend {
@@ -122,6 +123,11 @@ async fn redis_ctx(test: &str) -> Ctx {
 
 async fn cluster_ctx(test: &str) -> Option<Ctx> {
     let Ok(urls) = std::env::var(CLUSTER_ENV) else {
+        // scripts/test.sh (the README's test command, and CI) always provides a cluster.
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{CLUSTER_ENV} is not set: run the tests with scripts/test.sh"
+        );
         eprintln!("SKIPPED: set {CLUSTER_ENV} to run against a Redis Cluster");
         return None;
     };
