@@ -173,29 +173,18 @@ impl OwnRedis {
     }
 }
 
-/// Closes every broker connection of this test's proxy (named `dedupd ROUTE ...`), as
-/// `rabbitmqctl close_all_connections` would, without touching other tests' connections.
-async fn close_proxy_connections(route: &str) -> usize {
-    let out = tokio::process::Command::new("rabbitmqctl")
-        .args(["-q", "list_connections", "pid", "client_properties"])
-        .output()
-        .await
-        .expect("rabbitmqctl");
-    let text = String::from_utf8_lossy(&out.stdout);
-    let marker = format!("dedupd {route} ");
-    let mut closed = 0;
-    for line in text.lines().filter(|l| l.contains(&marker)) {
-        let pid = line.split('\t').next().unwrap_or_default();
-        let status = tokio::process::Command::new("rabbitmqctl")
-            .args(["-q", "close_connection", pid, "dedupd fault test"])
-            .status()
-            .await
-            .expect("rabbitmqctl");
-        if status.success() {
-            closed += 1;
-        }
-    }
-    closed
+/// Closes every broker connection of `user` in one call, as `rabbitmqctl
+/// close_all_connections` would for the proxy, without touching the test's own connections.
+async fn close_user_connections(user: &str) {
+    rabbitmqctl(&["close_all_user_connections", user, "dedupd fault test"]).await;
+}
+
+/// A broker user for the proxy alone, so its connections can be closed by user.
+async fn proxy_user(setup: &Setup) -> String {
+    let user = format!("dedupd-{}", setup.name);
+    rabbitmqctl(&["add_user", &user, "pw"]).await;
+    rabbitmqctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]).await;
+    user
 }
 
 fn report(test: &str, t: &Tally, takeovers: f64) {
@@ -246,30 +235,56 @@ async fn sigkill_five_times_mid_stream() {
 #[tokio::test]
 async fn broker_connections_closed_three_times() {
     let _serial = SERIAL.lock().await;
-    let setup = Setup::new("connclose");
+    // A lease far longer than the test: claims left by a closed connection must be taken
+    // over at once (same instance, older epoch), not after the lease.
+    let mut setup = Setup::new("connclose");
+    setup.lease = "60s";
     let mut broker = Broker::connect().await;
     setup.declare(&mut broker).await;
     let (messages, expected) = workload(20_000, 0.3);
     broker.publish_all(&setup.queue, &messages).await;
-    let path = setup.write();
+    let user = proxy_user(&setup).await;
+    let path = std::env::temp_dir().join(format!("{}.toml", setup.name));
+    std::fs::write(
+        &path,
+        setup.toml().replace("guest:guest@", &format!("{user}:pw@")),
+    )
+    .expect("config");
     let proxy = Child::spawn(&["run", "-c", path.to_str().expect("utf-8 path")]);
 
     for round in 1..=3u32 {
         wait_downstream(&broker, &setup.out, round * expected.len() as u32 / 5).await;
-        // Between a close and the reconnect there is nothing to close: wait for one.
-        wait_for(
-            &format!("round {round}: a proxy connection to close"),
-            LONG,
-            || async { (close_proxy_connections(&setup.name).await > 0).then_some(()) },
-        )
+        // Between a close and the reconnect there is nothing to close: wait for a connection.
+        wait_for("the proxy connected", LONG, || async {
+            let up = metric(
+                setup.metrics_port,
+                "dedupd_up",
+                &[("component", "upstream")],
+            )
+            .await;
+            (up == 1.0).then_some(())
+        })
         .await;
+        close_user_connections(&user).await;
+        let left = broker.ready(&setup.queue).await;
+        println!("FAULT-FIGURES connections closed: round {round} with {left} messages upstream");
+        assert!(left > 0, "round {round}: the stream was already over");
     }
+    let last_close = tokio::time::Instant::now();
     wait_drained(&broker, &setup, setup.metrics_port).await;
+    let recovery = last_close.elapsed();
     let takeovers = setup.metric("dedupd_takeovers_total").await;
     stop(proxy).await;
 
     let t = tally(&broker, &setup, &expected).await;
     report("connections closed x3", &t, takeovers);
+    println!(
+        "FAULT-FIGURES connections closed: drained {recovery:?} after the last close (lease 60s)"
+    );
+    assert!(
+        recovery < Duration::from_secs(45),
+        "waited out the lease: {recovery:?}"
+    );
     assert_eq!(
         (t.lost, t.left_upstream, t.dead_lettered),
         (0, 0, 0),
@@ -283,6 +298,7 @@ async fn broker_connections_closed_three_times() {
         t.duplicates as f64 <= takeovers,
         "every duplicate was counted: {t:?}"
     );
+    rabbitmqctl(&["delete_user", &user]).await;
     broker.cleanup().await;
     redis_cleanup(&setup.name).await;
 }
@@ -459,9 +475,7 @@ async fn bad_input_goes_through_policy_and_the_flow_continues() {
         .expect("exchange");
     // The proxy publishes as another user than the producer, so the producer's own user_id
     // ("guest") is one the downstream user may not set.
-    let user = format!("dedupd-{}", setup.name);
-    rabbitmqctl(&["add_user", &user, "pw"]).await;
-    rabbitmqctl(&["set_permissions", "-p", "/", &user, ".*", ".*", ".*"]).await;
+    let user = proxy_user(&setup).await;
     let toml = setup
         .toml()
         .replace(

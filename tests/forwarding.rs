@@ -512,3 +512,51 @@ async fn forwards_through_a_redis_cluster_store() {
         let _: Result<(), _> = redis::cmd("DEL").arg(key).query_async(&mut conn).await;
     }
 }
+
+#[tokio::test]
+async fn metrics_and_health_endpoints() {
+    let setup = Setup::new("endpoints");
+    let mut broker = Broker::connect().await;
+    setup.declare(&mut broker).await;
+    broker
+        .publish_all(
+            &setup.queue,
+            &[with_id(Some("1"), "a"), with_id(Some("1"), "b")],
+        )
+        .await;
+    let proxy = InProcess::start(setup.config());
+    setup.wait_settled(2, SETTLE).await;
+    let port = setup.metrics_port;
+    wait_for("ready", SETTLE, || async {
+        (http_get(port, "/readyz").await.map(|(s, _)| s) == Some(200)).then_some(())
+    })
+    .await;
+    assert_eq!(http_get(port, "/healthz").await.map(|(s, _)| s), Some(200));
+    let (status, body) = http_get(port, "/metrics").await.expect("metrics");
+    assert_eq!(status, 200);
+    for name in [
+        "dedupd_messages_consumed_total",
+        "dedupd_messages_forwarded_total",
+        "dedupd_duplicates_total",
+        "dedupd_messages_rejected_total",
+        "dedupd_takeovers_total",
+        "dedupd_store_errors_total",
+        "dedupd_store_duration_seconds_bucket",
+        "dedupd_forward_duration_seconds_bucket",
+        "dedupd_inflight_messages",
+        "dedupd_up",
+        "dedupd_build_info",
+    ] {
+        assert!(body.contains(name), "/metrics lacks {name}");
+    }
+    for component in ["upstream", "downstream", "store"] {
+        assert_eq!(
+            parse_metric(&body, "dedupd_up", &[("component", component)]),
+            Some(1.0)
+        );
+    }
+    assert!(!body.contains("message_id"), "no ids in labels");
+    proxy.stop().await;
+    broker.cleanup().await;
+    redis_cleanup(&setup.name).await;
+}
