@@ -117,6 +117,39 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     Ok(())
 }
 
+/// Runs like [`run`]; on each item of `reloads` (SIGHUP in the binary) re-reads `path`. A valid
+/// file replaces the running configuration: routes drain as on shutdown, then start again with
+/// it. An invalid file is refused with a log line and the running configuration is kept.
+pub async fn run_reloadable(
+    path: &std::path::Path,
+    mut config: Config,
+    shutdown: CancellationToken,
+    mut reloads: impl futures::Stream<Item = ()> + Unpin,
+) -> Result<(), RunError> {
+    use futures::StreamExt;
+    loop {
+        let generation = shutdown.child_token();
+        let mut running = std::pin::pin!(run(config.clone(), generation.clone()));
+        config = loop {
+            tokio::select! {
+                result = &mut running => return result,
+                Some(()) = reloads.next() => match Config::load(path) {
+                    Ok(new) => break new,
+                    Err(error) => tracing::error!(
+                        path = %path.display(),
+                        // One log line per event: TOML errors quote the file over several.
+                        error = %error_chain(&error).replace('\n', " "),
+                        "reload refused: keeping the running configuration"
+                    ),
+                },
+            }
+        };
+        tracing::info!(path = %path.display(), "configuration reloaded: restarting the routes with it");
+        generation.cancel();
+        running.await?;
+    }
+}
+
 /// An error and all its sources, `: `-separated, for one log line.
 pub fn error_chain(error: &dyn std::error::Error) -> String {
     let mut out = error.to_string();

@@ -41,7 +41,14 @@ fn main() -> ExitCode {
                         return ExitCode::from(EXIT_RUNTIME);
                     }
                 };
-                match dedupd::run(config, shutdown).await {
+                let reloads = match dedupd::shutdown::reloads() {
+                    Ok(reloads) => reloads,
+                    Err(error) => {
+                        tracing::error!(%error, "cannot install the SIGHUP handler");
+                        return ExitCode::from(EXIT_RUNTIME);
+                    }
+                };
+                match dedupd::run_reloadable(path, config, shutdown, reloads).await {
                     Ok(()) => ExitCode::SUCCESS,
                     Err(error) => {
                         tracing::error!(error = %dedupd::error_chain(&error), "dedupd failed");

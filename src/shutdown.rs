@@ -1,5 +1,6 @@
-//! Turns SIGTERM and SIGINT into a cancelled [`CancellationToken`]: every task watches the
-//! token, stops taking new work and lets in-flight messages finish within the grace period.
+//! Signals: SIGTERM and SIGINT become a cancelled [`CancellationToken`] (every task watches the
+//! token, stops taking new work and lets in-flight messages finish within the grace period);
+//! SIGHUP becomes a stream of reload requests.
 
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
@@ -29,4 +30,12 @@ pub fn on_signals() -> std::io::Result<CancellationToken> {
         std::process::exit(1);
     });
     Ok(token)
+}
+
+/// One item per SIGHUP.
+pub fn reloads() -> std::io::Result<impl futures::Stream<Item = ()> + Unpin> {
+    let hup = signal(SignalKind::hangup())?;
+    Ok(Box::pin(futures::stream::unfold(hup, |mut hup| async move {
+        hup.recv().await.map(|()| ((), hup))
+    })))
 }

@@ -201,3 +201,87 @@ async fn sigterm_mid_stream_exits_0_and_a_restart_finishes_the_rest() {
     redis_cleanup(&setup.name).await;
     let _ = std::fs::remove_file(path);
 }
+
+/// SIGHUP re-reads the file: a valid one takes over (routes restart with it), an invalid one is
+/// refused and the running configuration kept.
+#[tokio::test]
+async fn sighup_reloads_a_valid_file_and_refuses_an_invalid_one() {
+    let setup = Setup::new("sighup");
+    let mut broker = Broker::connect().await;
+    setup.declare(&mut broker).await;
+    let second_out = format!("{}.out2", setup.name);
+    broker
+        .queue(&second_out, lapin::types::FieldTable::default())
+        .await;
+    let path = setup.write();
+    let path_str = path.to_str().expect("utf-8 path");
+    let proxy = Child::spawn(&["run", "-c", path_str]);
+
+    let id = |s: &str| BasicProperties::default().with_message_id(s.into());
+    broker.publish(&setup.queue, b"one", id("1")).await;
+    assert_eq!(
+        broker.receive(&setup.out, 1, Duration::from_secs(60)).await[0].data,
+        b"one"
+    );
+
+    // Same queue, renamed route (so its metrics show when it runs), other destination.
+    let renamed = format!("{}-v2", setup.name);
+    let v2 = setup
+        .toml()
+        .replace(
+            &format!("[routes.{}]", setup.name),
+            &format!("[routes.{renamed}]"),
+        )
+        .replace(
+            &format!("routing_key = \"{}\"", setup.out),
+            &format!("routing_key = \"{second_out}\""),
+        );
+    std::fs::write(&path, v2).expect("write v2");
+    proxy.signal(1);
+    wait_for(
+        "the reloaded route running",
+        Duration::from_secs(60),
+        || async {
+            let (_, body) = http_get(setup.metrics_port, "/metrics").await?;
+            parse_metric(
+                &body,
+                "dedupd_messages_consumed_total",
+                &[("route", &renamed)],
+            )
+            .map(|_| ())
+        },
+    )
+    .await;
+    broker.publish(&setup.queue, b"two", id("2")).await;
+    assert_eq!(
+        broker
+            .receive(&second_out, 1, Duration::from_secs(60))
+            .await[0]
+            .data,
+        b"two"
+    );
+
+    std::fs::write(&path, "[upstream]\nurl = \"amqp://nowhere\"\nbogus = 1\n").expect("write bad");
+    proxy.signal(1);
+    broker.publish(&setup.queue, b"three", id("3")).await;
+    assert_eq!(
+        broker
+            .receive(&second_out, 1, Duration::from_secs(60))
+            .await[0]
+            .data,
+        b"three"
+    );
+    assert_eq!(broker.ready(&setup.out).await, 0);
+
+    let mut proxy = proxy;
+    assert!(
+        proxy.child.try_wait().expect("try_wait").is_none(),
+        "still running"
+    );
+    proxy.signal(15);
+    let status = proxy.child.wait().await.expect("wait");
+    assert_eq!(status.code(), Some(0));
+    broker.cleanup().await;
+    redis_cleanup(&setup.name).await;
+    let _ = std::fs::remove_file(path);
+}
