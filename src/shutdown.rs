@@ -35,7 +35,8 @@ pub fn on_signals() -> std::io::Result<CancellationToken> {
 /// One item per SIGHUP.
 pub fn reloads() -> std::io::Result<impl futures::Stream<Item = ()> + Unpin> {
     let hup = signal(SignalKind::hangup())?;
-    Ok(Box::pin(futures::stream::unfold(hup, |mut hup| async move {
-        hup.recv().await.map(|()| ((), hup))
-    })))
+    Ok(Box::pin(futures::stream::unfold(
+        hup,
+        |mut hup| async move { hup.recv().await.map(|()| ((), hup)) },
+    )))
 }
