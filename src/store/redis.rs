@@ -30,25 +30,25 @@
 //!
 //! # Batches
 //!
-//! Single node: all script calls of a batch go out as one pipeline, one round trip, replies in
-//! key order. Redis runs them one after another, so a key repeated in a batch sees its earlier
-//! claim.
+//! Each script takes a whole batch of keys (`KEYS`) and loops over them, so on a single node a
+//! batch of claims (or commits, or releases) is one EVALSHA: one command and one round trip,
+//! however many keys. The script is atomic and handles keys in order, so a key repeated in a
+//! batch sees its earlier claim. A batch of a few hundred keys keeps Redis busy for well under
+//! a millisecond.
 //!
-//! Cluster: redis-rs 1.8 does not split a pipeline across nodes (it routes the whole pipeline
-//! by its first key and the rest fail with CROSSSLOT, see `route_for_pipeline` in
-//! `cluster_handling/async_connection/routing.rs`), and the keys of a batch hash to different
-//! slots. So each key gets its own call, all issued concurrently over the multiplexed cluster
-//! connection: still about one round trip of wall time. Calls for a repeated key run one after
-//! the other, so it still sees its earlier claim.
+//! Cluster: a script may only touch keys of one slot, and redis-rs 1.8 does not split a
+//! pipeline across nodes either (it routes the whole pipeline by its first key, see
+//! `route_for_pipeline` in `cluster_handling/async_connection/routing.rs`). So each key is its
+//! own call of the same script, all issued concurrently over the multiplexed cluster
+//! connection: still about one round trip of wall time, but one command per key. Calls for a
+//! repeated key run one after the other, so it still sees its earlier claim.
 //!
 //! # Scripts
 //!
-//! Scripts are called with EVALSHA, so a batch carries 40-byte hashes rather than the script
+//! Scripts are called with EVALSHA, so a call carries a 40-byte hash rather than the script
 //! text. Redis answers NOSCRIPT when its script cache is empty (restart, failover, `SCRIPT
-//! FLUSH`); the pipeline runs with `ignore_errors` so those replies can be told apart from other
-//! errors, and exactly the calls that got NOSCRIPT are sent again once after a `SCRIPT LOAD`
-//! (a call that got NOSCRIPT did not run, so resending it is safe). redis-rs only does this by
-//! itself for a lone `ScriptInvocation`, not inside a pipeline.
+//! FLUSH`); the call is then sent again once after a `SCRIPT LOAD` (to every primary in a
+//! cluster). A call that got NOSCRIPT did not run, so resending it is safe.
 //!
 //! # TLS
 //!
@@ -71,52 +71,70 @@ use ::redis::{
 use super::{px_millis, ClaimOutcome, KeyState, Owner, StoreError};
 use crate::config::{StoreConfig, StoreUrl, Tls};
 
-/// KEYS[1] key; ARGV: token, lease ms, instance prefix, our epoch.
-/// Returns {0} claimed, {1} done, {2} ours, {3} taken over, {4, pttl} in flight elsewhere.
+/// KEYS: the batch; ARGV: token, lease ms, instance prefix, our epoch. Two values per key:
+/// {0, 0} claimed, {1, 0} done, {2, 0} ours, {3, 0} taken over, {4, pttl} in flight elsewhere.
+/// Keys are handled in order, so a key repeated in the batch sees its earlier claim.
 const CLAIM_LUA: &str = r"
-local v = redis.call('GET', KEYS[1])
-if not v then
-  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-  return {0}
-end
-if v == '1' then
-  return {1}
-end
-if v == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2])
-  return {2}
-end
-local prefix = ARGV[3]
-if string.sub(v, 1, #prefix) == prefix then
-  -- Epochs are decimal u64: compare by length, then by digits (exact, unlike Lua numbers).
-  local theirs = string.sub(v, #prefix + 1)
-  local ours = ARGV[4]
-  if string.match(theirs, '^%d+$') then
-    theirs = (string.gsub(theirs, '^0+(%d)', '%1'))
-    if #theirs < #ours or (#theirs == #ours and theirs < ours) then
-      redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
-      return {3}
+local token, lease, prefix, ours = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local out = {}
+for i, key in ipairs(KEYS) do
+  local v = redis.call('GET', key)
+  local code, pttl = 4, 0
+  if not v then
+    redis.call('SET', key, token, 'PX', lease)
+    code = 0
+  elseif v == '1' then
+    code = 1
+  elseif v == token then
+    redis.call('PEXPIRE', key, lease)
+    code = 2
+  else
+    if string.sub(v, 1, #prefix) == prefix then
+      -- Epochs are decimal u64: compare by length, then by digits (exact, unlike Lua numbers).
+      local theirs = string.sub(v, #prefix + 1)
+      if string.match(theirs, '^%d+$') then
+        theirs = (string.gsub(theirs, '^0+(%d)', '%1'))
+        if #theirs < #ours or (#theirs == #ours and theirs < ours) then
+          redis.call('SET', key, token, 'PX', lease)
+          code = 3
+        end
+      end
+    end
+    if code == 4 then
+      pttl = redis.call('PTTL', key)
     end
   end
+  out[2 * i - 1] = code
+  out[2 * i] = pttl
 end
-return {4, redis.call('PTTL', KEYS[1])}
+return out
 ";
 
-/// KEYS[1] key; ARGV: token, window ms. 1 if committed, 0 if the key is no longer ours.
+/// KEYS: the batch; ARGV: token, window ms. Per key: 1 if committed, 0 if no longer ours.
 const COMMIT_LUA: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('SET', KEYS[1], '1', 'PX', ARGV[2])
-  return 1
+local out = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then
+    redis.call('SET', key, '1', 'PX', ARGV[2])
+    out[i] = 1
+  else
+    out[i] = 0
+  end
 end
-return 0
+return out
 ";
 
-/// KEYS[1] key; ARGV: token. 1 if deleted, 0 if the key is no longer ours.
+/// KEYS: the batch; ARGV: token. Per key: 1 if deleted, 0 if no longer ours.
 const RELEASE_LUA: &str = r"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
+local out = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then
+    out[i] = redis.call('DEL', key)
+  else
+    out[i] = 0
+  end
 end
-return 0
+return out
 ";
 
 /// The Redis store. Cloning shares the connection.
@@ -230,21 +248,15 @@ impl RedisStore {
         owner: &Owner,
         lease: Duration,
     ) -> Result<Vec<ClaimOutcome>, StoreError> {
+        let args = [
+            owner.token().to_owned(),
+            px_millis(lease).to_string(),
+            owner.instance_prefix(),
+            owner.epoch().to_string(),
+        ];
         let script = &self.inner.claim;
-        let prefix = owner.instance_prefix();
-        let epoch = owner.epoch().to_string();
-        let lease = px_millis(lease);
-        let cmds: Vec<Cmd> = keys
-            .iter()
-            .map(|key| {
-                let mut cmd = evalsha(script, key);
-                cmd.arg(owner.token()).arg(lease).arg(&prefix).arg(&epoch);
-                cmd
-            })
-            .collect();
-        let cmds = &cmds;
         self.bounded(move |mut conn| async move {
-            let replies = eval_all(&mut conn, script, keys, cmds).await?;
+            let replies = eval_batch(&mut conn, script, keys, &args, 2).await?;
             replies.into_iter().map(parse_claim).collect()
         })
         .await
@@ -276,23 +288,13 @@ impl RedisStore {
         owner: &Owner,
         px: Option<u64>,
     ) -> Result<Vec<bool>, StoreError> {
-        let cmds: Vec<Cmd> = keys
-            .iter()
-            .map(|key| {
-                let mut cmd = evalsha(script, key);
-                cmd.arg(owner.token());
-                if let Some(px) = px {
-                    cmd.arg(px);
-                }
-                cmd
-            })
-            .collect();
-        let cmds = &cmds;
+        let mut args = vec![owner.token().to_owned()];
+        args.extend(px.map(|px| px.to_string()));
         self.bounded(move |mut conn| async move {
-            let replies = eval_all(&mut conn, script, keys, cmds).await?;
+            let replies = eval_batch(&mut conn, script, keys, &args, 1).await?;
             replies
                 .into_iter()
-                .map(|v| parse_int(&v).map(|n| n == 1))
+                .map(|v| parse_int(&v[0]).map(|n| n == 1))
                 .collect()
         })
         .await
@@ -456,129 +458,118 @@ fn needs_new_connection(e: &RedisError) -> bool {
     }
 }
 
-/// `EVALSHA <sha> 1 <key>`, ready for the script's arguments.
-fn evalsha(script: &Script, key: &str) -> Cmd {
+/// `EVALSHA <sha> <n> <keys...> <args...>`.
+fn evalsha(script: &Script, keys: &[String], args: &[String]) -> Cmd {
     let mut cmd = ::redis::cmd("EVALSHA");
-    cmd.arg(script.get_hash()).arg(1).arg(key);
+    cmd.arg(script.get_hash())
+        .arg(keys.len())
+        .arg(keys)
+        .arg(args);
     cmd
 }
 
-/// Sends every command (`cmds[i]` runs the script on `keys[i]`) and returns the replies in
-/// order; calls that found the script missing are sent again once after loading it.
-async fn eval_all(
+/// Runs a batch script over `keys` and returns `stride` values per key, in key order.
+///
+/// One server: the whole batch is one script call (one command, one round trip; the script
+/// is atomic, so a repeated key sees its earlier copy). Cluster: keys live in different slots,
+/// so each key is its own call; distinct keys run concurrently, a repeated key's calls in
+/// order. A call that finds the script missing (NOSCRIPT: restarted or flushed server) loads
+/// it and is sent again once; it never ran, so that is safe.
+async fn eval_batch(
     conn: &mut Conn,
     script: &Script,
     keys: &[String],
-    cmds: &[Cmd],
-) -> RedisResult<Vec<Value>> {
-    let all: Vec<usize> = (0..cmds.len()).collect();
-    let mut replies = send(conn, keys, cmds, &all).await?;
-    let missing: Vec<usize> = replies
-        .iter()
-        .enumerate()
-        .filter(|(_, reply)| is_noscript(reply))
-        .map(|(i, _)| i)
-        .collect();
-    if !missing.is_empty() {
-        tracing::debug!(calls = missing.len(), "redis: NOSCRIPT, loading the script");
-        script.prepare_invoke().load_async(conn).await?;
-        let retried = send(conn, keys, cmds, &missing).await?;
-        for (i, reply) in missing.into_iter().zip(retried) {
-            replies[i] = reply;
-        }
-    }
-    replies.into_iter().collect()
-}
-
-fn is_noscript(reply: &RedisResult<Value>) -> bool {
-    matches!(reply, Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript))
-}
-
-/// Sends `cmds[i]` for each `i` in `which`; one reply (or server error) per command, in the
-/// order of `which`. An `Err` of the whole call means no reply can be trusted.
-async fn send(
-    conn: &mut Conn,
-    keys: &[String],
-    cmds: &[Cmd],
-    which: &[usize],
-) -> RedisResult<Vec<RedisResult<Value>>> {
-    match conn {
+    args: &[String],
+    stride: usize,
+) -> RedisResult<Vec<Vec<Value>>> {
+    let flat = match conn {
         Conn::Single(manager) => {
-            let mut pipe = Pipeline::with_capacity(which.len());
-            pipe.ignore_errors();
-            for &i in which {
-                pipe.add_command(cmds[i].clone());
-            }
-            let replies: Vec<Value> = pipe.query_async(manager).await?;
-            if replies.len() != which.len() {
-                return Err(unexpected(format!(
-                    "{} replies to {} commands",
-                    replies.len(),
-                    which.len()
-                )));
-            }
-            Ok(replies
-                .into_iter()
-                .map(|reply| match reply {
-                    Value::ServerError(e) => Err(e.into()),
-                    other => Ok(other),
-                })
-                .collect())
+            let cmd = evalsha(script, keys, args);
+            let reply = match cmd.query_async::<Value>(manager).await {
+                Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                    tracing::debug!("redis: NOSCRIPT, loading the script");
+                    script.prepare_invoke().load_async(manager).await?;
+                    cmd.query_async::<Value>(manager).await?
+                }
+                other => other?,
+            };
+            array(reply)?
         }
         Conn::Cluster(cluster) => {
-            // One chain per distinct key, so a repeated key's calls stay in order; distinct
-            // keys (different slots, often different nodes) run concurrently.
             let mut chains: Vec<Vec<usize>> = Vec::new();
-            let mut chain_of: HashMap<&str, usize> = HashMap::with_capacity(which.len());
-            for (pos, &i) in which.iter().enumerate() {
-                let chain = *chain_of.entry(keys[i].as_str()).or_insert_with(|| {
+            let mut chain_of: HashMap<&str, usize> = HashMap::with_capacity(keys.len());
+            for (i, key) in keys.iter().enumerate() {
+                let chain = *chain_of.entry(key.as_str()).or_insert_with(|| {
                     chains.push(Vec::new());
                     chains.len() - 1
                 });
-                chains[chain].push(pos);
+                chains[chain].push(i);
             }
             let runs = chains.into_iter().map(|chain| {
                 let mut cluster = cluster.clone();
                 async move {
                     let mut out = Vec::with_capacity(chain.len());
-                    for pos in chain {
-                        let reply = cmds[which[pos]].query_async::<Value>(&mut cluster).await;
-                        out.push((pos, reply));
+                    for i in chain {
+                        let cmd = evalsha(script, std::slice::from_ref(&keys[i]), args);
+                        let reply = match cmd.query_async::<Value>(&mut cluster).await {
+                            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
+                                // SCRIPT LOAD goes to every primary in a cluster.
+                                match script.prepare_invoke().load_async(&mut cluster).await {
+                                    Ok(_) => cmd.query_async::<Value>(&mut cluster).await,
+                                    Err(e) => Err(e),
+                                }
+                            }
+                            other => other,
+                        };
+                        out.push((i, reply));
                     }
                     out
                 }
             });
             let mut replies: Vec<Option<RedisResult<Value>>> =
-                std::iter::repeat_with(|| None).take(which.len()).collect();
-            for (pos, reply) in futures::future::join_all(runs).await.into_iter().flatten() {
-                replies[pos] = Some(reply);
+                std::iter::repeat_with(|| None).take(keys.len()).collect();
+            for (i, reply) in futures::future::join_all(runs).await.into_iter().flatten() {
+                replies[i] = Some(reply);
             }
-            Ok(replies
-                .into_iter()
-                .map(|reply| reply.unwrap_or_else(|| Err(unexpected("missing reply".into()))))
-                .collect())
+            let mut flat = Vec::with_capacity(keys.len() * stride);
+            for reply in replies {
+                let reply = reply.unwrap_or_else(|| Err(unexpected("missing reply".into())))?;
+                flat.extend(array(reply)?);
+            }
+            flat
         }
+    };
+    if flat.len() != keys.len() * stride {
+        return Err(unexpected(format!(
+            "{} values for {} keys",
+            flat.len(),
+            keys.len()
+        )));
+    }
+    let mut flat = flat.into_iter();
+    Ok((0..keys.len())
+        .map(|_| flat.by_ref().take(stride).collect())
+        .collect())
+}
+
+fn array(reply: Value) -> RedisResult<Vec<Value>> {
+    match reply {
+        Value::Array(items) => Ok(items),
+        other => Err(unexpected(format!("script returned {other:?}"))),
     }
 }
 
-fn parse_claim(reply: Value) -> RedisResult<ClaimOutcome> {
-    let items = match reply {
-        Value::Array(items) => items,
-        other => return Err(unexpected(format!("claim script returned {other:?}"))),
-    };
-    let code = items.first().map(parse_int).transpose()?;
+fn parse_claim(reply: Vec<Value>) -> RedisResult<ClaimOutcome> {
+    let code = parse_int(&reply[0])?;
     Ok(match code {
-        Some(0) => ClaimOutcome::Claimed,
-        Some(1) => ClaimOutcome::Done,
-        Some(2) => ClaimOutcome::Ours,
-        Some(3) => ClaimOutcome::TakenOver,
-        Some(4) => {
-            let pttl = items.get(1).map(parse_int).transpose()?.unwrap_or(0);
-            ClaimOutcome::InFlightElsewhere {
-                lease_left: ttl_left(pttl),
-            }
-        }
-        _ => return Err(unexpected(format!("claim script returned {items:?}"))),
+        0 => ClaimOutcome::Claimed,
+        1 => ClaimOutcome::Done,
+        2 => ClaimOutcome::Ours,
+        3 => ClaimOutcome::TakenOver,
+        4 => ClaimOutcome::InFlightElsewhere {
+            lease_left: ttl_left(parse_int(&reply[1])?),
+        },
+        other => return Err(unexpected(format!("claim script returned {other}"))),
     })
 }
 
