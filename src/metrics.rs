@@ -216,6 +216,19 @@ pub async fn serve(
         addr: listen.to_owned(),
         source,
     };
+    // Histogram samples pile up in the recorder until upkeep folds them into buckets: without
+    // it, memory would grow with every message when nobody scrapes.
+    let upkeep_handle = handle.clone();
+    let upkeep_stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tokio::select! {
+                _ = upkeep_stop.cancelled() => break,
+                _ = tick.tick() => upkeep_handle.run_upkeep(),
+            }
+        }
+    });
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(bind_err)?;

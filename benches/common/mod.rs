@@ -373,13 +373,18 @@ pub async fn spawn_sink(
     Ok(tokio::spawn(async move {
         let mut sink = Sink::default();
         let deadline = tokio::time::Instant::now() + limit;
+        let mut last = tokio::time::Instant::now();
         while (sink.ids.len() as u64) < target.load(Ordering::Acquire) {
-            let wait = deadline.min(tokio::time::Instant::now() + idle);
-            let next = tokio::time::timeout_at(wait, consumer.next()).await;
-            let Ok(Some(Ok(d))) = next else {
+            // Short waits, so a lowered target is seen at once.
+            let next = tokio::time::timeout(Duration::from_millis(100), consumer.next()).await;
+            let now = tokio::time::Instant::now();
+            let d = match next {
+                Ok(Some(Ok(d))) => d,
+                Err(_) if now < deadline && now - last < idle => continue,
                 // Idle, deadline, consumer gone or channel error: the count tells the caller.
-                break;
+                _ => break,
             };
+            last = now;
             let now = now_us();
             match d
                 .properties
