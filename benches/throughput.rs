@@ -234,6 +234,16 @@ struct Ctx<'a> {
     problems: Vec<String>,
     /// Things worth a look (dedupd log lines, metric oddities).
     notes: Vec<String>,
+    /// The RabbitMQ server's OS process, for its CPU time.
+    broker_pid: Option<u32>,
+}
+
+impl Ctx<'_> {
+    /// CPU seconds of the broker and Redis so far.
+    async fn server_cpu(&mut self) -> Result<(f64, RedisStats)> {
+        let broker = self.broker_pid.and_then(proc_cpu_secs).unwrap_or(f64::NAN);
+        Ok((broker, self.redis.stats().await?))
+    }
 }
 
 impl Ctx<'_> {
@@ -467,10 +477,16 @@ async fn wait_moved(
 
 struct ShovelRound {
     rate: f64,
+    /// CPU µs per message of the broker.
+    broker_us: f64,
 }
 
 struct DedupdRound {
     rate: f64,
+    /// CPU µs per message of the broker, dedupd and Redis.
+    broker_us: f64,
+    proxy_us: f64,
+    redis_us: f64,
     cmds_per_msg: f64,
     evalsha_per_msg: f64,
     msgs_per_rtt: f64,
@@ -526,15 +542,18 @@ async fn shovel_round(ctx: &mut Ctx<'_>, tag: &str, wl: &Workload) -> Result<Sho
         pre.as_secs_f64()
     );
 
+    let (cpu0, _) = ctx.server_cpu().await?;
     let start = Instant::now();
     let mut set = Some(start_shovel(ctx, &name, &src, &dst).await);
     let timing = wait_moved(ctx, &src, &dst, n, n, start, &mut Mover::Shovel(&mut set)).await;
+    let (cpu1, _) = ctx.server_cpu().await?;
     let stopped = stop_shovel(ctx, &name).await;
     let timing = timing?;
     stopped?;
     let rate = n as f64 / timing.secs();
+    let broker_us = (cpu1 - cpu0) * 1e6 / n as f64;
     eprintln!(
-        "  [{tag}] shovel: {n} moved in {:.2} s → {rate:.0} msg/s ({:.0} msg/s counting the {:.2} s rabbitmqctl call)",
+        "  [{tag}] shovel: {n} moved in {:.2} s → {rate:.0} msg/s ({:.0} msg/s counting the {:.2} s rabbitmqctl call); RabbitMQ CPU {broker_us:.0} µs/msg",
         timing.secs(),
         n as f64 / timing.wall_secs(),
         (timing.first - timing.start).as_secs_f64(),
@@ -548,7 +567,7 @@ async fn shovel_round(ctx: &mut Ctx<'_>, tag: &str, wl: &Workload) -> Result<Sho
     ctx.verify(&dst, &wl.seq, &format!("shovel {tag}")).await?;
     ctx.delete(&src).await?;
     ctx.delete(&dst).await?;
-    Ok(ShovelRound { rate })
+    Ok(ShovelRound { rate, broker_us })
 }
 
 /// A running proxy with its port and key prefix.
@@ -642,7 +661,7 @@ async fn dedupd_round(ctx: &mut Ctx<'_>, tag: &str, wl: &Workload) -> Result<Ded
         pre.as_secs_f64()
     );
 
-    let redis_before = ctx.redis.stats().await?;
+    let (broker0, redis_before) = ctx.server_cpu().await?;
     let start = Instant::now();
     let mut started = start_dedupd(ctx, &name, &src, &dst)?;
     let timing = wait_moved(
@@ -662,12 +681,18 @@ async fn dedupd_round(ctx: &mut Ctx<'_>, tag: &str, wl: &Workload) -> Result<Ded
     let timing = match timing {
         Ok(t) => t,
         Err(e) => {
-            let tail = started.proxy.log_tail(20);
+            if started.proxy.check_alive().is_err() {
+                // The error carries the log already.
+                return Err(e.context(format!("dedupd {tag}")));
+            }
             let _ = started.proxy.terminate(Duration::from_secs(15)).await;
-            return Err(e.context(format!("dedupd {tag}; its log tail:\n{tail}")));
+            let log = started.proxy.log.display().to_string();
+            let tail = started.proxy.log_tail(20);
+            return Err(e.context(format!("dedupd {tag} (log {log}); its tail:\n{tail}")));
         }
     };
-    let redis_after = ctx.redis.stats().await?;
+    let (broker1, redis_after) = ctx.server_cpu().await?;
+    let proxy_cpu = proc_cpu_secs(started.proxy.pid).unwrap_or(f64::NAN);
     let m = scrape(started.port).await?;
     let hwm_kb = proc_status_kb(started.proxy.pid, "VmHWM").unwrap_or(0);
     let what = format!("dedupd {tag}");
@@ -699,6 +724,9 @@ async fn dedupd_round(ctx: &mut Ctx<'_>, tag: &str, wl: &Workload) -> Result<Ded
     };
     let round = DedupdRound {
         rate: n as f64 / timing.secs(),
+        broker_us: (broker1 - broker0) * 1e6 / n as f64,
+        proxy_us: proxy_cpu * 1e6 / n as f64,
+        redis_us: (redis_after.cpu_secs - redis_before.cpu_secs) * 1e6 / n as f64,
         cmds_per_msg: (redis_after.commands - redis_before.commands) as f64 / n as f64,
         evalsha_per_msg: redis_after.calls_since(&redis_before, "evalsha") as f64 / n as f64,
         msgs_per_rtt: if round_trips > 0.0 {
@@ -728,7 +756,7 @@ async fn dedupd_round(ctx: &mut Ctx<'_>, tag: &str, wl: &Workload) -> Result<Ded
     };
     eprintln!(
         "  [{tag}] dedupd: {n} consumed, {unique} forwarded in {:.2} s → {:.0} msg/s ({:.0} msg/s from spawn); \
-         Redis {:.2} cmds/msg ({}), {:.0} msgs/store round trip; delivery→ack p50 {} p99 {} ms; VmHWM {:.1} MB",
+         Redis {:.2} cmds/msg ({}), {:.0} msgs/store round trip; delivery→ack p50 {} p99 {} ms; VmHWM {:.1} MB; CPU µs/msg: RabbitMQ {:.0}, dedupd {:.0}, Redis {:.0}",
         timing.secs(),
         round.rate,
         n as f64 / timing.wall_secs(),
@@ -738,6 +766,9 @@ async fn dedupd_round(ctx: &mut Ctx<'_>, tag: &str, wl: &Workload) -> Result<Ded
         fmt_ms(round.p50_ms),
         fmt_ms(round.p99_ms),
         round.hwm_mb,
+        round.broker_us,
+        round.proxy_us,
+        round.redis_us,
     );
 
     let left = ctx.count(&src).await?;
@@ -1092,7 +1123,12 @@ async fn run(opts: &Opts, cleanup: &Cleanup) -> Result<()> {
         run_id: format!("dedupd-bench-{:06x}", rand::random::<u32>() & 0xff_ffff),
         problems: Vec::new(),
         notes: Vec::new(),
+        broker_pid: None,
     };
+    ctx.broker_pid = rabbitmqctl(&["eval", "list_to_integer(os:getpid())."])
+        .await
+        .ok()
+        .and_then(|p| p.trim().parse().ok());
     let env = environment(&mut ctx).await?;
     eprintln!("{env}\nrun id {}", ctx.run_id);
 
@@ -1206,6 +1242,34 @@ async fn run(opts: &Opts, cleanup: &Cleanup) -> Result<()> {
              in the buckets of `dedupd_forward_duration_seconds` (delivery → upstream ack) while \
              draining the preloaded backlog, so it includes waiting in the proxy's prefetch \
              buffer. Peak RSS: `VmHWM` of the dedupd process."
+        );
+        let _ = writeln!(
+            out,
+            "\n| scenario | CPU µs/msg, shovel round: RabbitMQ | dedupd round: RabbitMQ | dedupd | Redis | dedupd round total |"
+        );
+        let _ = writeln!(out, "|---|---:|---:|---:|---:|---:|");
+        for s in &scenarios {
+            let d = || s.rounds.iter().map(|(_, b)| b);
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} |",
+                scenario_name(s.dup),
+                fmt_opt(median(s.rounds.iter().map(|(a, _)| a.broker_us)), 0),
+                fmt_opt(median(d().map(|b| b.broker_us)), 0),
+                fmt_opt(median(d().map(|b| b.proxy_us)), 0),
+                fmt_opt(median(d().map(|b| b.redis_us)), 0),
+                fmt_opt(
+                    median(d().map(|b| b.broker_us + b.proxy_us + b.redis_us)),
+                    0
+                ),
+            );
+        }
+        let _ = writeln!(
+            out,
+            "\nCPU: user + system time of the RabbitMQ server process (/proc), of the dedupd \
+             process (startup included) and of Redis (`INFO cpu`) during the timed part, ÷ \
+             messages; medians over rounds. RabbitMQ and Redis figures include any other \
+             client's load."
         );
     }
 

@@ -439,6 +439,8 @@ pub async fn command(program: &str, args: &[&str]) -> Result<String> {
 pub struct RedisStats {
     pub commands: u64,
     pub calls: HashMap<String, u64>,
+    /// `used_cpu_user` + `used_cpu_sys`, seconds.
+    pub cpu_secs: f64,
 }
 
 impl RedisStats {
@@ -500,7 +502,20 @@ impl Redis {
                 Some((name.to_owned(), calls.trim().parse().ok()?))
             })
             .collect();
-        Ok(RedisStats { commands, calls })
+        let cpu = self.info("cpu").await?;
+        let cpu_secs = cpu
+            .lines()
+            .filter_map(|l| {
+                l.strip_prefix("used_cpu_user:")
+                    .or_else(|| l.strip_prefix("used_cpu_sys:"))
+            })
+            .filter_map(|v| v.trim().parse::<f64>().ok())
+            .sum();
+        Ok(RedisStats {
+            commands,
+            calls,
+            cpu_secs,
+        })
     }
 
     /// Deletes every key under `prefix:` (SCAN + UNLINK); returns how many.
@@ -709,6 +724,18 @@ pub fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
     })
 }
 
+/// User + system CPU seconds `pid` has used so far (/proc/PID/stat; clock ticks of 1/100 s,
+/// the Linux `USER_HZ` on every common architecture).
+pub fn proc_cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is parenthesised and may contain spaces.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) / 100.0)
+}
+
 /// The built `dedupd` binary running `run -c CONFIG`, stderr to a log file.
 pub struct Proxy {
     child: tokio::process::Child,
@@ -739,7 +766,8 @@ impl Proxy {
     pub fn check_alive(&mut self) -> Result<()> {
         if let Some(status) = self.child.try_wait()? {
             bail!(
-                "dedupd exited unexpectedly ({status}); its log:\n{}",
+                "dedupd exited unexpectedly ({status}); its log ({}):\n{}",
+                self.log.display(),
                 self.log_tail(40)
             );
         }
