@@ -21,7 +21,9 @@ fn main() -> ExitCode {
         }
     };
 
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    // One thread runs every route: lapin does its socket I/O on threads of its own, and a
+    // multi-thread scheduler only added cross-thread wake-ups (measured: see README).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {
