@@ -775,6 +775,7 @@ async fn settle(
         let mut release = Vec::new();
         let mut settlements = Vec::with_capacity(items.len());
         let mut finished = Vec::new();
+        let (mut nacked, mut unknown, mut first_error) = (0, 0, None);
         for (item, confirm) in items.iter().zip(confirms) {
             let claimed_key = match item.fate {
                 Fate::Publish { claim: Some(claim) } => {
@@ -800,23 +801,30 @@ async fn settle(
                     Settlement::Reject(m::reason::UNROUTABLE)
                 }
                 (Fate::Publish { .. }, Some(Ok(Confirmation::Nack(_)))) => {
-                    tracing::warn!(route = %ctx.name, "downstream nacked a publish: requeueing upstream");
+                    nacked += 1;
                     release.extend(claimed_key);
                     Settlement::Requeue
                 }
                 (Fate::Publish { .. }, failed) => {
-                    let why = match failed {
-                        Some(Err(error)) => error,
-                        _ => "not published".to_owned(),
-                    };
                     // The publish may have reached the queue: the requeued copy may be
                     // forwarded again (counted as a takeover when it is claimed again).
-                    tracing::warn!(route = %ctx.name, error = %why, "publish outcome unknown: requeueing upstream");
+                    unknown += 1;
+                    if let Some(Err(error)) = failed {
+                        first_error.get_or_insert(error);
+                    }
                     release.extend(claimed_key);
                     Settlement::Requeue
                 }
             };
             settlements.push(settlement);
+        }
+        // One line per batch, not per message: a broken connection fails hundreds at once.
+        if nacked > 0 {
+            tracing::warn!(route = %ctx.name, messages = nacked, "downstream nacked publishes: requeueing them upstream");
+        }
+        if unknown > 0 {
+            let error = first_error.unwrap_or_else(|| "not published".to_owned());
+            tracing::warn!(route = %ctx.name, messages = unknown, %error, "publish outcome unknown: requeueing upstream (they may arrive twice)");
         }
 
         if !commit.is_empty() {
