@@ -152,9 +152,10 @@ pub struct Tuning {
     /// Most deliveries claimed in one store round trip and published together. Default 500.
     #[serde(default = "default_batch_size")]
     pub batch_size: usize,
-    /// Batches whose confirms may be outstanding at once per route. Default 4.
-    #[serde(default = "default_max_batches_in_flight")]
-    pub max_batches_in_flight: usize,
+    /// Most messages per route between claim and upstream ack (published, confirm or commit
+    /// pending). Past it, intake waits and the next batch grows. Default 1000.
+    #[serde(default = "default_publish_window")]
+    pub publish_window: usize,
     /// How long to wait for a publisher confirm before the outcome counts as unknown. Default 15s.
     #[serde(default = "default_confirm_timeout", with = "humantime_serde")]
     pub confirm_timeout: Duration,
@@ -317,8 +318,8 @@ fn default_metrics_listen() -> String {
 fn default_batch_size() -> usize {
     500
 }
-fn default_max_batches_in_flight() -> usize {
-    4
+fn default_publish_window() -> usize {
+    1000
 }
 fn default_confirm_timeout() -> Duration {
     Duration::from_secs(15)
@@ -362,7 +363,7 @@ impl Default for Tuning {
     fn default() -> Self {
         Self {
             batch_size: default_batch_size(),
-            max_batches_in_flight: default_max_batches_in_flight(),
+            publish_window: default_publish_window(),
             confirm_timeout: default_confirm_timeout(),
             shutdown_grace: default_shutdown_grace(),
             backoff_min: default_backoff_min(),
@@ -482,10 +483,10 @@ impl Config {
                 format!("is {}: use 1 to 10000; the default is 500", t.batch_size),
             ));
         }
-        if t.max_batches_in_flight == 0 {
+        if t.publish_window == 0 {
             return Err(invalid(
-                "tuning.max_batches_in_flight",
-                "must be at least 1, or nothing is ever published; the default is 4",
+                "tuning.publish_window",
+                "must be at least 1, or nothing is ever published; the default is 1000",
             ));
         }
         if t.confirm_timeout.is_zero() {
@@ -1452,11 +1453,7 @@ routing_key = "orders.out"
         let cases = [
             ("batch_size = 0", "tuning.batch_size", "1 to 10000"),
             ("batch_size = 10001", "tuning.batch_size", "1 to 10000"),
-            (
-                "max_batches_in_flight = 0",
-                "tuning.max_batches_in_flight",
-                "at least 1",
-            ),
+            ("publish_window = 0", "tuning.publish_window", "at least 1"),
             (
                 "confirm_timeout = \"0s\"",
                 "tuning.confirm_timeout",

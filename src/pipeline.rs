@@ -17,12 +17,17 @@
 //!   the failed ones, wakes deliveries held on those keys, then acks upstream, with
 //!   `multiple = true` when no held delivery lies below the batch.
 //!
-//! Up to `max_batches_in_flight` batches sit between the stages, so store round trips, publish
-//! confirms and acks of different batches overlap. The order of publishes is the order of
+//! Up to `publish_window` messages may be between claim and ack: store round trips, confirms
+//! and acks of different batches overlap, and a quiet route never waits for a batch to fill.
+//! Batches follow the load rather than a fixed size: a quiet route forwards each delivery at
+//! once; under load, when batches are already waiting for their confirms, intake lets
+//! deliveries pile up for a moment (until a batch settles, at most 2ms) so that one store round
+//! trip, one publish burst and one ack carry many messages; and when the window is full it
+//! waits for room, and the next batch takes everything that arrived meanwhile. The order of publishes is the order of
 //! deliveries because only intake publishes, one batch after another.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -34,7 +39,7 @@ use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, B
 use lapin::types::{FieldTable, ShortString};
 use lapin::{Channel, Confirmation, Consumer, PublisherConfirm};
 use metrics::{Counter, Gauge, Histogram};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, Notify, Semaphore, SemaphorePermit};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -162,8 +167,12 @@ async fn session(
         owner: Owner::new(ctx.instance.clone(), epoch),
         holds: Holds::default(),
         unsettled: AtomicI64::new(0),
+        window: Semaphore::new(ctx.tuning.publish_window),
+        pending_batches: AtomicUsize::new(0),
+        settled: Notify::new(),
     };
-    let (tx, rx) = mpsc::channel(ctx.tuning.max_batches_in_flight);
+    // Every batch holds at least one message of the window, so the window bounds the channel.
+    let (tx, rx) = mpsc::channel(ctx.tuning.publish_window);
     let intake = Intake {
         shared: &shared,
         ch_in: &ch_in,
@@ -266,7 +275,18 @@ struct Shared<'a> {
     holds: Holds,
     /// Deliveries received and not yet acked or nacked in this session.
     unsettled: AtomicI64,
+    /// Room for messages between claim and upstream ack (`tuning.publish_window`).
+    window: Semaphore,
+    /// Batches sent to settle and not yet acked.
+    pending_batches: AtomicUsize,
+    /// Signalled each time settle finishes a batch.
+    settled: Notify,
 }
+
+/// With this many batches awaiting confirms, intake lets deliveries accumulate a little.
+const BUSY_BATCHES: usize = 2;
+/// The longest it waits for that: bounds the latency it adds.
+const BUSY_LINGER: Duration = Duration::from_millis(2);
 
 /// A delivery on its way through the pipeline.
 struct Incoming {
@@ -288,6 +308,12 @@ enum Fate {
     Duplicate,
     /// Nack without requeue, so the queue's dead-letter exchange receives it.
     Reject(&'static str),
+}
+
+/// One batch on its way from intake to settle, holding its room in the publish window.
+struct Batch<'a> {
+    items: Vec<Item>,
+    permit: SemaphorePermit<'a>,
 }
 
 /// A delivery intake has finished with, and its publish (if any).
@@ -399,32 +425,43 @@ struct Intake<'a> {
     store_backoff: Backoff,
 }
 
-impl Intake<'_> {
+impl<'a> Intake<'a> {
     async fn run(
         mut self,
         mut consumer: Consumer,
-        tx: mpsc::Sender<Vec<Item>>,
+        tx: mpsc::Sender<Batch<'a>>,
         shutdown: &CancellationToken,
     ) -> Result<(), SessionError> {
         let batch_size = self.shared.ctx.tuning.batch_size;
+        let window: &'a Semaphore = &self.shared.window;
         loop {
+            // Room in the window first: while it is full, deliveries pile up in the consumer
+            // and the next batch takes them all at once.
+            let mut permit = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return self.cancel().await,
+                permit = window.acquire() => permit.expect("the window is never closed"),
+            };
+            // Under load, batches waiting for confirms: give deliveries a moment to pile up
+            // (until a batch settles, at most BUSY_LINGER), so one round trip, one publish burst
+            // and one ack carry many messages. A quiet route never waits.
+            if self.shared.pending_batches.load(Ordering::Relaxed) >= BUSY_BATCHES {
+                let settled = self.shared.settled.notified();
+                tokio::select! {
+                    _ = settled => {}
+                    _ = tokio::time::sleep(BUSY_LINGER) => {}
+                }
+            }
             let next_due = self.shared.holds.next_due();
             let batch = tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => {
-                    let _ = self
-                        .shared
-                        .ctx
-                        .upstream
-                        .rpc("cancelling the consumer", self.ch_in.basic_cancel(self.tag.clone(), BasicCancelOptions::default()))
-                        .await;
-                    return Ok(());
-                }
+                _ = shutdown.cancelled() => return self.cancel().await,
                 _ = self.shared.holds.wake.notified() => self.shared.holds.take_due(Instant::now()),
                 _ = sleep_until(next_due), if next_due.is_some() => self.shared.holds.take_due(Instant::now()),
                 first = consumer.next() => {
+                    let limit = batch_size.min(1 + window.available_permits());
                     let mut batch = vec![self.receive(first)?];
-                    while batch.len() < batch_size {
+                    while batch.len() < limit {
                         match consumer.next().now_or_never() {
                             Some(next) => batch.push(self.receive(next)?),
                             None => break,
@@ -436,6 +473,16 @@ impl Intake<'_> {
             if batch.is_empty() {
                 continue;
             }
+            // Held deliveries coming back may outnumber the room taken; wait for the rest.
+            let extra = batch.len().min(self.shared.ctx.tuning.publish_window) - 1;
+            if extra > 0 {
+                let more = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return self.cancel().await,
+                    more = window.acquire_many(u32::try_from(extra).unwrap_or(u32::MAX)) => more.expect("the window is never closed"),
+                };
+                permit.merge(more);
+            }
             let Some(items) = self.process(batch, shutdown).await? else {
                 return Ok(());
             };
@@ -445,13 +492,28 @@ impl Intake<'_> {
                 Some(Err(error)) => Some(error.clone()),
                 _ => None,
             });
-            if tx.send(items).await.is_err() {
+            self.shared.pending_batches.fetch_add(1, Ordering::Relaxed);
+            if tx.send(Batch { items, permit }).await.is_err() {
                 return Ok(());
             }
             if let Some(error) = broken {
                 return Err(SessionError::Publish(error));
             }
         }
+    }
+
+    /// Stops consuming (shutdown); what is in flight is settled by the settle stage.
+    async fn cancel(&self) -> Result<(), SessionError> {
+        let cancel = self
+            .ch_in
+            .basic_cancel(self.tag.clone(), BasicCancelOptions::default());
+        let _ = self
+            .shared
+            .ctx
+            .upstream
+            .rpc("cancelling the consumer", cancel)
+            .await;
+        Ok(())
     }
 
     fn receive(&self, next: Option<lapin::Result<Delivery>>) -> Result<Incoming, SessionError> {
@@ -744,11 +806,11 @@ enum Settlement {
 async fn settle(
     shared: &Shared<'_>,
     ch_in: &Channel,
-    mut rx: mpsc::Receiver<Vec<Item>>,
+    mut rx: mpsc::Receiver<Batch<'_>>,
 ) -> Result<(), SessionError> {
     let ctx = shared.ctx;
     let mut result = Ok(());
-    while let Some(mut items) = rx.recv().await {
+    while let Some(Batch { mut items, permit }) = rx.recv().await {
         let deadline = Instant::now() + ctx.tuning.confirm_timeout;
         let confirms = items.iter_mut().map(|item| {
             let published = item.published.take();
@@ -852,6 +914,9 @@ async fn settle(
                 result = Err(error);
             }
         }
+        drop(permit);
+        shared.pending_batches.fetch_sub(1, Ordering::Relaxed);
+        shared.settled.notify_waiters();
     }
     result
 }
