@@ -253,7 +253,7 @@ async fn broker_connections_closed_three_times() {
     let proxy = Child::spawn(&["run", "-c", path.to_str().expect("utf-8 path")]);
 
     for round in 1..=3u32 {
-        wait_downstream(&broker, &setup.out, round * expected.len() as u32 / 5).await;
+        wait_downstream(&broker, &setup.out, round * expected.len() as u32 / 8).await;
         // Between a close and the reconnect there is nothing to close: wait for a connection.
         wait_for("the proxy connected", LONG, || async {
             let up = metric(
