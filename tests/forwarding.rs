@@ -560,3 +560,78 @@ async fn metrics_and_health_endpoints() {
     broker.cleanup().await;
     redis_cleanup(&setup.name).await;
 }
+
+/// Holding a duplicate must not burn a quorum queue's delivery limit: the held delivery stays
+/// unacked and is rechecked in the store, never requeued in a loop.
+#[tokio::test]
+async fn holding_does_not_burn_a_quorum_queue_delivery_limit() {
+    let mut setup = Setup::new("quorum");
+    setup.queue = format!("{}.qq", setup.name);
+    let mut broker = Broker::connect().await;
+    broker.queue(&setup.out, FieldTable::default()).await;
+    let dlq = format!("{}.dlq", setup.queue);
+    broker.queue(&dlq, FieldTable::default()).await;
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("quorum".into()),
+    );
+    args.insert("x-delivery-limit".into(), AMQPValue::LongInt(1));
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString("".into()),
+    );
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(dlq.as_str().into()),
+    );
+    broker.queue(&setup.queue, args).await;
+    let client = redis::Client::open(REDIS_URL).expect("redis url");
+    let mut redis = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let key = dedupd::keys::store_key(&setup.name, &setup.name, b"held");
+    let _: () = redis::cmd("SET")
+        .arg(&key)
+        .arg("other-instance:1")
+        .arg("PX")
+        .arg(60_000)
+        .query_async(&mut redis)
+        .await
+        .expect("pre-claim");
+
+    let proxy = InProcess::start(setup.config());
+    broker
+        .publish_all(&setup.queue, &[with_id(Some("held"), "h")])
+        .await;
+    // Held through many rechecks (50 ms doubling to 1 s): about ten over three seconds.
+    wait_for("the delivery held", SETTLE, || async {
+        (setup.metric("dedupd_inflight_messages").await == 1.0).then_some(())
+    })
+    .await;
+    let watch_until = tokio::time::Instant::now() + Duration::from_secs(3);
+    while tokio::time::Instant::now() < watch_until {
+        assert_eq!(
+            broker.ready(&dlq).await,
+            0,
+            "dead-lettered by the delivery limit"
+        );
+        assert_eq!(
+            setup.metric("dedupd_inflight_messages").await,
+            1.0,
+            "still held"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let _: () = redis::cmd("DEL")
+        .arg(&key)
+        .query_async(&mut redis)
+        .await
+        .expect("release");
+    let got = broker.receive(&setup.out, 1, SETTLE).await;
+    assert_eq!(got[0].data, b"h");
+    setup.wait_settled(1, SETTLE).await;
+    assert_eq!(broker.ready(&dlq).await, 0);
+    finish(&setup, broker, proxy).await;
+}
