@@ -247,7 +247,12 @@ async fn broker_connections_closed_three_times() {
     let path = std::env::temp_dir().join(format!("{}.toml", setup.name));
     std::fs::write(
         &path,
-        setup.toml().replace("guest:guest@", &format!("{user}:pw@")),
+        // Small batches and a small window slow the proxy down, so that all three faults
+        // land mid-stream even on a fast machine (rabbitmqctl takes most of a second).
+        setup
+            .toml()
+            .replace("guest:guest@", &format!("{user}:pw@"))
+            .replace("batch_size = 50", "batch_size = 10\npublish_window = 40"),
     )
     .expect("config");
     let proxy = Child::spawn(&["run", "-c", path.to_str().expect("utf-8 path")]);
