@@ -240,6 +240,7 @@ struct RouteMetrics {
     user_id_stripped: Counter,
     forward_duration: Histogram,
     inflight: Gauge,
+    route: String,
 }
 
 impl RouteMetrics {
@@ -255,14 +256,19 @@ impl RouteMetrics {
             rejected_unroutable: metrics::counter!(m::REJECTED, "route" => r.clone(), "reason" => m::reason::UNROUTABLE),
             user_id_stripped: metrics::counter!(m::REJECTED, "route" => r.clone(), "reason" => m::reason::USER_ID_STRIPPED),
             forward_duration: metrics::histogram!(m::FORWARD_DURATION, "route" => r.clone()),
-            inflight: metrics::gauge!(m::INFLIGHT, "route" => r),
+            inflight: metrics::gauge!(m::INFLIGHT, "route" => r.clone()),
+            route: r,
         }
     }
 
-    fn rejected(&self, reason: &'static str) -> &Counter {
+    fn rejected(&self, reason: &'static str) -> Counter {
         match reason {
-            m::reason::UNROUTABLE => &self.rejected_unroutable,
-            _ => &self.rejected_missing_key,
+            m::reason::UNROUTABLE => self.rejected_unroutable.clone(),
+            m::reason::MISSING_KEY => self.rejected_missing_key.clone(),
+            // Not cached: registered on first use, so a new reason is never miscounted.
+            other => {
+                metrics::counter!(m::REJECTED, "route" => self.route.clone(), "reason" => other)
+            }
         }
     }
 }
@@ -616,8 +622,16 @@ impl<'a> Intake<'a> {
             let (outcome, was_local) = outcomes
                 .next()
                 .expect("the store answers one outcome per key");
-            let key = incoming.key.clone().unwrap_or_default();
+            let key = incoming.key.as_deref().unwrap_or_default();
             let mut holds = self.shared.holds.lock();
+            // Ours with nobody here working on it is as good as a fresh claim: a claim attempt
+            // that timed out but was applied, or a release that failed.
+            let outcome = match outcome {
+                ClaimOutcome::Ours if !was_local && !holds.local.contains_key(key) => {
+                    ClaimOutcome::Claimed
+                }
+                other => other,
+            };
             let fate = match outcome {
                 ClaimOutcome::Claimed => {
                     // A redelivered message may have been published by an owner that died or
@@ -626,21 +640,13 @@ impl<'a> Intake<'a> {
                         self.shared.metrics.takeovers.increment(1);
                     }
                     Fate::Publish {
-                        claim: Some(holds.claim(key)),
+                        claim: Some(holds.claim(key.to_owned())),
                     }
                 }
                 ClaimOutcome::TakenOver => {
                     self.shared.metrics.takeovers.increment(1);
                     Fate::Publish {
-                        claim: Some(holds.claim(key)),
-                    }
-                }
-                ClaimOutcome::Ours if !was_local && !holds.local.contains_key(&key) => {
-                    // Our own claim that nobody here works on: a claim attempt that timed out
-                    // but was applied, or a release that failed. Neither left a publish with an
-                    // unknown outcome behind (those are counted where they happen).
-                    Fate::Publish {
-                        claim: Some(holds.claim(key)),
+                        claim: Some(holds.claim(key.to_owned())),
                     }
                 }
                 ClaimOutcome::Done => {
@@ -659,7 +665,7 @@ impl<'a> Intake<'a> {
                     // The first copy is in flight in this session: wait for its outcome, or
                     // look again at once if it finished while this claim was on the wire.
                     holds.tags.insert(incoming.delivery.delivery_tag);
-                    match holds.local.get_mut(&key) {
+                    match holds.local.get_mut(key) {
                         Some(local) => local.waiting.push(incoming),
                         None => {
                             holds.ready.push(incoming);
