@@ -173,6 +173,21 @@ impl Endpoint {
     }
 }
 
+/// Queue arguments that dead-letter rejected messages to `dlq` through the default exchange.
+pub fn dead_letter_to(dlq: &str) -> lapin::types::FieldTable {
+    use lapin::types::AMQPValue;
+    let mut args = lapin::types::FieldTable::default();
+    args.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString("".into()),
+    );
+    args.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString(dlq.into()),
+    );
+    args
+}
+
 /// `props` without `user_id`. RabbitMQ closes the channel when a publish carries a user_id other
 /// than the connection's user (unless that user is an impersonator), so such a message is
 /// forwarded without it rather than failing forever.

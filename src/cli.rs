@@ -6,7 +6,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 
 use crate::amqp::Endpoint;
 use crate::config::Config;
@@ -104,6 +104,7 @@ impl Command {
 /// Runs a one-shot command against a loaded config (`run` is `main`'s own business).
 pub async fn execute(command: &Command, config: &Config) -> ExitCode {
     match command {
+        // `run` is the daemon, started by `main` itself; asking for it here is a caller's bug.
         Command::Run(_) => ExitCode::from(EXIT_CONFIG),
         Command::Check { connect, .. } => {
             println!("{}", config.describe());
@@ -182,15 +183,7 @@ async fn declare(config: &Config) -> u8 {
     let mut wanted: Vec<(String, &str, FieldTable)> = Vec::new();
     for route in config.routes.values() {
         let dlq = format!("{}.dlq", route.queue);
-        let mut args = FieldTable::default();
-        args.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString("".into()),
-        );
-        args.insert(
-            "x-dead-letter-routing-key".into(),
-            AMQPValue::LongString(dlq.as_str().into()),
-        );
+        let args = crate::amqp::dead_letter_to(&dlq);
         wanted.push((dlq, config.upstream.url.as_str(), FieldTable::default()));
         wanted.push((route.queue.clone(), config.upstream.url.as_str(), args));
         if let (true, Some(rk)) = (route.exchange.is_empty(), &route.routing_key) {

@@ -78,11 +78,7 @@ async fn inspect_and_forget_a_key() {
     let setup = Setup::new("inspect");
     let path = setup.write();
     let path = path.to_str().expect("utf-8 path");
-    let client = redis::Client::open(REDIS_URL).expect("redis url");
-    let mut redis = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
+    let mut redis = redis_conn().await;
     let key = dedupd::keys::store_key(&setup.name, &setup.name, b"order-1");
 
     let args = ["inspect", "-c", path, &setup.name, "order-1"];
@@ -90,25 +86,11 @@ async fn inspect_and_forget_a_key() {
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("absent"), "{out}");
 
-    let _: () = redis::cmd("SET")
-        .arg(&key)
-        .arg("1")
-        .arg("PX")
-        .arg(3_600_000)
-        .query_async(&mut redis)
-        .await
-        .expect("set done");
+    redis_set(&mut redis, &key, "1", 3_600_000).await;
     let (_, out, _) = run_binary(&args, &[]).await;
     assert!(out.contains("done") && out.contains("window left"), "{out}");
 
-    let _: () = redis::cmd("SET")
-        .arg(&key)
-        .arg("abc:3")
-        .arg("PX")
-        .arg(30_000)
-        .query_async(&mut redis)
-        .await
-        .expect("set in-flight");
+    redis_set(&mut redis, &key, "abc:3", 30_000).await;
     let (_, out, _) = run_binary(&args, &[]).await;
     assert!(out.contains("in-flight") && out.contains("abc:3"), "{out}");
 

@@ -390,23 +390,12 @@ async fn duplicate_of_a_message_in_flight_elsewhere_is_held_then_dropped_or_forw
     let setup = Setup::new("held");
     let mut broker = Broker::connect().await;
     let dlq = setup.declare(&mut broker).await;
-    let client = redis::Client::open(REDIS_URL).expect("redis url");
-    let mut redis = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
+    let mut redis = redis_conn().await;
     let key = |id: &str| dedupd::keys::store_key(&setup.name, &setup.name, id.as_bytes());
 
     // "done-later" will be committed by the other owner, "released-later" released by it.
     for id in ["done-later", "released-later"] {
-        let _: () = redis::cmd("SET")
-            .arg(key(id))
-            .arg("other-instance:1")
-            .arg("PX")
-            .arg(60_000)
-            .query_async(&mut redis)
-            .await
-            .expect("pre-claim");
+        redis_set(&mut redis, &key(id), "other-instance:1", 60_000).await;
     }
     let proxy = InProcess::start(setup.config());
     broker
@@ -433,14 +422,7 @@ async fn duplicate_of_a_message_in_flight_elsewhere_is_held_then_dropped_or_forw
     assert_eq!(broker.ready(&setup.queue).await, 0, "held, not requeued");
 
     // The other instance's first copy of "done-later" is confirmed: ours is a duplicate.
-    let _: () = redis::cmd("SET")
-        .arg(key("done-later"))
-        .arg("1")
-        .arg("PX")
-        .arg(60_000)
-        .query_async(&mut redis)
-        .await
-        .expect("commit");
+    redis_set(&mut redis, &key("done-later"), "1", 60_000).await;
     wait_for("held duplicate acked", SETTLE, || async {
         (setup.metric("dedupd_duplicates_total").await == 1.0).then_some(())
     })
@@ -571,35 +553,16 @@ async fn holding_does_not_burn_a_quorum_queue_delivery_limit() {
     broker.queue(&setup.out, FieldTable::default()).await;
     let dlq = format!("{}.dlq", setup.queue);
     broker.queue(&dlq, FieldTable::default()).await;
-    let mut args = FieldTable::default();
+    let mut args = dedupd::amqp::dead_letter_to(&dlq);
     args.insert(
         "x-queue-type".into(),
         AMQPValue::LongString("quorum".into()),
     );
     args.insert("x-delivery-limit".into(), AMQPValue::LongInt(1));
-    args.insert(
-        "x-dead-letter-exchange".into(),
-        AMQPValue::LongString("".into()),
-    );
-    args.insert(
-        "x-dead-letter-routing-key".into(),
-        AMQPValue::LongString(dlq.as_str().into()),
-    );
     broker.queue(&setup.queue, args).await;
-    let client = redis::Client::open(REDIS_URL).expect("redis url");
-    let mut redis = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
+    let mut redis = redis_conn().await;
     let key = dedupd::keys::store_key(&setup.name, &setup.name, b"held");
-    let _: () = redis::cmd("SET")
-        .arg(&key)
-        .arg("other-instance:1")
-        .arg("PX")
-        .arg(60_000)
-        .query_async(&mut redis)
-        .await
-        .expect("pre-claim");
+    redis_set(&mut redis, &key, "other-instance:1", 60_000).await;
 
     let proxy = InProcess::start(setup.config());
     broker

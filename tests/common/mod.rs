@@ -13,7 +13,7 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
     ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::types::{AMQPValue, FieldTable};
+use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
@@ -96,15 +96,7 @@ impl Broker {
     pub async fn queue_with_dlq(&mut self, name: &str) -> String {
         let dlq = format!("{name}.dlq");
         self.queue(&dlq, FieldTable::default()).await;
-        let mut args = FieldTable::default();
-        args.insert(
-            "x-dead-letter-exchange".into(),
-            AMQPValue::LongString("".into()),
-        );
-        args.insert(
-            "x-dead-letter-routing-key".into(),
-            AMQPValue::LongString(dlq.as_str().into()),
-        );
+        let args = dedupd::amqp::dead_letter_to(&dlq);
         self.queue(name, args).await;
         dlq
     }
@@ -484,4 +476,30 @@ pub fn parse_metric(body: &str, name: &str, labels: &[(&str, &str)]) -> Option<f
                 .then(|| value.parse().ok())?
         })
         .next()
+}
+
+/// A connection to the test Redis.
+pub async fn redis_conn() -> redis::aio::MultiplexedConnection {
+    redis::Client::open(REDIS_URL)
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("Redis on 127.0.0.1:6379 (see README: tests need it)")
+}
+
+/// `SET key value PX px`: writes a store key as another instance (or an operator) would.
+pub async fn redis_set(
+    redis: &mut redis::aio::MultiplexedConnection,
+    key: &str,
+    value: &str,
+    px: u64,
+) {
+    let _: () = redis::cmd("SET")
+        .arg(key)
+        .arg(value)
+        .arg("PX")
+        .arg(px)
+        .query_async(redis)
+        .await
+        .unwrap_or_else(|e| panic!("SET {key}: {e}"));
 }
