@@ -126,6 +126,12 @@ impl OwnRedis {
         OwnRedis { port: free_port() }
     }
 
+    fn dir(&self) -> String {
+        let dir = format!("/tmp/dedupd-test-redis-{}", self.port);
+        std::fs::create_dir_all(&dir).expect("redis dir");
+        dir
+    }
+
     fn url(&self) -> String {
         format!("redis://127.0.0.1:{}/0", self.port)
     }
@@ -139,10 +145,18 @@ impl OwnRedis {
                 "127.0.0.1",
                 "--save",
                 "",
-                "--appendonly",
-                "no",
                 "--daemonize",
                 "yes",
+            ])
+            // Keys survive a restart (as in production, see deploy/redis.conf), in a folder
+            // of this test's own.
+            .args([
+                "--appendonly",
+                "yes",
+                "--appendfsync",
+                "always",
+                "--dir",
+                &self.dir(),
             ])
             .args([
                 "--pidfile",
@@ -170,6 +184,15 @@ impl OwnRedis {
 
     async fn stop(&self) {
         let _ = self.cmd(&["SHUTDOWN", "NOSAVE"]).await;
+        wait_for("own redis gone", Duration::from_secs(20), || async {
+            (!self.cmd(&["PING"]).await).then_some(())
+        })
+        .await;
+    }
+
+    async fn remove(&self) {
+        self.stop().await;
+        let _ = std::fs::remove_dir_all(self.dir());
     }
 }
 
@@ -339,7 +362,7 @@ async fn redis_paused_then_its_connections_killed_twice() {
     let errors = setup.metric("dedupd_store_errors_total").await;
     let takeovers = setup.metric("dedupd_takeovers_total").await;
     stop(proxy).await;
-    redis.stop().await;
+    redis.remove().await;
 
     let t = tally(&broker, &setup, &expected).await;
     report("redis pause + client kill x2", &t, takeovers);
@@ -389,7 +412,7 @@ async fn redis_absent_at_start_then_started() {
         .map(|(s, _)| s);
     assert_eq!(ready, Some(200));
     stop(proxy).await;
-    redis.stop().await;
+    redis.remove().await;
 
     let t = tally(&broker, &setup, &expected).await;
     report("redis absent at start", &t, 0.0);
@@ -644,4 +667,89 @@ async fn rabbitmqctl(args: &[&str]) {
         "rabbitmqctl {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Redis stops in the middle of the stream and comes back: nothing is forwarded or acked while
+/// it is away (on_error = block), and no key is forwarded twice.
+#[tokio::test]
+async fn redis_down_mid_stream_then_back() {
+    let _serial = SERIAL.lock().await;
+    let redis = OwnRedis::port();
+    redis.start().await;
+    let setup = Setup::new("redisdown");
+    let mut broker = Broker::connect().await;
+    setup.declare(&mut broker).await;
+    let (messages, expected) = workload(20_000, 0.3);
+    broker.publish_all(&setup.queue, &messages).await;
+    let path = std::env::temp_dir().join(format!("{}.toml", setup.name));
+    std::fs::write(&path, setup.toml().replace(REDIS_URL, &redis.url())).expect("config");
+    let proxy = Child::spawn(&["run", "-c", path.to_str().expect("utf-8 path")]);
+
+    wait_downstream(&broker, &setup.out, expected.len() as u32 / 4).await;
+    redis.stop().await;
+    wait_for("not ready while the store is down", LONG, || async {
+        let ready = http_get(setup.metrics_port, "/readyz")
+            .await
+            .map(|(s, _)| s);
+        (ready == Some(503)).then_some(())
+    })
+    .await;
+    let left = broker.ready(&setup.queue).await;
+    println!("FAULT-FIGURES redis down: stopped with {left} messages upstream");
+    assert!(left > 0, "the stream was already over");
+    redis.start().await;
+    wait_drained(&broker, &setup, setup.metrics_port).await;
+    let errors = setup.metric("dedupd_store_errors_total").await;
+    stop(proxy).await;
+    redis.remove().await;
+
+    let t = tally(&broker, &setup, &expected).await;
+    report("redis down mid-stream, restarted", &t, 0.0);
+    println!("FAULT-FIGURES redis down: store_errors={errors}");
+    assert_eq!(
+        (t.lost, t.left_upstream, t.dead_lettered, t.duplicates),
+        (0, 0, 0, 0),
+        "{t:?}"
+    );
+    assert!(errors > 0.0, "the outage was noticed");
+    broker.cleanup().await;
+}
+
+/// on_error = "forward": with the store away, messages are forwarded without dedup (fail
+/// open), and every failed store operation is counted.
+#[tokio::test]
+async fn store_away_with_on_error_forward_fails_open() {
+    let _serial = SERIAL.lock().await;
+    let redis = OwnRedis::port(); // never started
+    let setup = Setup::new("failopen");
+    let mut broker = Broker::connect().await;
+    setup.declare(&mut broker).await;
+    let (messages, _) = workload(1_000, 0.3);
+    broker.publish_all(&setup.queue, &messages).await;
+    let toml = setup
+        .toml()
+        .replace(REDIS_URL, &redis.url())
+        .replace("lease = ", "on_error = \"forward\"\nlease = ");
+    let path = std::env::temp_dir().join(format!("{}.toml", setup.name));
+    std::fs::write(&path, toml).expect("config");
+    let proxy = Child::spawn(&["run", "-c", path.to_str().expect("utf-8 path")]);
+    wait_drained(&broker, &setup, setup.metrics_port).await;
+    let errors = setup.metric("dedupd_store_errors_total").await;
+    let forwarded = setup.metric("dedupd_messages_forwarded_total").await;
+    stop(proxy).await;
+
+    let got = broker.drain(&setup.out).await;
+    println!(
+        "FAULT-FIGURES fail open: forwarded={} store_errors={errors}",
+        got.len()
+    );
+    assert_eq!(
+        got.len(),
+        messages.len(),
+        "every copy forwarded, duplicates included"
+    );
+    assert_eq!(forwarded, messages.len() as f64);
+    assert!(errors > 0.0, "store failures counted");
+    assert_eq!(broker.ready(&setup.queue).await, 0);
+    broker.cleanup().await;
 }
