@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod shutdown;
 pub mod store;
+pub mod throttle;
 
 use std::sync::Arc;
 
@@ -98,6 +99,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             upstream_up,
             downstream_up,
             store_up: store_up.clone(),
+            allow_eviction: false,
         };
         tracker.spawn(pipeline::run_route(ctx, shutdown.clone()));
     }

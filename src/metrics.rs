@@ -29,6 +29,8 @@ pub const STORE_DURATION: &str = "dedupd_store_duration_seconds";
 pub const FORWARD_DURATION: &str = "dedupd_forward_duration_seconds";
 /// Deliveries received and not yet settled, per route.
 pub const INFLIGHT: &str = "dedupd_inflight_messages";
+/// Publishes the downstream broker nacked (it did not take the message), per route.
+pub const PUBLISHES_NACKED: &str = "dedupd_publishes_nacked_total";
 /// 1 while a component is connected: upstream, downstream, store.
 pub const UP: &str = "dedupd_up";
 /// Always 1, labelled with the version.
@@ -85,6 +87,10 @@ fn describe() {
         "Claims taken over from a dead owner: possible duplicates"
     );
     describe_counter!(STORE_ERRORS, "Store operations that failed");
+    describe_counter!(
+        PUBLISHES_NACKED,
+        "Publishes the downstream broker nacked; requeued upstream after a backoff"
+    );
     describe_histogram!(STORE_DURATION, Unit::Seconds, "Store round-trip latency");
     describe_histogram!(FORWARD_DURATION, Unit::Seconds, "Delivery to upstream ack");
     describe_gauge!(INFLIGHT, "Deliveries received and not yet settled");

@@ -26,7 +26,7 @@
 //! waits for room, and the next batch takes everything that arrived meanwhile. The order of publishes is the order of
 //! deliveries because only intake publishes, one batch after another.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -49,7 +49,8 @@ use crate::config::{Mode, OnMissingKey, OnStoreError, Route, Tuning};
 use crate::error_chain;
 use crate::keys;
 use crate::metrics::{self as m, HealthFlag};
-use crate::store::{ClaimOutcome, Owner, Store};
+use crate::store::{ClaimOutcome, CommitOutcome, Owner, Store, StoreError};
+use crate::throttle::Throttle;
 
 /// Everything a route needs, fixed for the life of the process.
 pub struct RouteCtx {
@@ -81,6 +82,8 @@ pub struct RouteCtx {
     pub downstream_up: HealthFlag,
     /// The store's state, shared by all routes.
     pub store_up: Arc<HealthFlag>,
+    /// `store.allow_eviction`: run even if the store may evict keys.
+    pub allow_eviction: bool,
 }
 
 /// Why a session ended early.
@@ -99,12 +102,13 @@ enum SessionError {
 /// Runs the route until `shutdown`, reconnecting after any failure.
 pub async fn run_route(ctx: RouteCtx, shutdown: CancellationToken) {
     let metrics = RouteMetrics::new(&ctx.name);
+    let logs = RouteLogs::new(&ctx.store);
     let mut backoff = Backoff::new(ctx.tuning.backoff_min, ctx.tuning.backoff_max);
     let mut epoch = 0;
     while !shutdown.is_cancelled() {
         epoch += 1;
         let started = Instant::now();
-        let result = session(&ctx, &metrics, epoch, &shutdown).await;
+        let result = session(&ctx, &metrics, &logs, epoch, &shutdown).await;
         ctx.upstream_up.set(false);
         ctx.downstream_up.set(false);
         match result {
@@ -127,6 +131,7 @@ pub async fn run_route(ctx: RouteCtx, shutdown: CancellationToken) {
 async fn session(
     ctx: &RouteCtx,
     metrics: &RouteMetrics,
+    logs: &RouteLogs,
     epoch: u64,
     shutdown: &CancellationToken,
 ) -> Result<(), SessionError> {
@@ -137,11 +142,13 @@ async fn session(
         .consumer_channel(&up_conn, ctx.prefetch)
         .await?;
     let ch_out = ctx.downstream.publisher_channel(&down_conn).await?;
+    // Both brokers are connected: say so even while the store keeps the route from consuming.
+    ctx.upstream_up.set(true);
     ctx.downstream_up.set(true);
 
     // With on_error = block nothing is consumed until the store answers, so a store that is
     // absent at start leaves every message in its queue.
-    if ctx.on_store_error == OnStoreError::Block && !wait_for_store(ctx, shutdown).await {
+    if !wait_for_store(ctx, logs, shutdown).await {
         return Ok(());
     }
 
@@ -158,12 +165,13 @@ async fn session(
             ),
         )
         .await?;
-    ctx.upstream_up.set(true);
     tracing::info!(route = %ctx.name, epoch, queue = %ctx.route.queue, upstream = %ctx.upstream.redacted(), downstream = %ctx.downstream.redacted(), "consuming");
 
     let shared = Shared {
         ctx,
         metrics,
+        logs,
+        unpublished: Mutex::default(),
         owner: Owner::new(ctx.instance.clone(), epoch),
         holds: Holds::default(),
         unsettled: AtomicI64::new(0),
@@ -183,9 +191,15 @@ async fn session(
         user: ctx.downstream.username(),
         store_backoff: Backoff::new(ctx.tuning.backoff_min, ctx.tuning.backoff_max),
     };
-    let (intake_result, settle_result) = tokio::join!(
+    let keeper_stop = CancellationToken::new();
+    let (intake_result, settle_result, ()) = tokio::join!(
         intake.run(consumer, tx, shutdown),
-        settle(&shared, &ch_in, rx)
+        async {
+            let result = settle(&shared, &ch_in, rx, shutdown).await;
+            keeper_stop.cancel();
+            result
+        },
+        keep_leases(&shared, &keeper_stop),
     );
 
     // Whatever is still unacked (held deliveries, batches cut short) returns to the queue
@@ -208,22 +222,110 @@ async fn session(
     intake_result.and(settle_result)
 }
 
-/// Pings the store until it answers; `false` if shutdown came first.
-async fn wait_for_store(ctx: &RouteCtx, shutdown: &CancellationToken) -> bool {
+/// Waits until the store answers and cannot evict keys; `false` if shutdown came first.
+///
+/// A store that does not answer holds the route with `on_error = "block"` and not with
+/// `"forward"`. A store that answers but may evict keys (Redis `maxmemory-policy` other than
+/// `noeviction`) holds it either way unless `store.allow_eviction` is set: an evicted key is a
+/// forgotten key, and its next copy would be forwarded with no warning.
+async fn wait_for_store(ctx: &RouteCtx, logs: &RouteLogs, shutdown: &CancellationToken) -> bool {
     let mut backoff = Backoff::new(ctx.tuning.backoff_min, ctx.tuning.backoff_max);
+    let refusal = Throttle::new(LOG_EVERY);
     loop {
         match ctx.store.ping().await {
             Ok(()) => {
+                logs.store.answered();
+                match ctx.store.eviction_risk().await {
+                    Ok(None) => {}
+                    Ok(Some(policy)) if ctx.allow_eviction => {
+                        tracing::warn!(store = %logs.store.label, %policy, "store may evict keys (store.allow_eviction = true): an evicted key's next copy is forwarded again");
+                    }
+                    Ok(Some(policy)) => {
+                        ctx.store_up.set(false);
+                        if refusal.allow().is_some() {
+                            tracing::error!(store = %logs.store.label, %policy, "store may evict keys, and an evicted key's next copy would be forwarded again: not consuming; set maxmemory-policy noeviction (CONFIG SET maxmemory-policy noeviction), or store.allow_eviction = true to run anyway");
+                        }
+                        if !backoff.wait(shutdown).await {
+                            return false;
+                        }
+                        continue;
+                    }
+                    Err(error) => {
+                        // Managed Redis services often rename or forbid CONFIG.
+                        tracing::warn!(store = %logs.store.label, error = %error_chain(&error), "cannot read the store's maxmemory-policy; make sure it is noeviction");
+                    }
+                }
                 ctx.store_up.set(true);
                 return true;
             }
             Err(error) => {
                 ctx.store_up.set(false);
-                tracing::warn!(route = %ctx.name, error = %error_chain(&error), "store not answering; not consuming until it does");
+                if ctx.on_store_error == OnStoreError::Forward {
+                    logs.store.failed(&error, "forwarding without dedup (on_error = forward)");
+                    return true;
+                }
+                logs.store.failed(&error, "not consuming until it answers (on_error = block)");
             }
         }
         if !backoff.wait(shutdown).await {
             return false;
+        }
+    }
+}
+
+/// How often a repeated warning may be written (each one says how many were held back).
+const LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Rate-limited log sites of one route: faults that repeat per message or per retry write one
+/// line when they start and a reminder at most every [`LOG_EVERY`]; counters carry the numbers.
+struct RouteLogs {
+    store: StoreAlarm,
+    nacked: Throttle,
+    unroutable: Throttle,
+    missing_key: Throttle,
+    commit: Throttle,
+}
+
+impl RouteLogs {
+    fn new(store: &Store) -> Self {
+        Self {
+            store: StoreAlarm {
+                label: store.label(),
+                down: std::sync::atomic::AtomicBool::new(false),
+                reminder: Throttle::new(LOG_EVERY),
+            },
+            nacked: Throttle::new(LOG_EVERY),
+            unroutable: Throttle::new(LOG_EVERY),
+            missing_key: Throttle::new(LOG_EVERY),
+            commit: Throttle::new(LOG_EVERY),
+        }
+    }
+}
+
+/// The store's log lines for one route: a warning when it stops answering (naming it), a
+/// reminder at most every [`LOG_EVERY`] while it stays away, and one line when it is back,
+/// rather than a line per retry.
+struct StoreAlarm {
+    label: String,
+    down: std::sync::atomic::AtomicBool,
+    reminder: Throttle,
+}
+
+impl StoreAlarm {
+    fn failed(&self, error: &StoreError, consequence: &str) {
+        let error = error_chain(error);
+        if !self.down.swap(true, Ordering::Relaxed) {
+            self.reminder.reset();
+            self.reminder.allow();
+            tracing::warn!(store = %self.label, %error, "store not answering: {consequence}");
+        } else if let Some(suppressed) = self.reminder.allow() {
+            tracing::warn!(store = %self.label, %error, failures = suppressed + 1, "store still not answering: {consequence}");
+        }
+    }
+
+    fn answered(&self) {
+        if self.down.swap(false, Ordering::Relaxed) {
+            tracing::info!(store = %self.label, "store answering again");
         }
     }
 }
@@ -238,6 +340,7 @@ struct RouteMetrics {
     rejected_missing_key: Counter,
     rejected_unroutable: Counter,
     user_id_stripped: Counter,
+    publishes_nacked: Counter,
     forward_duration: Histogram,
     inflight: Gauge,
     route: String,
@@ -255,6 +358,7 @@ impl RouteMetrics {
             rejected_missing_key: metrics::counter!(m::REJECTED, "route" => r.clone(), "reason" => m::reason::MISSING_KEY),
             rejected_unroutable: metrics::counter!(m::REJECTED, "route" => r.clone(), "reason" => m::reason::UNROUTABLE),
             user_id_stripped: metrics::counter!(m::REJECTED, "route" => r.clone(), "reason" => m::reason::USER_ID_STRIPPED),
+            publishes_nacked: metrics::counter!(m::PUBLISHES_NACKED, "route" => r.clone()),
             forward_duration: metrics::histogram!(m::FORWARD_DURATION, "route" => r.clone()),
             inflight: metrics::gauge!(m::INFLIGHT, "route" => r.clone()),
             route: r,
@@ -277,6 +381,10 @@ impl RouteMetrics {
 struct Shared<'a> {
     ctx: &'a RouteCtx,
     metrics: &'a RouteMetrics,
+    logs: &'a RouteLogs,
+    /// Keys released after a publish that certainly did not arrive (nacked or returned): their
+    /// redelivered copies are not possible duplicates, so claiming them is no takeover.
+    unpublished: Mutex<HashSet<String>>,
     owner: Owner,
     holds: Holds,
     /// Deliveries received and not yet acked or nacked in this session.
@@ -563,7 +671,9 @@ impl<'a> Intake<'a> {
                 }
                 Err(why) => match route.on_missing_key {
                     OnMissingKey::Reject => {
-                        tracing::debug!(route = %ctx.name, %why, "no key: rejecting");
+                        if let Some(suppressed) = self.shared.logs.missing_key.allow() {
+                            tracing::info!(route = %ctx.name, key = %route.key, %why, suppressed, "message without a key: rejecting it to the queue's dead-letter exchange (on_missing_key = reject)");
+                        }
                         fates.push(Some(Fate::Reject(m::reason::MISSING_KEY)));
                     }
                     OnMissingKey::Forward => {
@@ -636,7 +746,7 @@ impl<'a> Intake<'a> {
                 ClaimOutcome::Claimed => {
                     // A redelivered message may have been published by an owner that died or
                     // lost its connection before the confirm: count it as a possible duplicate.
-                    if incoming.delivery.redelivered {
+                    if incoming.delivery.redelivered && !self.was_unpublished(key) {
                         self.shared.metrics.takeovers.increment(1);
                     }
                     Fate::Publish {
@@ -689,6 +799,13 @@ impl<'a> Intake<'a> {
         Ok(Some(self.publish(items).await))
     }
 
+    /// Whether `key` was released here after a publish that certainly did not arrive (and
+    /// forgets it: only the first redelivered copy is vouched for).
+    fn was_unpublished(&self, key: &str) -> bool {
+        let mut unpublished = self.shared.unpublished.lock().unwrap_or_else(|e| e.into_inner());
+        unpublished.remove(key)
+    }
+
     /// Claims with retries while the store is down (on_error = block).
     async fn claim(&mut self, keys: &[String], shutdown: &CancellationToken) -> Claimed {
         let ctx = self.shared.ctx;
@@ -696,6 +813,7 @@ impl<'a> Intake<'a> {
             match ctx.store.claim(keys, &self.shared.owner, ctx.lease).await {
                 Ok(outcomes) => {
                     ctx.store_up.set(true);
+                    self.shared.logs.store.answered();
                     self.store_backoff.reset();
                     return Claimed::Outcomes(outcomes);
                 }
@@ -703,10 +821,16 @@ impl<'a> Intake<'a> {
                     self.shared.metrics.store_errors.increment(1);
                     ctx.store_up.set(false);
                     if ctx.on_store_error == OnStoreError::Forward {
-                        tracing::warn!(route = %ctx.name, error = %error_chain(&error), "store failed: forwarding without dedup (on_error = forward)");
+                        self.shared.logs.store.failed(
+                            &error,
+                            "forwarding without dedup (on_error = forward)",
+                        );
                         return Claimed::FailOpen;
                     }
-                    tracing::warn!(route = %ctx.name, error = %error_chain(&error), "store failed: holding the batch until it answers (on_error = block)");
+                    self.shared.logs.store.failed(
+                        &error,
+                        "holding the batch until it answers (on_error = block)",
+                    );
                 }
             }
             if !self.store_backoff.wait(shutdown).await {
@@ -813,9 +937,15 @@ async fn settle(
     shared: &Shared<'_>,
     ch_in: &Channel,
     mut rx: mpsc::Receiver<Batch<'_>>,
+    shutdown: &CancellationToken,
 ) -> Result<(), SessionError> {
     let ctx = shared.ctx;
     let mut result = Ok(());
+    // A downstream that keeps nacking (a full queue with reject-publish) would otherwise see
+    // every message again at once, in a loop: each batch with nacks waits before they are
+    // requeued, doubling while nacks continue. Settle is sequential, so this slows the whole
+    // route down to what the downstream takes.
+    let mut nack_backoff = Backoff::new(ctx.tuning.backoff_min, ctx.tuning.backoff_max);
     while let Some(Batch { mut items, permit }) = rx.recv().await {
         let deadline = Instant::now() + ctx.tuning.confirm_timeout;
         let confirms = items.iter_mut().map(|item| {
@@ -843,7 +973,9 @@ async fn settle(
         let mut release = Vec::new();
         let mut settlements = Vec::with_capacity(items.len());
         let mut finished = Vec::new();
+        let mut unpublished = Vec::new();
         let (mut nacked, mut unknown, mut first_error) = (0, 0, None);
+        let mut returned = None;
         for (item, confirm) in items.iter().zip(confirms) {
             let claimed_key = match item.fate {
                 Fate::Publish { claim: Some(claim) } => {
@@ -863,13 +995,17 @@ async fn settle(
                     commit.extend(claimed_key);
                     Settlement::Ack
                 }
-                (Fate::Publish { .. }, Some(Ok(Confirmation::Ack(Some(returned))))) => {
-                    tracing::warn!(route = %ctx.name, exchange = %ctx.route.exchange, reply = %returned.reply_text, "downstream returned the message (unroutable): rejecting it to the upstream dead-letter exchange");
+                (Fate::Publish { .. }, Some(Ok(Confirmation::Ack(Some(message))))) => {
+                    returned.get_or_insert_with(|| {
+                        (message.reply_text.to_string(), message.routing_key.to_string())
+                    });
+                    unpublished.extend(claimed_key.clone());
                     release.extend(claimed_key);
                     Settlement::Reject(m::reason::UNROUTABLE)
                 }
                 (Fate::Publish { .. }, Some(Ok(Confirmation::Nack(_)))) => {
                     nacked += 1;
+                    unpublished.extend(claimed_key.clone());
                     release.extend(claimed_key);
                     Settlement::Requeue
                 }
@@ -886,9 +1022,18 @@ async fn settle(
             };
             settlements.push(settlement);
         }
-        // One line per batch, not per message: a broken connection fails hundreds at once.
+        // At most one line per batch (a broken connection fails hundreds at once), and faults
+        // that repeat batch after batch are rate-limited too; the counters keep the numbers.
+        if let Some((reply, routing_key)) = returned {
+            if let Some(suppressed) = shared.logs.unroutable.allow() {
+                tracing::warn!(route = %ctx.name, exchange = %ctx.route.exchange, %routing_key, %reply, suppressed, "downstream returned a message (no queue bound for this exchange and routing key): rejecting it to the upstream dead-letter exchange");
+            }
+        }
         if nacked > 0 {
-            tracing::warn!(route = %ctx.name, messages = nacked, "downstream nacked publishes: requeueing them upstream");
+            shared.metrics.publishes_nacked.increment(nacked);
+            if let Some(suppressed) = shared.logs.nacked.allow() {
+                tracing::warn!(route = %ctx.name, messages = nacked, suppressed, "downstream nacked publishes (a full queue with x-overflow = reject-publish?): requeueing them upstream after a backoff");
+            }
         }
         if unknown > 0 {
             let error = first_error.unwrap_or_else(|| "not published".to_owned());
@@ -897,6 +1042,24 @@ async fn settle(
 
         if !commit.is_empty() {
             commit_until_done(shared, &commit).await;
+        }
+        if nacked > 0 {
+            let delay = nack_backoff.next_delay();
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = tokio::time::sleep(delay) => {}
+            }
+        } else if !commit.is_empty() {
+            nack_backoff.reset();
+        }
+        if !unpublished.is_empty() {
+            let mut set = shared.unpublished.lock().unwrap_or_else(|e| e.into_inner());
+            // Keys whose copies went to another consumer are never claimed here again; the
+            // bound keeps them from piling up (forgetting one only over-counts takeovers).
+            if set.len() > 4 * usize::from(ctx.prefetch) {
+                set.clear();
+            }
+            set.extend(unpublished);
         }
         if !release.is_empty() {
             release_best_effort(shared, &release).await;
@@ -928,31 +1091,112 @@ async fn settle(
 }
 
 /// Commits until the store answers: a confirmed message must never be released, or a later
-/// copy would be forwarded again.
+/// copy would be forwarded again. Commit writes the key whatever it holds (see the store docs);
+/// what it found says whether a second copy may have gone out.
 async fn commit_until_done(shared: &Shared<'_>, keys: &[String]) {
     let ctx = shared.ctx;
     let mut backoff = Backoff::new(ctx.tuning.backoff_min, ctx.tuning.backoff_max);
+    let mut retried = false;
     loop {
         match ctx
             .store
             .commit(keys, &shared.owner, ctx.route.window)
             .await
         {
-            Ok(committed) => {
+            Ok(outcomes) => {
                 ctx.store_up.set(true);
-                let lost = committed.iter().filter(|ok| !**ok).count();
-                if lost > 0 {
-                    tracing::warn!(route = %ctx.name, keys = lost, "claims expired before their commit (confirm slower than store.lease?): another copy may be forwarded");
+                shared.logs.store.answered();
+                let (mut lapsed, mut contested) = (0u64, 0u64);
+                for outcome in outcomes {
+                    match commit_verdict(outcome, retried) {
+                        CommitVerdict::Fine => {}
+                        CommitVerdict::Lapsed => lapsed += 1,
+                        CommitVerdict::PossibleDuplicate => contested += 1,
+                    }
+                }
+                if contested > 0 {
+                    shared.metrics.takeovers.increment(contested);
+                }
+                if lapsed + contested > 0 {
+                    if let Some(suppressed) = shared.logs.commit.allow() {
+                        tracing::warn!(route = %ctx.name, lapsed, contested, suppressed, "commit found claims that had lapsed (the store was unreachable longer than store.lease) and wrote them anyway; contested ones were claimed by another owner meanwhile, which may forward a second copy (counted in dedupd_takeovers_total)");
+                    }
                 }
                 return;
             }
             Err(error) => {
                 shared.metrics.store_errors.increment(1);
                 ctx.store_up.set(false);
-                tracing::warn!(route = %ctx.name, error = %error_chain(&error), "commit failed; retrying (the messages were confirmed downstream)");
+                shared.logs.store.failed(
+                    &error,
+                    "retrying the commit of confirmed messages (their claims are kept alive)",
+                );
             }
         }
+        retried = true;
         tokio::time::sleep(backoff.next_delay()).await;
+    }
+}
+
+/// What a commit outcome means for the duplicate promise.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CommitVerdict {
+    /// Committed over our own claim, or a done key our own earlier attempt may have written.
+    Fine,
+    /// Our claim had lapsed and nobody took it: written now, no second copy went out.
+    Lapsed,
+    /// Another owner had the key in flight or done: a second copy may have been forwarded.
+    PossibleDuplicate,
+}
+
+/// A commit retried after an error may find the key done by its own earlier attempt (applied,
+/// answer lost): that is no evidence of another owner.
+fn commit_verdict(outcome: CommitOutcome, retried: bool) -> CommitVerdict {
+    match outcome {
+        CommitOutcome::Committed => CommitVerdict::Fine,
+        CommitOutcome::DoneElsewhere if retried => CommitVerdict::Fine,
+        CommitOutcome::Restored => CommitVerdict::Lapsed,
+        CommitOutcome::DoneElsewhere | CommitOutcome::Overrode => CommitVerdict::PossibleDuplicate,
+    }
+}
+
+/// Keeps the leases of this session's in-flight claims alive (every third of `store.lease`)
+/// until `stop`: a confirm that takes long, or a commit retried while the store refuses writes,
+/// must not let a live owner's claim lapse, or a later copy would be claimed and forwarded.
+async fn keep_leases(shared: &Shared<'_>, stop: &CancellationToken) {
+    let ctx = shared.ctx;
+    let mut tick = tokio::time::interval((ctx.lease / 3).max(Duration::from_millis(10)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        let keys: Vec<String> = shared.holds.lock().local.keys().cloned().collect();
+        if keys.is_empty() {
+            continue;
+        }
+        let renewal = ctx.store.renew(&keys, &shared.owner, ctx.lease);
+        let result = tokio::select! {
+            _ = stop.cancelled() => return,
+            result = renewal => result,
+        };
+        match result {
+            Ok(renewed) => {
+                let lost = renewed.iter().filter(|ok| !**ok).count();
+                if lost > 0 {
+                    tracing::debug!(route = %ctx.name, keys = lost, "leases no longer ours when renewing (committed meanwhile, or lapsed)");
+                }
+            }
+            Err(error) => {
+                shared.metrics.store_errors.increment(1);
+                shared
+                    .logs
+                    .store
+                    .failed(&error, "cannot renew the leases of in-flight claims");
+            }
+        }
     }
 }
 
@@ -965,7 +1209,7 @@ async fn release_best_effort(shared: &Shared<'_>, keys: &[String]) {
             Ok(_) => return,
             Err(error) => {
                 shared.metrics.store_errors.increment(1);
-                tracing::warn!(route = %ctx.name, error = %error_chain(&error), "release failed; retrying");
+                shared.logs.store.failed(&error, "retrying a release");
             }
         }
         tokio::time::sleep(backoff.next_delay()).await;

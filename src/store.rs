@@ -24,10 +24,17 @@
 //!   would only delay the redelivered copy); anything else → `InFlightElsewhere` with the
 //!   remaining lease, so the caller knows how long to hold the duplicate at most. A plain
 //!   `SET NX` plus a `GET` could not do the takeover atomically, hence Lua.
-//! - **commit**: compare-and-set: only if the key still carries our token does it become
-//!   `"1"` for the window. An owner whose lease expired and whose key was claimed by someone
-//!   else must not overwrite the new owner's state, and must learn that it lost (`false`).
-//! - **release**: compare-and-delete, for the same reason.
+//! - **commit**: the copy was confirmed downstream, so the key becomes `"1"` for the window
+//!   whatever it holds now: our token (`Committed`), nothing because our claim lapsed
+//!   (`Restored`: writing it is what keeps a later copy from being forwarded), or another
+//!   owner's token (`Overrode`: that owner may be publishing a second copy). Only a key that is
+//!   already `"1"` is left alone (`DoneElsewhere`). The caller learns which, so it can count
+//!   the cases where a second copy may have gone out. A commit is never turned into a release.
+//! - **release**: compare-and-delete: only our own claim is removed, never someone else's and
+//!   never a done key.
+//! - **renew**: compare-and-extend: while a claim is being worked on (a slow confirm, a commit
+//!   retried while the store refuses writes), its owner keeps extending the lease, so a live
+//!   owner's claim never lapses. `PEXPIRE` is allowed even when a full Redis refuses writes.
 //!
 //! The Redis backend loads the scripts once (EVALSHA) and reloads them when the server answers
 //! NOSCRIPT (a restarted or flushed server); the memory backend runs the same decisions under
@@ -95,6 +102,32 @@ pub enum ClaimOutcome {
         /// Time until that claim expires unless committed or released first.
         lease_left: Duration,
     },
+}
+
+/// What a commit found (see the module docs). Every outcome leaves the key done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitOutcome {
+    /// The key carried our token.
+    Committed,
+    /// The key was absent: our claim had lapsed (expired), and nobody else held it.
+    Restored,
+    /// The key carried another owner's token, which may be publishing a second copy.
+    Overrode,
+    /// The key was done already: another owner forwarded a copy too (or an earlier attempt of
+    /// this very commit was applied although its answer was lost).
+    DoneElsewhere,
+}
+
+impl CommitOutcome {
+    fn from_code(code: i64) -> Option<CommitOutcome> {
+        Some(match code {
+            0 => CommitOutcome::Committed,
+            1 => CommitOutcome::Restored,
+            2 => CommitOutcome::DoneElsewhere,
+            3 => CommitOutcome::Overrode,
+            _ => return None,
+        })
+    }
 }
 
 /// What `inspect` reports for one key.
@@ -171,14 +204,14 @@ impl Store {
         result
     }
 
-    /// Marks each key done for `window` if it still carries `owner`'s token; `false` where it
-    /// no longer does (taken over or expired), in which case nothing is written.
+    /// Marks each key done for `window` (their copies were confirmed downstream) and says what
+    /// each held before; a key already done keeps its window.
     pub async fn commit(
         &self,
         keys: &[String],
         owner: &Owner,
         window: Duration,
-    ) -> Result<Vec<bool>, StoreError> {
+    ) -> Result<Vec<CommitOutcome>, StoreError> {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
@@ -188,6 +221,26 @@ impl Store {
             Store::Redis(r) => r.commit(keys, owner, window).await,
         };
         record("commit", started);
+        result
+    }
+
+    /// Extends the lease of each key that still carries `owner`'s token; `false` where it does
+    /// not. Works while a full Redis refuses writes (`PEXPIRE` is not refused).
+    pub async fn renew(
+        &self,
+        keys: &[String],
+        owner: &Owner,
+        lease: Duration,
+    ) -> Result<Vec<bool>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let started = Instant::now();
+        let result = match self {
+            Store::Memory(m) => Ok(m.renew(keys, owner, lease)),
+            Store::Redis(r) => r.renew(keys, owner, lease).await,
+        };
+        record("renew", started);
         result
     }
 
@@ -225,6 +278,24 @@ impl Store {
         };
         record("forget", started);
         result
+    }
+
+    /// The store's eviction policy when it can evict keys dedupd wrote (Redis
+    /// `maxmemory-policy` other than `noeviction`, on any node); `Ok(None)` when it cannot.
+    /// An evicted done key is a forgotten key: the next copy is forwarded again.
+    pub async fn eviction_risk(&self) -> Result<Option<String>, StoreError> {
+        match self {
+            Store::Memory(_) => Ok(None),
+            Store::Redis(r) => r.eviction_risk().await,
+        }
+    }
+
+    /// What the store is, for log lines: the kind and the URL without its password.
+    pub fn label(&self) -> String {
+        match self {
+            Store::Memory(_) => "memory (in-process)".to_owned(),
+            Store::Redis(r) => r.label(),
+        }
     }
 
     /// One cheap round trip, for readiness and `check --connect`.

@@ -753,3 +753,255 @@ async fn store_away_with_on_error_forward_fails_open() {
     assert_eq!(broker.ready(&setup.queue).await, 0);
     broker.cleanup().await;
 }
+
+/// The ids whose keys are in flight (hold an owner token, not the done marker) under the
+/// route's prefix in the shared Redis.
+async fn in_flight_ids(setup: &Setup) -> HashSet<String> {
+    let mut redis = redis_conn().await;
+    let prefix = format!("{0}:{0}:", setup.name);
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut redis)
+        .await
+        .expect("KEYS");
+    let mut ids = HashSet::new();
+    for key in keys {
+        let value: Option<String> = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut redis)
+            .await
+            .expect("GET");
+        if value.is_some_and(|v| v != "1") {
+            ids.insert(key[prefix.len()..].to_owned());
+        }
+    }
+    ids
+}
+
+fn message(id: &str) -> (Vec<u8>, BasicProperties) {
+    (
+        format!("copy of {id}").into_bytes(),
+        BasicProperties::default()
+            .with_message_id(id.into())
+            .with_delivery_mode(2),
+    )
+}
+
+/// Confirms slower than the lease (the downstream broker's replies held back by a relay for
+/// three leases): the owner keeps renewing its claims, so a second instance that gets another
+/// copy of each of those ids holds it instead of forwarding it, and nothing arrives twice.
+/// Before leases were renewed, the claims lapsed after one lease and the second instance
+/// forwarded every copy again, uncounted.
+#[tokio::test]
+async fn claims_outlive_their_lease_while_their_owner_works_on_them() {
+    let _serial = SERIAL.lock().await;
+    let mut setup = Setup::new("leaselive");
+    setup.lease = "1s";
+    let mut broker = Broker::connect().await;
+    setup.declare(&mut broker).await;
+    let (messages, expected) = workload(2_000, 0.0);
+    broker.publish_all(&setup.queue, &messages).await;
+
+    let relay = Relay::start("127.0.0.1:5672").await;
+    let toml_a = setup.toml().replace(
+        "[store]",
+        &format!(
+            "[downstream]\nurl = \"amqp://guest:guest@127.0.0.1:{}/%2f\"\n\n[store]",
+            relay.port
+        ),
+    );
+    let port_b = free_port();
+    let toml_b = setup.toml().replace(
+        &format!("127.0.0.1:{}", setup.metrics_port),
+        &format!("127.0.0.1:{port_b}"),
+    );
+    let dir = std::env::temp_dir();
+    let (path_a, path_b) = (
+        dir.join(format!("{}-a.toml", setup.name)),
+        dir.join(format!("{}-b.toml", setup.name)),
+    );
+    std::fs::write(&path_a, toml_a).expect("config a");
+    std::fs::write(&path_b, toml_b).expect("config b");
+    let a = Child::spawn(&["run", "-c", path_a.to_str().expect("utf-8 path")]);
+    wait_downstream(&broker, &setup.out, 300).await;
+
+    relay.pause(true);
+    let paused_at = std::time::Instant::now();
+    wait_for("A's prefetch full of unconfirmed publishes", LONG, || async {
+        let inflight = setup.metric("dedupd_inflight_messages").await;
+        (inflight >= PREFETCH as f64).then_some(())
+    })
+    .await;
+    let held_by_a = in_flight_ids(&setup).await;
+    assert!(!held_by_a.is_empty(), "A has claims in flight");
+    let b = Child::spawn(&["run", "-c", path_b.to_str().expect("utf-8 path")]);
+    let copies: Vec<_> = held_by_a.iter().map(|id| message(id)).collect();
+    broker.publish_all(&setup.queue, &copies).await;
+    wait_for(
+        "B took the whole queue, and three leases passed",
+        LONG,
+        || async {
+            let empty = broker.ready(&setup.queue).await == 0;
+            (empty && paused_at.elapsed() > Duration::from_secs(3)).then_some(())
+        },
+    )
+    .await;
+    let still = in_flight_ids(&setup).await;
+    let lapsed = held_by_a.difference(&still).count();
+    relay.pause(false);
+
+    wait_for("both settled", LONG, || async {
+        let a = setup.metric("dedupd_inflight_messages").await;
+        let b = metric(port_b, "dedupd_inflight_messages", &[("route", &setup.name)]).await;
+        (broker.ready(&setup.queue).await == 0 && a == 0.0 && b == 0.0).then_some(())
+    })
+    .await;
+    let takeovers = setup.metric("dedupd_takeovers_total").await
+        + metric(port_b, "dedupd_takeovers_total", &[("route", &setup.name)]).await;
+    stop(a).await;
+    stop(b).await;
+
+    let t = tally(&broker, &setup, &expected).await;
+    report("confirms held back for 3 leases, second instance", &t, takeovers);
+    println!(
+        "FAULT-FIGURES lease renewal: {} claims in flight at the pause, {lapsed} lapsed after 3 leases",
+        held_by_a.len()
+    );
+    assert_eq!(lapsed, 0, "claims lapsed while their owner was working on them");
+    assert_eq!(
+        (t.lost, t.left_upstream, t.dead_lettered, t.duplicates),
+        (0, 0, 0, 0),
+        "{t:?}"
+    );
+    broker.cleanup().await;
+    redis_cleanup(&setup.name).await;
+}
+
+/// Redis full (maxmemory reached, noeviction) for longer than the lease: commits of confirmed
+/// messages are refused with OOM and retried while their claims are kept alive, so no key is
+/// forgotten: a second copy of every message, published afterwards, is dropped. Before, the
+/// claims lapsed during the retries, the commit then found them absent and wrote nothing, and
+/// later copies went through uncounted.
+#[tokio::test]
+async fn redis_full_longer_than_the_lease_forgets_nothing() {
+    let _serial = SERIAL.lock().await;
+    let redis = OwnRedis::port();
+    redis.start().await;
+    let mut setup = Setup::new("redisfull");
+    setup.lease = "1s";
+    let mut broker = Broker::connect().await;
+    setup.declare(&mut broker).await;
+    let (messages, expected) = workload(6_000, 0.0);
+    broker.publish_all(&setup.queue, &messages).await;
+    let path = std::env::temp_dir().join(format!("{}.toml", setup.name));
+    std::fs::write(&path, setup.toml().replace(REDIS_URL, &redis.url())).expect("config");
+    let proxy = Child::spawn(&["run", "-c", path.to_str().expect("utf-8 path")]);
+
+    wait_downstream(&broker, &setup.out, expected.len() as u32 / 4).await;
+    assert!(redis.cmd(&["CONFIG", "SET", "maxmemory", "1"]).await);
+    let full_at = std::time::Instant::now();
+    wait_for("writes refused for three leases", LONG, || async {
+        let errors = setup.metric("dedupd_store_errors_total").await;
+        (errors > 0.0 && full_at.elapsed() > Duration::from_secs(3)).then_some(())
+    })
+    .await;
+    assert!(redis.cmd(&["CONFIG", "SET", "maxmemory", "0"]).await);
+    wait_drained(&broker, &setup, setup.metrics_port).await;
+
+    let copies: Vec<_> = expected.iter().map(|id| message(id)).collect();
+    broker.publish_all(&setup.queue, &copies).await;
+    setup
+        .wait_settled((messages.len() + copies.len()) as u64, LONG)
+        .await;
+    let errors = setup.metric("dedupd_store_errors_total").await;
+    let takeovers = setup.metric("dedupd_takeovers_total").await;
+    let dropped = setup.metric("dedupd_duplicates_total").await;
+    stop(proxy).await;
+    redis.remove().await;
+
+    let t = tally(&broker, &setup, &expected).await;
+    report("redis full (noeviction) for 3 leases", &t, takeovers);
+    println!("FAULT-FIGURES redis full: store_errors={errors} second copies dropped={dropped}");
+    assert_eq!(
+        (t.lost, t.left_upstream, t.dead_lettered, t.duplicates),
+        (0, 0, 0, 0),
+        "{t:?}"
+    );
+    assert_eq!(dropped, copies.len() as f64, "every second copy dropped");
+    assert!(errors > 0.0, "the refused writes were noticed");
+    broker.cleanup().await;
+}
+
+/// A downstream queue that is full with `x-overflow = reject-publish` nacks every publish:
+/// the proxy backs off instead of spinning (requeue, redeliver, publish, nack, at once, in a
+/// loop), counts the nacks, writes a handful of log lines, counts no takeover (a nacked
+/// publish certainly did not arrive), and loses nothing once the queue has room again.
+#[tokio::test]
+async fn downstream_that_keeps_nacking_is_backed_off() {
+    let _serial = SERIAL.lock().await;
+    let setup = Setup::new("nacking");
+    let mut broker = Broker::connect().await;
+    broker.queue_with_dlq(&setup.queue).await;
+    let mut full = FieldTable::default();
+    full.insert("x-max-length".into(), lapin::types::AMQPValue::LongInt(10));
+    full.insert(
+        "x-overflow".into(),
+        lapin::types::AMQPValue::LongString("reject-publish".into()),
+    );
+    broker.queue(&setup.out, full).await;
+    let (messages, expected) = workload(90, 0.0);
+    broker.publish_all(&setup.queue, &messages).await;
+    let toml = setup
+        .toml()
+        .replace("backoff_max = \"500ms\"", "backoff_max = \"2s\"");
+    let path = std::env::temp_dir().join(format!("{}.toml", setup.name));
+    std::fs::write(&path, toml).expect("config");
+    let log_path = std::env::temp_dir().join(format!("{}.log", setup.name));
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let proxy = Child::spawn_with_stderr(&["run", "-c", path.to_str().expect("utf-8 path")], log);
+
+    wait_for("publishes nacked", LONG, || async {
+        let nacked = setup.metric("dedupd_publishes_nacked_total").await;
+        let consumed = setup.metric("dedupd_messages_consumed_total").await;
+        (nacked > 0.0 || consumed > 1000.0).then_some(())
+    })
+    .await;
+    let before = setup.metric("dedupd_messages_consumed_total").await;
+    // The fault itself lasts five seconds: how many redeliveries it causes meanwhile is the
+    // measure (a spinning proxy redelivers thousands per second).
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let redelivered = setup.metric("dedupd_messages_consumed_total").await - before;
+    let nacked = setup.metric("dedupd_publishes_nacked_total").await;
+    let takeovers = setup.metric("dedupd_takeovers_total").await;
+
+    let got = broker.receive(&setup.out, messages.len(), LONG).await;
+    wait_drained(&broker, &setup, setup.metrics_port).await;
+    stop(proxy).await;
+    let logged = std::fs::read_to_string(&log_path).expect("log");
+    let nack_lines = logged.lines().filter(|l| l.contains("nacked")).count();
+    let _ = std::fs::remove_file(&log_path);
+
+    let ids: Vec<String> = got
+        .iter()
+        .filter_map(|d| d.properties.message_id().as_ref().map(|s| s.to_string()))
+        .collect();
+    let unique: HashSet<String> = ids.iter().cloned().collect();
+    println!(
+        "FAULT-FIGURES downstream nacking: {redelivered} deliveries in 5 s, {nacked} nacks counted, takeovers={takeovers}, {nack_lines} log lines; then {} arrived, {} distinct",
+        ids.len(),
+        unique.len()
+    );
+    assert!(nacked > 0.0, "nacks counted");
+    assert!(
+        redelivered < 1000.0,
+        "{redelivered} deliveries in 5 s: spinning"
+    );
+    assert_eq!(takeovers, 0.0, "a nacked publish is no possible duplicate");
+    assert!(nack_lines <= 3, "{nack_lines} log lines about nacks");
+    assert_eq!(unique, expected, "every message arrives");
+    assert_eq!(ids.len(), unique.len(), "and once");
+    assert_eq!(broker.ready(&setup.queue).await, 0);
+    assert_eq!(broker.ready(&format!("{}.dlq", setup.queue)).await, 0);
+    broker.cleanup().await;
+    redis_cleanup(&setup.name).await;
+}

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dedupd::config::{StoreConfig, StoreKind, StoreUrl};
-use dedupd::store::{ClaimOutcome, KeyState, Owner, Store, StoreError};
+use dedupd::store::{ClaimOutcome, CommitOutcome, KeyState, Owner, Store, StoreError};
 
 const REDIS_URL: &str = "redis://127.0.0.1:6379/0";
 const LEASE: Duration = Duration::from_secs(30);
@@ -245,10 +245,6 @@ async fn older_epoch_of_same_instance_is_taken_over(ctx: &Ctx) {
         ctx.store.claim(&keys, &old, LEASE).await.unwrap()[..],
         [ClaimOutcome::InFlightElsewhere { .. }]
     ));
-    assert_eq!(
-        ctx.store.commit(&keys, &old, WINDOW).await.unwrap(),
-        [false]
-    );
     assert_eq!(ctx.store.release(&keys, &old).await.unwrap(), [false]);
     // An instance whose id merely starts like ours is someone else.
     let lookalike = owner("inst-a:10", 11);
@@ -256,43 +252,87 @@ async fn older_epoch_of_same_instance_is_taken_over(ctx: &Ctx) {
         ctx.store.claim(&keys, &lookalike, LEASE).await.unwrap()[..],
         [ClaimOutcome::InFlightElsewhere { .. }]
     ));
-    assert_eq!(ctx.store.commit(&keys, &new, WINDOW).await.unwrap(), [true]);
+    assert_eq!(
+        ctx.store.commit(&keys, &new, WINDOW).await.unwrap(),
+        [CommitOutcome::Committed]
+    );
 }
 
 async fn commit_by_owner_then_claim_is_done(ctx: &Ctx) {
     let (a, b) = (owner("inst-a", 1), owner("inst-b", 1));
     let keys = ctx.keys(&["k"]);
     ctx.store.claim(&keys, &a, LEASE).await.unwrap();
-    assert_eq!(ctx.store.commit(&keys, &a, WINDOW).await.unwrap(), [true]);
+    assert_eq!(
+        ctx.store.commit(&keys, &a, WINDOW).await.unwrap(),
+        [CommitOutcome::Committed]
+    );
     assert_eq!(
         ctx.store.claim(&keys, &b, LEASE).await.unwrap(),
         [ClaimOutcome::Done]
     );
-    // Done is done for its owner too, and a second commit finds no token.
+    // Done is done for its owner too, and a second commit leaves it as it is.
     assert_eq!(
         ctx.store.claim(&keys, &a, LEASE).await.unwrap(),
         [ClaimOutcome::Done]
     );
-    assert_eq!(ctx.store.commit(&keys, &a, WINDOW).await.unwrap(), [false]);
+    assert_eq!(
+        ctx.store.commit(&keys, &a, WINDOW).await.unwrap(),
+        [CommitOutcome::DoneElsewhere]
+    );
 }
 
-async fn commit_by_non_owner_is_refused(ctx: &Ctx) {
+/// A commit follows a confirmed publish, so it always leaves the key done, and says what it
+/// found: another owner's claim (that owner may publish a second copy), or nothing (our claim
+/// lapsed and nobody took it).
+async fn commit_writes_done_whatever_it_finds(ctx: &Ctx) {
     let (a, b) = (owner("inst-a", 1), owner("inst-b", 1));
     let keys = ctx.keys(&["k", "absent"]);
     ctx.store.claim(&keys[..1], &a, LEASE).await.unwrap();
     assert_eq!(
         ctx.store.commit(&keys, &b, WINDOW).await.unwrap(),
-        [false, false]
+        [CommitOutcome::Overrode, CommitOutcome::Restored]
     );
-    assert!(matches!(
-        ctx.store.inspect(&keys[0]).await.unwrap(),
-        KeyState::InFlight { owner, .. } if owner == a.token()
-    ));
+    for key in &keys {
+        assert!(matches!(
+            ctx.store.inspect(key).await.unwrap(),
+            KeyState::Done { window_left } if window_left > WINDOW - Duration::from_secs(5)
+        ));
+    }
+    // The overridden owner can no longer release it: the key stays done.
+    assert_eq!(ctx.store.release(&keys[..1], &a).await.unwrap(), [false]);
     assert_eq!(
-        ctx.store.inspect(&keys[1]).await.unwrap(),
-        KeyState::Absent,
-        "a refused commit must not create the key"
+        ctx.store.claim(&keys, &a, LEASE).await.unwrap(),
+        [ClaimOutcome::Done, ClaimOutcome::Done]
     );
+}
+
+/// Renewal extends only our own claims, and keeps a claim alive past its first lease.
+async fn renew_keeps_only_our_claims_alive(ctx: &Ctx) {
+    let (a, b) = (owner("inst-a", 1), owner("inst-b", 1));
+    let keys = ctx.keys(&["mine", "theirs", "done", "absent"]);
+    let short = Duration::from_millis(300);
+    ctx.store.claim(&keys[..1], &a, short).await.unwrap();
+    ctx.store.claim(&keys[1..2], &b, LEASE).await.unwrap();
+    ctx.store.claim(&keys[2..3], &a, LEASE).await.unwrap();
+    ctx.store.commit(&keys[2..3], &a, WINDOW).await.unwrap();
+    // Renewed again and again for three times the first lease: never lapses.
+    let started = Instant::now();
+    while started.elapsed() < short * 3 {
+        assert_eq!(
+            ctx.store.renew(&keys, &a, short).await.unwrap(),
+            [true, false, false, false]
+        );
+        tokio::time::sleep(short / 3).await;
+    }
+    assert!(matches!(
+        ctx.store.claim(&keys[..1], &b, LEASE).await.unwrap()[..],
+        [ClaimOutcome::InFlightElsewhere { .. }]
+    ));
+    assert!(matches!(
+        ctx.store.inspect(&keys[2]).await.unwrap(),
+        KeyState::Done { window_left } if window_left > LEASE
+    ));
+    assert_eq!(ctx.store.inspect(&keys[3]).await.unwrap(), KeyState::Absent);
 }
 
 async fn release_by_owner_then_claim_is_claimed(ctx: &Ctx) {
@@ -341,8 +381,12 @@ async fn lease_expiry_frees_the_key(ctx: &Ctx) {
         |o| matches!(o, ClaimOutcome::InFlightElsewhere { lease_left } if *lease_left <= lease),
     )
     .await;
-    // The expired owner lost it: its commit is refused.
-    assert_eq!(ctx.store.commit(keys, &a, WINDOW).await.unwrap(), [false]);
+    // The expired owner's commit still writes it (its copy was confirmed), and says it had
+    // lapsed to someone else's claim.
+    assert_eq!(
+        ctx.store.commit(keys, &a, WINDOW).await.unwrap(),
+        [CommitOutcome::Overrode]
+    );
 }
 
 async fn window_expiry_forgets_done_keys(ctx: &Ctx) {
@@ -355,7 +399,7 @@ async fn window_expiry_forgets_done_keys(ctx: &Ctx) {
             .commit(keys, &a, Duration::from_millis(200))
             .await
             .unwrap(),
-        [true]
+        [CommitOutcome::Committed]
     );
     wait_until_claimable(ctx, &key, &b, |o| *o == ClaimOutcome::Done).await;
 }
@@ -377,10 +421,15 @@ async fn duplicate_key_in_one_batch(ctx: &Ctx) {
             ClaimOutcome::Ours
         ]
     );
-    // Commit of a repeated key: the first wins, the later ones find "1", not the token.
+    // Commit of a repeated key: the first wins, the later ones find it done.
     assert_eq!(
         ctx.store.commit(&keys, &a, WINDOW).await.unwrap(),
-        [true, true, false, false]
+        [
+            CommitOutcome::Committed,
+            CommitOutcome::Committed,
+            CommitOutcome::DoneElsewhere,
+            CommitOutcome::DoneElsewhere
+        ]
     );
 }
 
@@ -405,6 +454,7 @@ async fn empty_batches(ctx: &Ctx) {
     let a = owner("inst-a", 1);
     assert!(ctx.store.claim(&[], &a, LEASE).await.unwrap().is_empty());
     assert!(ctx.store.commit(&[], &a, WINDOW).await.unwrap().is_empty());
+    assert!(ctx.store.renew(&[], &a, LEASE).await.unwrap().is_empty());
     assert!(ctx.store.release(&[], &a).await.unwrap().is_empty());
 }
 
@@ -418,7 +468,7 @@ async fn batch_of_1000_keys(ctx: &Ctx) {
     let even: Vec<String> = keys.iter().step_by(2).cloned().collect();
     let odd: Vec<String> = keys.iter().skip(1).step_by(2).cloned().collect();
     let committed = ctx.store.commit(&even, &a, WINDOW).await.unwrap();
-    assert_eq!(committed, vec![true; 500]);
+    assert_eq!(committed, vec![CommitOutcome::Committed; 500]);
     let released = ctx.store.release(&odd, &a).await.unwrap();
     assert_eq!(released, vec![true; 500]);
     let again = ctx.store.claim(&keys, &b, LEASE).await.unwrap();
@@ -517,7 +567,8 @@ suite!(
     same_token_is_ours_and_refreshes_lease,
     older_epoch_of_same_instance_is_taken_over,
     commit_by_owner_then_claim_is_done,
-    commit_by_non_owner_is_refused,
+    commit_writes_done_whatever_it_finds,
+    renew_keeps_only_our_claims_alive,
     release_by_owner_then_claim_is_claimed,
     release_by_non_owner_is_refused,
     lease_expiry_frees_the_key,
@@ -546,9 +597,10 @@ async fn redis_unreachable_fails_fast_and_open_does_not() {
     let keys = vec!["dedupd-test-unreachable:k".to_owned()];
     for _ in 0..3 {
         let started = Instant::now();
-        let results: [Result<(), StoreError>; 6] = [
+        let results: [Result<(), StoreError>; 7] = [
             store.claim(&keys, &a, LEASE).await.map(drop),
             store.commit(&keys, &a, WINDOW).await.map(drop),
+            store.renew(&keys, &a, LEASE).await.map(drop),
             store.release(&keys, &a).await.map(drop),
             store.inspect(&keys[0]).await.map(drop),
             store.forget(&keys[0]).await.map(drop),
@@ -557,9 +609,9 @@ async fn redis_unreachable_fails_fast_and_open_does_not() {
         for r in &results {
             assert!(r.is_err(), "{r:?}");
         }
-        // Six operations, each bounded by the timeout (plus scheduling slack).
+        // Seven operations, each bounded by the timeout (plus scheduling slack).
         assert!(
-            started.elapsed() < 6 * timeout + Duration::from_secs(1),
+            started.elapsed() < 7 * timeout + Duration::from_secs(1),
             "took {:?}",
             started.elapsed()
         );
@@ -627,7 +679,7 @@ async fn redis_noscript_recovery() {
     flush().await;
     assert_eq!(
         ctx.store.commit(&keys[..1], &a, WINDOW).await.unwrap(),
-        [true]
+        [CommitOutcome::Committed]
     );
     flush().await;
     assert_eq!(ctx.store.release(&keys[1..2], &a).await.unwrap(), [true]);
@@ -730,7 +782,7 @@ async fn redis_comes_up_later_and_restarts() {
             .commit(&["dedupd-test:k2".to_owned()], &a, WINDOW)
             .await
             .unwrap(),
-        [true]
+        [CommitOutcome::Committed]
     );
     server.stop().await;
 }
@@ -764,7 +816,7 @@ async fn cluster_noscript_recovery() {
         .await
         .unwrap()
         .iter()
-        .all(|ok| *ok));
+        .all(|o| *o == CommitOutcome::Committed));
     ctx.cleanup().await;
 }
 
@@ -797,5 +849,59 @@ async fn cluster_unreachable_fails_fast_and_open_does_not() {
             "took {:?}",
             started.elapsed()
         );
+    }
+}
+
+/// A store that may evict keys is reported (an evicted done key is a forgotten key): every
+/// policy but `noeviction` on the server, and on every primary of a cluster.
+#[tokio::test]
+async fn eviction_policy_is_reported() {
+    let port = free_port();
+    let server = OwnRedis::start(port).expect("redis-server");
+    let cfg = store_config(
+        StoreKind::Redis,
+        &format!("redis://127.0.0.1:{port}/0"),
+        Duration::from_secs(1),
+    );
+    let store = Store::open(&cfg).await.expect("open");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while store.ping().await.is_err() {
+        assert!(Instant::now() < deadline, "own redis-server never answered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let client = ::redis::Client::open(format!("redis://127.0.0.1:{port}/0")).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    for (policy, expected) in [
+        ("noeviction", None),
+        ("allkeys-lru", Some("allkeys-lru")),
+        ("volatile-ttl", Some("volatile-ttl")),
+    ] {
+        let _: () = ::redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory-policy")
+            .arg(policy)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(
+            store.eviction_risk().await.unwrap().as_deref(),
+            expected,
+            "{policy}"
+        );
+    }
+    assert_eq!(
+        Store::open(&store_config(StoreKind::Memory, REDIS_URL, LEASE))
+            .await
+            .unwrap()
+            .eviction_risk()
+            .await
+            .unwrap(),
+        None
+    );
+    server.stop().await;
+
+    // The throwaway cluster runs with the default policy (noeviction) on every primary.
+    if let Some(ctx) = cluster_ctx("eviction").await {
+        assert_eq!(ctx.store.eviction_risk().await.unwrap(), None);
     }
 }

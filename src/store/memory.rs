@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use dashmap::mapref::entry::Entry as MapEntry;
 use dashmap::DashMap;
 
-use super::{is_older_epoch_of, ClaimOutcome, KeyState, Owner};
+use super::{is_older_epoch_of, ClaimOutcome, CommitOutcome, KeyState, Owner};
 
 /// How often expired entries are swept. Lazy expiry keeps reads exact in between; this only
 /// bounds how long dead entries hold memory.
@@ -111,16 +111,45 @@ impl MemoryStore {
     }
 
     /// See `Store::commit`.
-    pub fn commit(&self, keys: &[String], owner: &Owner, window: Duration) -> Vec<bool> {
+    pub fn commit(&self, keys: &[String], owner: &Owner, window: Duration) -> Vec<CommitOutcome> {
         let now = Instant::now();
-        let expires_at = deadline(now, window);
+        let done = || Entry {
+            value: Value::Done,
+            expires_at: deadline(now, window),
+        };
+        keys.iter()
+            .map(|key| match self.inner.map.entry(key.clone()) {
+                MapEntry::Vacant(slot) => {
+                    slot.insert(done());
+                    CommitOutcome::Restored
+                }
+                MapEntry::Occupied(mut slot) => {
+                    let entry = slot.get_mut();
+                    let outcome = if entry.expires_at <= now {
+                        CommitOutcome::Restored
+                    } else {
+                        match &entry.value {
+                            Value::Done => return CommitOutcome::DoneElsewhere,
+                            Value::InFlight(token) if token == owner.token() => {
+                                CommitOutcome::Committed
+                            }
+                            Value::InFlight(_) => CommitOutcome::Overrode,
+                        }
+                    };
+                    *entry = done();
+                    outcome
+                }
+            })
+            .collect()
+    }
+
+    /// See `Store::renew`.
+    pub fn renew(&self, keys: &[String], owner: &Owner, lease: Duration) -> Vec<bool> {
+        let now = Instant::now();
         keys.iter()
             .map(|key| match self.inner.map.get_mut(key.as_str()) {
                 Some(mut entry) if entry.expires_at > now && entry.is_owned_by(owner) => {
-                    *entry = Entry {
-                        value: Value::Done,
-                        expires_at,
-                    };
+                    entry.expires_at = deadline(now, lease);
                     true
                 }
                 _ => false,

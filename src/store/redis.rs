@@ -68,7 +68,7 @@ use ::redis::{
     Script, ServerErrorKind, TlsCertificates, Value,
 };
 
-use super::{px_millis, ClaimOutcome, KeyState, Owner, StoreError};
+use super::{px_millis, ClaimOutcome, CommitOutcome, KeyState, Owner, StoreError};
 use crate::config::{StoreConfig, StoreUrl, Tls};
 
 /// KEYS: the batch; ARGV: token, lease ms, instance prefix, our epoch. Two values per key:
@@ -110,13 +110,35 @@ end
 return out
 ";
 
-/// KEYS: the batch; ARGV: token, window ms. Per key: 1 if committed, 0 if no longer ours.
+/// KEYS: the batch; ARGV: token, window ms. Per key: 0 committed (ours), 1 restored (absent),
+/// 2 done already (left alone), 3 overrode another owner's claim. See `CommitOutcome`.
 const COMMIT_LUA: &str = r"
 local out = {}
 for i, key in ipairs(KEYS) do
-  if redis.call('GET', key) == ARGV[1] then
+  local v = redis.call('GET', key)
+  if v == '1' then
+    out[i] = 2
+  else
     redis.call('SET', key, '1', 'PX', ARGV[2])
-    out[i] = 1
+    if v == ARGV[1] then
+      out[i] = 0
+    elseif not v then
+      out[i] = 1
+    else
+      out[i] = 3
+    end
+  end
+end
+return out
+";
+
+/// KEYS: the batch; ARGV: token, lease ms. Per key: 1 if the lease was extended, 0 if the key
+/// no longer carries the token. PEXPIRE is not refused by a full Redis (noeviction), SET is.
+const RENEW_LUA: &str = r"
+local out = {}
+for i, key in ipairs(KEYS) do
+  if redis.call('GET', key) == ARGV[1] then
+    out[i] = redis.call('PEXPIRE', key, ARGV[2])
   else
     out[i] = 0
   end
@@ -150,6 +172,9 @@ struct Inner {
     claim: Script,
     commit: Script,
     release: Script,
+    renew: Script,
+    /// The URL(s) without passwords, for log lines.
+    label: String,
 }
 
 /// What to connect to; builds a fresh lazy connection on demand.
@@ -226,6 +251,16 @@ impl RedisStore {
             }
         };
         let conn = target.connect()?;
+        let label = match urls.as_slice() {
+            [one] => crate::config::redact_url(one),
+            many => format!(
+                "cluster [{}]",
+                many.iter()
+                    .map(|u| crate::config::redact_url(u))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        };
         Ok(Self {
             inner: Arc::new(Inner {
                 target,
@@ -237,6 +272,8 @@ impl RedisStore {
                 claim: Script::new(CLAIM_LUA),
                 commit: Script::new(COMMIT_LUA),
                 release: Script::new(RELEASE_LUA),
+                renew: Script::new(RENEW_LUA),
+                label,
             }),
         })
     }
@@ -268,9 +305,31 @@ impl RedisStore {
         keys: &[String],
         owner: &Owner,
         window: Duration,
+    ) -> Result<Vec<CommitOutcome>, StoreError> {
+        let args = [owner.token().to_owned(), px_millis(window).to_string()];
+        let script = &self.inner.commit;
+        self.bounded(move |mut conn| async move {
+            let replies = eval_batch(&mut conn, script, keys, &args, 1).await?;
+            replies
+                .into_iter()
+                .map(|v| {
+                    let code = parse_int(&v[0])?;
+                    CommitOutcome::from_code(code)
+                        .ok_or_else(|| unexpected(format!("commit script returned {code}")))
+                })
+                .collect()
+        })
+        .await
+    }
+
+    /// See `Store::renew`.
+    pub async fn renew(
+        &self,
+        keys: &[String],
+        owner: &Owner,
+        lease: Duration,
     ) -> Result<Vec<bool>, StoreError> {
-        let window = px_millis(window);
-        self.compare_and(&self.inner.commit, keys, owner, Some(window))
+        self.compare_and(&self.inner.renew, keys, owner, Some(px_millis(lease)))
             .await
     }
 
@@ -280,7 +339,7 @@ impl RedisStore {
             .await
     }
 
-    /// Runs a compare-on-token script (commit or release) for every key.
+    /// Runs a compare-on-token script (release or renew) for every key.
     async fn compare_and(
         &self,
         script: &Script,
@@ -298,6 +357,52 @@ impl RedisStore {
                 .collect()
         })
         .await
+    }
+
+    /// See `Store::eviction_risk`: `CONFIG GET maxmemory-policy` on the server, or on every
+    /// primary of a cluster. A server that refuses CONFIG (managed services rename it) is an
+    /// error the caller reports as "cannot verify".
+    pub async fn eviction_risk(&self) -> Result<Option<String>, StoreError> {
+        self.bounded(|mut conn| async move {
+            let mut cmd = ::redis::cmd("CONFIG");
+            cmd.arg("GET").arg("maxmemory-policy");
+            let reply = match &mut conn {
+                Conn::Single(c) => cmd.query_async::<Value>(c).await?,
+                Conn::Cluster(c) => {
+                    use ::redis::cluster_routing::{
+                        MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo,
+                    };
+                    let routing = RoutingInfo::MultiNode((
+                        MultipleNodeRoutingInfo::AllMasters,
+                        Some(ResponsePolicy::CombineArrays),
+                    ));
+                    c.route_command(cmd, routing).await?
+                }
+            };
+            let fields = match reply {
+                Value::Array(items) => items,
+                Value::Map(pairs) => pairs.into_iter().flat_map(|(k, v)| [k, v]).collect(),
+                other => return Err(unexpected(format!("CONFIG GET returned {other:?}"))),
+            };
+            let policies: Vec<String> = fields
+                .chunks(2)
+                .filter_map(|pair| match pair.get(1) {
+                    Some(Value::BulkString(b)) => Some(String::from_utf8_lossy(b).into_owned()),
+                    Some(Value::SimpleString(s)) => Some(s.clone()),
+                    _ => None,
+                })
+                .collect();
+            if policies.is_empty() {
+                return Err(unexpected("CONFIG GET maxmemory-policy: no value".into()));
+            }
+            Ok(policies.into_iter().find(|p| p != "noeviction"))
+        })
+        .await
+    }
+
+    /// The URL(s) without passwords.
+    pub fn label(&self) -> String {
+        self.inner.label.clone()
     }
 
     /// See `Store::inspect`: GET and PTTL in one pipeline (same key, so same slot in a

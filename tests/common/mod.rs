@@ -391,12 +391,17 @@ pub struct Child {
 
 impl Child {
     pub fn spawn(args: &[&str]) -> Child {
-        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_dedupd"))
+        Self::spawn_with_stderr(args, Stdio::inherit())
+    }
+
+    /// Like `spawn`, with the child's log lines (stderr) going to `stderr`.
+    pub fn spawn_with_stderr(args: &[&str], stderr: impl Into<Stdio>) -> Child {
+        let child = tokio::process::Command::new(binary())
             .args(args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .kill_on_drop(true)
             .spawn()
             .expect("spawn dedupd");
@@ -415,9 +420,15 @@ impl Child {
     }
 }
 
+/// The binary under test: this build's, or `DEDUPD_TEST_BIN` (to measure another build, e.g.
+/// an older release, with the same tests).
+pub fn binary() -> String {
+    std::env::var("DEDUPD_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_dedupd").to_owned())
+}
+
 /// Runs the binary to completion with `args`: (exit code, stdout, stderr).
 pub async fn run_binary(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, String) {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_dedupd"))
+    let out = tokio::process::Command::new(binary())
         .args(args)
         .envs(envs.iter().copied())
         .output()
@@ -502,4 +513,56 @@ pub async fn redis_set(
         .query_async(redis)
         .await
         .unwrap_or_else(|e| panic!("SET {key}: {e}"));
+}
+
+/// A TCP relay on 127.0.0.1 (port 0) to `target`, whose server-to-client direction can be
+/// paused: the client's requests still go out, but nothing comes back (replies, confirms)
+/// until it resumes. Stops with the test's runtime.
+pub struct Relay {
+    pub port: u16,
+    paused: tokio::sync::watch::Sender<bool>,
+}
+
+impl Relay {
+    pub async fn start(target: &str) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind relay");
+        let port = listener.local_addr().expect("relay address").port();
+        let (paused, watch) = tokio::sync::watch::channel(false);
+        let target = target.to_owned();
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&target).await else {
+                    continue;
+                };
+                let (mut client_rx, mut client_tx) = client.into_split();
+                let (mut server_rx, mut server_tx) = server.into_split();
+                tokio::spawn(async move {
+                    let _ = tokio::io::copy(&mut client_rx, &mut server_tx).await;
+                });
+                let mut watch = watch.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        let n = match server_rx.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        if watch.wait_for(|paused| !*paused).await.is_err() {
+                            return;
+                        }
+                        if client_tx.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        Relay { port, paused }
+    }
+
+    pub fn pause(&self, paused: bool) {
+        self.paused.send_replace(paused);
+    }
 }
