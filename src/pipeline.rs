@@ -261,10 +261,12 @@ async fn wait_for_store(ctx: &RouteCtx, logs: &RouteLogs, shutdown: &Cancellatio
             Err(error) => {
                 ctx.store_up.set(false);
                 if ctx.on_store_error == OnStoreError::Forward {
-                    logs.store.failed(&error, "forwarding without dedup (on_error = forward)");
+                    logs.store
+                        .failed(&error, "forwarding without dedup (on_error = forward)");
                     return true;
                 }
-                logs.store.failed(&error, "not consuming until it answers (on_error = block)");
+                logs.store
+                    .failed(&error, "not consuming until it answers (on_error = block)");
             }
         }
         if !backoff.wait(shutdown).await {
@@ -802,7 +804,11 @@ impl<'a> Intake<'a> {
     /// Whether `key` was released here after a publish that certainly did not arrive (and
     /// forgets it: only the first redelivered copy is vouched for).
     fn was_unpublished(&self, key: &str) -> bool {
-        let mut unpublished = self.shared.unpublished.lock().unwrap_or_else(|e| e.into_inner());
+        let mut unpublished = self
+            .shared
+            .unpublished
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         unpublished.remove(key)
     }
 
@@ -821,10 +827,10 @@ impl<'a> Intake<'a> {
                     self.shared.metrics.store_errors.increment(1);
                     ctx.store_up.set(false);
                     if ctx.on_store_error == OnStoreError::Forward {
-                        self.shared.logs.store.failed(
-                            &error,
-                            "forwarding without dedup (on_error = forward)",
-                        );
+                        self.shared
+                            .logs
+                            .store
+                            .failed(&error, "forwarding without dedup (on_error = forward)");
                         return Claimed::FailOpen;
                     }
                     self.shared.logs.store.failed(
@@ -997,7 +1003,10 @@ async fn settle(
                 }
                 (Fate::Publish { .. }, Some(Ok(Confirmation::Ack(Some(message))))) => {
                     returned.get_or_insert_with(|| {
-                        (message.reply_text.to_string(), message.routing_key.to_string())
+                        (
+                            message.reply_text.to_string(),
+                            message.routing_key.to_string(),
+                        )
                     });
                     unpublished.extend(claimed_key.clone());
                     release.extend(claimed_key);

@@ -404,6 +404,16 @@ async fn redis_absent_at_start_then_started() {
         assert_eq!(broker.ready(&setup.queue).await, total, "nothing consumed");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // Each component reads for itself: the brokers are connected, only the store is down.
+    let port = setup.metrics_port;
+    let up = |component: &'static str| async move {
+        metric(port, "dedupd_up", &[("component", component)]).await
+    };
+    wait_for("brokers read up while the store is down", LONG, || async {
+        (up("upstream").await == 1.0 && up("downstream").await == 1.0).then_some(())
+    })
+    .await;
+    assert_eq!(up("store").await, 0.0);
 
     redis.start().await;
     wait_drained(&broker, &setup, setup.metrics_port).await;
@@ -827,10 +837,14 @@ async fn claims_outlive_their_lease_while_their_owner_works_on_them() {
 
     relay.pause(true);
     let paused_at = std::time::Instant::now();
-    wait_for("A's prefetch full of unconfirmed publishes", LONG, || async {
-        let inflight = setup.metric("dedupd_inflight_messages").await;
-        (inflight >= PREFETCH as f64).then_some(())
-    })
+    wait_for(
+        "A's prefetch full of unconfirmed publishes",
+        LONG,
+        || async {
+            let inflight = setup.metric("dedupd_inflight_messages").await;
+            (inflight >= PREFETCH as f64).then_some(())
+        },
+    )
     .await;
     let held_by_a = in_flight_ids(&setup).await;
     assert!(!held_by_a.is_empty(), "A has claims in flight");
@@ -852,7 +866,12 @@ async fn claims_outlive_their_lease_while_their_owner_works_on_them() {
 
     wait_for("both settled", LONG, || async {
         let a = setup.metric("dedupd_inflight_messages").await;
-        let b = metric(port_b, "dedupd_inflight_messages", &[("route", &setup.name)]).await;
+        let b = metric(
+            port_b,
+            "dedupd_inflight_messages",
+            &[("route", &setup.name)],
+        )
+        .await;
         (broker.ready(&setup.queue).await == 0 && a == 0.0 && b == 0.0).then_some(())
     })
     .await;
@@ -862,12 +881,19 @@ async fn claims_outlive_their_lease_while_their_owner_works_on_them() {
     stop(b).await;
 
     let t = tally(&broker, &setup, &expected).await;
-    report("confirms held back for 3 leases, second instance", &t, takeovers);
+    report(
+        "confirms held back for 3 leases, second instance",
+        &t,
+        takeovers,
+    );
     println!(
         "FAULT-FIGURES lease renewal: {} claims in flight at the pause, {lapsed} lapsed after 3 leases",
         held_by_a.len()
     );
-    assert_eq!(lapsed, 0, "claims lapsed while their owner was working on them");
+    assert_eq!(
+        lapsed, 0,
+        "claims lapsed while their owner was working on them"
+    );
     assert_eq!(
         (t.lost, t.left_upstream, t.dead_lettered, t.duplicates),
         (0, 0, 0, 0),
@@ -1004,4 +1030,67 @@ async fn downstream_that_keeps_nacking_is_backed_off() {
     assert_eq!(broker.ready(&format!("{}.dlq", setup.queue)).await, 0);
     broker.cleanup().await;
     redis_cleanup(&setup.name).await;
+}
+
+/// A store that may evict keys (`maxmemory-policy allkeys-lru`) would forget keys without a
+/// word, and their next copies would be forwarded: the proxy refuses to consume from it, says
+/// why, and reads not ready; once the policy is `noeviction` it starts on its own.
+#[tokio::test]
+async fn evicting_store_is_refused_until_fixed() {
+    let _serial = SERIAL.lock().await;
+    let redis = OwnRedis::port();
+    redis.start().await;
+    assert!(
+        redis
+            .cmd(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"])
+            .await
+    );
+    let setup = Setup::new("evicting");
+    let mut broker = Broker::connect().await;
+    setup.declare(&mut broker).await;
+    let (messages, expected) = workload(500, 0.3);
+    broker.publish_all(&setup.queue, &messages).await;
+    let path = std::env::temp_dir().join(format!("{}.toml", setup.name));
+    std::fs::write(&path, setup.toml().replace(REDIS_URL, &redis.url())).expect("config");
+    let log_path = std::env::temp_dir().join(format!("{}.log", setup.name));
+    let log = std::fs::File::create(&log_path).expect("log file");
+    let proxy = Child::spawn_with_stderr(&["run", "-c", path.to_str().expect("utf-8 path")], log);
+
+    wait_for("the refusal logged", LONG, || async {
+        let logged = std::fs::read_to_string(&log_path).unwrap_or_default();
+        logged.contains("allkeys-lru").then_some(())
+    })
+    .await;
+    let ready = http_get(setup.metrics_port, "/readyz")
+        .await
+        .map(|(s, _)| s);
+    assert_eq!(ready, Some(503), "not ready with an evicting store");
+    assert_eq!(
+        broker.ready(&setup.queue).await,
+        messages.len() as u32,
+        "nothing consumed"
+    );
+
+    assert!(
+        redis
+            .cmd(&["CONFIG", "SET", "maxmemory-policy", "noeviction"])
+            .await
+    );
+    wait_drained(&broker, &setup, setup.metrics_port).await;
+    stop(proxy).await;
+    redis.remove().await;
+    let logged = std::fs::read_to_string(&log_path).expect("log");
+    let _ = std::fs::remove_file(&log_path);
+    assert!(
+        logged.contains("maxmemory-policy noeviction"),
+        "the log says how to fix it"
+    );
+
+    let t = tally(&broker, &setup, &expected).await;
+    assert_eq!(
+        (t.lost, t.left_upstream, t.dead_lettered, t.duplicates),
+        (0, 0, 0, 0),
+        "{t:?}"
+    );
+    broker.cleanup().await;
 }
