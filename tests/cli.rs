@@ -267,3 +267,45 @@ async fn sighup_reloads_a_valid_file_and_refuses_an_invalid_one() {
     redis_cleanup(&setup.name).await;
     let _ = std::fs::remove_file(path);
 }
+
+/// A password with characters that end a URL in naive redaction (`"`, `'`, `,`, `]`, `#`, `@`,
+/// a space), on a URL line with a TOML syntax error: `check` refuses the file and neither of its
+/// outputs shows any piece of the password (each piece starts with `Zq`).
+#[tokio::test]
+async fn check_never_prints_a_password_from_a_broken_url_line() {
+    let setup = Setup::new("check-broken-url");
+    let good = format!("url = \"{AMQP_URL}\"");
+    assert!(setup.toml().contains(&good));
+    let pw = "Zq1\"Zq2'Zq3,Zq4]Zq5#Zq6 Zq7@Zq8";
+    let broken_lines = [
+        // The quote in the password ends the string early.
+        format!("url = \"amqp://guest:{pw}@127.0.0.1:5672/%2f\""),
+        format!("url = 'amqp://guest:{pw}@127.0.0.1:5672/%2f'"),
+        // Unterminated, unquoted, stray bracket.
+        format!("url = \"amqp://guest:{pw}@127.0.0.1:5672/%2f"),
+        format!("url = amqp://guest:{pw}@127.0.0.1:5672/%2f"),
+        format!("url = \"amqp://guest:{pw}@127.0.0.1:5672/%2f\"]"),
+        // Redis, in a cluster list.
+        format!("url = [\"redis://:{pw}@127.0.0.1:6379\"]"),
+    ];
+    let path = std::env::temp_dir().join(format!("{}.toml", setup.name));
+    for (i, line) in broken_lines.iter().enumerate() {
+        let toml = if line.starts_with("url = [\"redis") {
+            setup
+                .toml()
+                .replace(&format!("url = \"{REDIS_URL}\""), line)
+        } else {
+            setup.toml().replace(&good, line)
+        };
+        std::fs::write(&path, toml).expect("write");
+        let (code, out, err) =
+            run_binary(&["check", "-c", path.to_str().expect("utf-8 path")], &[]).await;
+        assert_eq!(code, 2, "variant {i}: stdout {out}\nstderr {err}");
+        assert!(err.contains("line"), "variant {i} names the line: {err}");
+        assert!(
+            !out.contains("Zq") && !err.contains("Zq"),
+            "variant {i} shows the password:\nstdout {out}\nstderr {err}"
+        );
+    }
+    let _ = std::fs::remove_file(path);
+}
