@@ -427,6 +427,79 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     }
 }
 
+/// Longest AMQP short string (queue, exchange and routing key names, header names, consumer
+/// tags): the broker refuses longer ones, so a route with one would fail at run time.
+const MAX_SHORTSTR: usize = 255;
+
+/// Longest route name: the consumer tag `dedupd-{route}-{instance}-{epoch}` is a short string,
+/// and `dedupd-` (7), the 16 hex digits of the instance, an epoch of up to 20 digits and two
+/// dashes take 45 of its 255 bytes.
+pub const MAX_ROUTE_NAME: usize = MAX_SHORTSTR - 45;
+
+/// Longest `store.key_prefix`: it is repeated in every remembered key, so it is Redis memory
+/// per key; 64 bytes is room for any naming scheme.
+const MAX_KEY_PREFIX: usize = 64;
+
+/// Refuses a name the broker would refuse at run time.
+fn check_shortstr(key: &str, value: &str, what: &str) -> Result<(), ConfigError> {
+    if value.len() > MAX_SHORTSTR {
+        return Err(invalid(
+            key,
+            format!(
+                "is {} bytes long: AMQP limits {what} to {MAX_SHORTSTR} bytes, and the broker \
+                 would refuse it at run time; use a shorter name",
+                value.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a duration outside `min..=max`, saying `why` the bounds are there.
+fn check_duration(
+    key: &str,
+    value: Duration,
+    (min, max): (Duration, Duration),
+    why: &str,
+    default: &str,
+) -> Result<(), ConfigError> {
+    if value < min || value > max {
+        return Err(invalid(
+            key,
+            format!(
+                "is {}: use \"{}\" to \"{}\" ({why}); the default is \"{default}\"",
+                fmt_duration(value),
+                fmt_bound(min),
+                fmt_bound(max)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+const SECOND: Duration = Duration::from_secs(1);
+const MINUTE: Duration = Duration::from_secs(60);
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// `store.lease` bounds. Below 1s a claim can expire while its publish is still in flight on a
+/// merely slow broker or store, and another instance forwards a duplicate; above 1h the
+/// messages of a crashed instance wait that long before they are forwarded again.
+pub const LEASE_BOUNDS: (Duration, Duration) = (SECOND, HOUR);
+/// `store.timeout` bounds: under 10ms a healthy store on another host counts as down; over 60s
+/// a store that stopped answering stalls every route that long before it counts as down.
+pub const STORE_TIMEOUT_BOUNDS: (Duration, Duration) = (Duration::from_millis(10), MINUTE);
+/// `routes.*.window` bounds: under 1s nothing is deduplicated; over 365 days is past any
+/// retry horizon, costs Redis memory for every key that long, and nears the expiry times
+/// Redis accepts.
+pub const WINDOW_BOUNDS: (Duration, Duration) = (SECOND, Duration::from_secs(365 * 86_400));
+/// `tuning.confirm_timeout` bounds: confirms of persistent messages wait for the broker's disk,
+/// so under 1s a loaded but healthy broker has its publishes counted as failed and sent again
+/// (duplicates); over 10 minutes a stuck broker holds the route's messages that long.
+pub const CONFIRM_TIMEOUT_BOUNDS: (Duration, Duration) = (SECOND, Duration::from_secs(600));
+/// `tuning.shutdown_grace` and `tuning.backoff_max` bounds: longer than an hour reads like a
+/// unit mistake, and service managers kill a process that takes that long to stop anyway.
+pub const MAX_WAIT: Duration = HOUR;
+
 impl Config {
     fn validate_brokers(&self) -> Result<(), ConfigError> {
         check_amqp_url("upstream.url", &self.upstream.url)?;
@@ -489,12 +562,29 @@ impl Config {
                 "must be at least 1, or nothing is ever published; the default is 1000",
             ));
         }
-        if t.confirm_timeout.is_zero() {
-            return Err(invalid(
-                "tuning.confirm_timeout",
-                "must be longer than 0; the default is \"15s\"",
-            ));
-        }
+        check_duration(
+            "tuning.confirm_timeout",
+            t.confirm_timeout,
+            CONFIRM_TIMEOUT_BOUNDS,
+            "a confirm of a persistent message waits for the broker's disk: a shorter timeout \
+             republishes what a busy broker was about to confirm, a longer one holds messages \
+             behind a stuck broker",
+            "15s",
+        )?;
+        check_duration(
+            "tuning.shutdown_grace",
+            t.shutdown_grace,
+            (Duration::ZERO, MAX_WAIT),
+            "how long SIGTERM waits for in-flight messages; longer reads like a unit mistake",
+            "10s",
+        )?;
+        check_duration(
+            "tuning.backoff_max",
+            t.backoff_max,
+            (Duration::ZERO, MAX_WAIT),
+            "the longest wait before reconnecting; longer reads like a unit mistake",
+            "5s",
+        )?;
         if t.backoff_min.is_zero() {
             // The backoff doubles from backoff_min: from zero it would retry in a hot loop.
             return Err(invalid(
@@ -537,12 +627,32 @@ impl Config {
                      metric labels): rename the table",
                 ));
             }
+            if name.len() > MAX_ROUTE_NAME {
+                return Err(invalid(
+                    format!("routes.{name}"),
+                    format!(
+                        "the route name is {} bytes long: use at most {MAX_ROUTE_NAME} (it goes \
+                         into the AMQP consumer tag, which is limited to {MAX_SHORTSTR}); rename \
+                         the table",
+                        name.len()
+                    ),
+                ));
+            }
             let queue = route.queue.as_str();
             if queue.is_empty() {
                 return Err(invalid(
                     key("queue"),
                     "is empty: name the upstream queue to consume",
                 ));
+            }
+            check_shortstr(&key("queue"), queue, "queue names")?;
+            check_shortstr(&key("exchange"), &route.exchange, "exchange names")?;
+            if let Some(rk) = &route.routing_key {
+                check_shortstr(&key("routing_key"), rk, "routing keys")?;
+            }
+            if let KeySpec::Header(header) = &route.key {
+                // A longer header name cannot occur in a message: every message would miss it.
+                check_shortstr(&key("key"), header, "header names")?;
             }
             if let Some(other) = consumers.insert(queue, name) {
                 return Err(invalid(
@@ -586,15 +696,14 @@ impl Config {
                     _ => {}
                 }
             }
-            if route.window < Duration::from_secs(1) {
-                return Err(invalid(
-                    key("window"),
-                    format!(
-                        "is {}: use at least \"1s\" (how long a forwarded key is remembered, e.g. \"24h\")",
-                        fmt_duration(route.window)
-                    ),
-                ));
-            }
+            check_duration(
+                &key("window"),
+                route.window,
+                WINDOW_BOUNDS,
+                "how long a forwarded key is remembered: every key costs Redis memory for that \
+                 long, and Redis limits expiry times",
+                "24h",
+            )?;
         }
         Ok(())
     }
@@ -686,6 +795,16 @@ impl StoreConfig {
                 "rediss://",
             )?;
         }
+        if self.key_prefix.len() > MAX_KEY_PREFIX {
+            return Err(invalid(
+                "store.key_prefix",
+                format!(
+                    "is {} bytes long: use at most {MAX_KEY_PREFIX} (it is repeated in every \
+                     remembered key); the default is \"dedupd\"",
+                    self.key_prefix.len()
+                ),
+            ));
+        }
         if self.key_prefix.is_empty() || self.key_prefix.chars().any(char::is_whitespace) {
             return Err(invalid(
                 "store.key_prefix",
@@ -695,21 +814,23 @@ impl StoreConfig {
                 ),
             ));
         }
-        if self.lease < Duration::from_millis(100) {
-            return Err(invalid(
-                "store.lease",
-                format!(
-                    "is {}: use at least \"100ms\" (a claim must outlive its publish); the default is \"30s\"",
-                    fmt_duration(self.lease)
-                ),
-            ));
-        }
-        if self.timeout.is_zero() {
-            return Err(invalid(
-                "store.timeout",
-                "must be longer than 0; the default is \"2s\"",
-            ));
-        }
+        check_duration(
+            "store.lease",
+            self.lease,
+            LEASE_BOUNDS,
+            "a claim must outlive its publish and confirm, or a slow broker lets another \
+             instance forward a duplicate; a crashed instance's messages wait out the lease, \
+             so a few seconds take over fast",
+            "30s",
+        )?;
+        check_duration(
+            "store.timeout",
+            self.timeout,
+            STORE_TIMEOUT_BOUNDS,
+            "the deadline of one store round trip: shorter fails a healthy remote store, \
+             longer stalls every route behind a dead one",
+            "2s",
+        )?;
         Ok(())
     }
 }
@@ -840,6 +961,17 @@ fn same_broker(a: &str, b: &str) -> bool {
                 && a.vhost == b.vhost
         }
         _ => true,
+    }
+}
+
+/// A bound in a message: whole days as days (`365d`, which humantime reads), else as
+/// [`fmt_duration`].
+fn fmt_bound(d: Duration) -> String {
+    let secs = d.as_secs();
+    if d.subsec_nanos() == 0 && secs >= 2 * 86_400 && secs.is_multiple_of(86_400) {
+        format!("{}d", secs / 86_400)
+    } else {
+        fmt_duration(d)
     }
 }
 
@@ -1397,8 +1529,12 @@ routing_key = "orders.out"
             "store.key_prefix",
             "whitespace",
         );
-        refused(kind, "lease = \"50ms\"", "store.lease", "100ms");
-        refused(kind, "timeout = \"0s\"", "store.timeout", "longer than 0");
+        refused(
+            kind,
+            "timeout = \"0s\"",
+            "store.timeout",
+            "\"10ms\" to \"1m\"",
+        );
         // kind = "memory" ignores the url.
         parse(&BASE.replace(kind, "kind = \"memory\"\nurl = \"nonsense\"")).unwrap();
         parse(&BASE.replace(
@@ -1475,11 +1611,6 @@ routing_key = "orders.out"
             ("batch_size = 10001", "tuning.batch_size", "1 to 10000"),
             ("publish_window = 0", "tuning.publish_window", "at least 1"),
             (
-                "confirm_timeout = \"0s\"",
-                "tuning.confirm_timeout",
-                "longer than 0",
-            ),
-            (
                 "backoff_min = \"0s\"",
                 "tuning.backoff_min",
                 "longer than 0",
@@ -1547,6 +1678,136 @@ routing_key = "orders.out"
                 .replace("[store]", other)
                 .replace("routing_key = \"orders.out\"", ""),
         )
+        .unwrap();
+    }
+
+    /// Values no operator means, each refused with its bounds and the reason for them; short
+    /// leases of a few seconds stay valid with every other setting at its default.
+    #[test]
+    fn durations_are_bounded() {
+        let kind = "kind = \"memory\"";
+        let store = |line: &str| format!("{kind}\n{line}");
+        let tuning = |line: &str| format!("[tuning]\n{line}\n[store]");
+        let cases = [
+            (
+                kind,
+                store("lease = \"500ms\""),
+                "store.lease",
+                "\"1s\" to \"1h\"",
+            ),
+            (
+                kind,
+                store("lease = \"300000000years\""),
+                "store.lease",
+                "crashed",
+            ),
+            (
+                kind,
+                store("timeout = \"5ms\""),
+                "store.timeout",
+                "\"10ms\"",
+            ),
+            (kind, store("timeout = \"2m\""), "store.timeout", "\"1m\""),
+            (
+                "[store]",
+                tuning("confirm_timeout = \"1ns\""),
+                "tuning.confirm_timeout",
+                "\"1s\" to \"10m\"",
+            ),
+            (
+                "[store]",
+                tuning("confirm_timeout = \"1h\""),
+                "tuning.confirm_timeout",
+                "stuck broker",
+            ),
+            (
+                "[store]",
+                tuning("shutdown_grace = \"2h\""),
+                "tuning.shutdown_grace",
+                "\"1h\"",
+            ),
+            (
+                "[store]",
+                tuning("backoff_max = \"1day\""),
+                "tuning.backoff_max",
+                "\"1h\"",
+            ),
+            (
+                "routing_key = \"orders.out\"",
+                "routing_key = \"orders.out\"\nwindow = \"300000000years\"".to_owned(),
+                "routes.orders.window",
+                "\"1s\" to \"365d\"",
+            ),
+            (
+                "routing_key = \"orders.out\"",
+                "routing_key = \"orders.out\"\nwindow = \"366days\"".to_owned(),
+                "routes.orders.window",
+                "Redis",
+            ),
+        ];
+        for (from, to, key, hint) in cases {
+            refused(from, &to, key, hint);
+        }
+        for ok in [
+            store("lease = \"1s\""),
+            store("lease = \"3s\""),
+            store("lease = \"1h\"\ntimeout = \"10ms\""),
+            store("timeout = \"1m\""),
+        ] {
+            parse(&BASE.replace(kind, &ok)).unwrap();
+        }
+        parse(&BASE.replace(
+            "[store]",
+            &tuning("confirm_timeout = \"1s\"\nshutdown_grace = \"0s\"\nbackoff_max = \"1h\""),
+        ))
+        .unwrap();
+        parse(&BASE.replace(
+            "routing_key = \"orders.out\"",
+            "routing_key = \"orders.out\"\nwindow = \"365d\"",
+        ))
+        .unwrap();
+    }
+
+    /// Names the broker would refuse at run time are refused by `check`.
+    #[test]
+    fn names_fit_amqp_limits() {
+        let long = "q".repeat(256);
+        let max = "q".repeat(255);
+        for (from, field) in [
+            ("queue = \"orders.in\"", "queue"),
+            ("exchange = \"\"", "exchange"),
+            ("routing_key = \"orders.out\"", "routing_key"),
+        ] {
+            let (k, m) = invalid_of(&BASE.replace(from, &format!("{field} = \"{long}\"")));
+            assert_eq!(k, format!("routes.orders.{field}"), "{m}");
+            assert!(m.contains("255 bytes"), "{m}");
+            parse(&BASE.replace(from, &format!("{field} = \"{max}\""))).unwrap();
+        }
+        refused(
+            "exchange = \"\"",
+            &format!("exchange = \"\"\nkey = \"header:{long}\""),
+            "routes.orders.key",
+            "255 bytes",
+        );
+        // The consumer tag `dedupd-{route}-{16 hex}-{epoch}` must fit in 255 bytes.
+        let name = "r".repeat(MAX_ROUTE_NAME);
+        let tag = format!("dedupd-{name}-{:016x}-{}", u64::MAX, u64::MAX);
+        assert_eq!(tag.len(), 255);
+        parse(&BASE.replace("[routes.orders]", &format!("[routes.{name}]"))).unwrap();
+        let name = "r".repeat(MAX_ROUTE_NAME + 1);
+        let (k, m) = invalid_of(&BASE.replace("[routes.orders]", &format!("[routes.{name}]")));
+        assert_eq!(k, format!("routes.{name}"));
+        assert!(m.contains("at most 210"), "{m}");
+        refused(
+            "kind = \"memory\"",
+            &format!("kind = \"memory\"\nkey_prefix = \"{}\"", "p".repeat(65)),
+            "store.key_prefix",
+            "at most 64",
+        );
+        parse(&BASE.replace(
+            "kind = \"memory\"",
+            &format!("kind = \"memory\"\nkey_prefix = \"{}\"", "p".repeat(64)),
+        ))
         .unwrap();
     }
 
