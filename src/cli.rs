@@ -271,12 +271,22 @@ async fn check_connect(config: &Config) -> u8 {
             }
         };
         for (name, route) in &config.routes {
+            // What this side needs of the route: the upstream queue it consumes; downstream,
+            // the exchange it publishes to or, on the default exchange, the queue its
+            // routing_key names (without it, every message comes back unroutable and is
+            // dead-lettered). The message's own routing key cannot be checked beforehand.
+            let queue = match (side, route.exchange.is_empty(), &route.routing_key) {
+                ("upstream", _, _) => Some(route.queue.as_str()),
+                (_, true, Some(rk)) => Some(rk.as_str()),
+                (_, true, None) => continue,
+                (_, false, _) => None,
+            };
             // A passive declare that fails closes the channel: one channel per check.
             let result = async {
                 let channel = endpoint
                     .rpc("opening a channel", conn.create_channel())
                     .await?;
-                if side == "upstream" {
+                if let Some(queue) = queue {
                     let passive = QueueDeclareOptions {
                         passive: true,
                         ..Default::default()
@@ -284,14 +294,10 @@ async fn check_connect(config: &Config) -> u8 {
                     endpoint
                         .rpc(
                             "declaring the queue passively",
-                            channel.queue_declare(
-                                route.queue.as_str().into(),
-                                passive,
-                                FieldTable::default(),
-                            ),
+                            channel.queue_declare(queue.into(), passive, FieldTable::default()),
                         )
                         .await?;
-                } else if !route.exchange.is_empty() {
+                } else {
                     let passive = ExchangeDeclareOptions {
                         passive: true,
                         ..Default::default()
@@ -312,14 +318,21 @@ async fn check_connect(config: &Config) -> u8 {
                 Ok::<(), crate::amqp::AmqpError>(())
             }
             .await;
-            let what = if side == "upstream" {
-                format!("route {name}: queue {:?}", route.queue)
-            } else if route.exchange.is_empty() {
-                continue;
-            } else {
-                format!("route {name}: exchange {:?}", route.exchange)
+            let (what, hint) = match (side, queue) {
+                ("upstream", _) => (format!("route {name}: queue {:?}", route.queue), ""),
+                (_, Some(queue)) => (
+                    format!("route {name}: destination queue {queue:?}"),
+                    " (with exchange = \"\", routing_key names the queue every message is \
+                     published to; without it, each one would be returned as unroutable and \
+                     dead-lettered): declare the queue on the downstream broker, or fix \
+                     routing_key",
+                ),
+                (_, None) => (format!("route {name}: exchange {:?}", route.exchange), ""),
             };
-            report(what, result.map_err(|e| error_chain(&e)));
+            report(
+                what,
+                result.map_err(|e| format!("{}{hint}", error_chain(&e))),
+            );
         }
         let _ = conn.close(200, "check done".into()).await;
     }

@@ -613,7 +613,11 @@ impl Config {
             ));
         }
         // A default-exchange publish only loops back when it lands on the broker it came from.
-        let same_broker = same_broker(&self.upstream.url, self.downstream_url());
+        // Asked lazily: it may resolve host names, which only such routes need.
+        let same_broker_cell = std::cell::OnceCell::new();
+        let same_broker = || {
+            *same_broker_cell.get_or_init(|| same_broker(&self.upstream.url, self.downstream_url()))
+        };
         let mut consumers: BTreeMap<&str, &str> = BTreeMap::new();
         for (name, route) in &self.routes {
             let key = |field: &str| format!("routes.{name}.{field}");
@@ -672,7 +676,7 @@ impl Config {
                              empty key nowhere: name the downstream queue",
                         ));
                     }
-                    None if same_broker => {
+                    None if same_broker() => {
                         return Err(invalid(
                             key("routing_key"),
                             format!(
@@ -684,7 +688,7 @@ impl Config {
                             ),
                         ));
                     }
-                    Some(rk) if same_broker && rk == queue => {
+                    Some(rk) if rk == queue && same_broker() => {
                         return Err(invalid(
                             key("routing_key"),
                             format!(
@@ -951,17 +955,34 @@ fn check_tls(
     Ok(())
 }
 
-/// Whether two AMQP URLs reach the same broker and vhost (credentials may differ).
+/// Whether two AMQP URLs reach the same broker and vhost (credentials may differ), however the
+/// host is spelled: `localhost` and `127.0.0.1` are one broker. Same port and vhost, and either
+/// the same host name or any address in common once both names are resolved.
+///
 /// Unparsable URLs count as the same: the checks that depend on it then err on the safe side.
+/// A name that does not resolve (yet: `check` may run where production DNS is not) counts as
+/// another broker, so a config is never refused for DNS being away.
 fn same_broker(a: &str, b: &str) -> bool {
-    match (a.parse::<AMQPUri>(), b.parse::<AMQPUri>()) {
-        (Ok(a), Ok(b)) => {
-            a.authority.host.eq_ignore_ascii_case(&b.authority.host)
-                && a.authority.port == b.authority.port
-                && a.vhost == b.vhost
-        }
-        _ => true,
+    let (Ok(a), Ok(b)) = (a.parse::<AMQPUri>(), b.parse::<AMQPUri>()) else {
+        return true;
+    };
+    if a.authority.port != b.authority.port || a.vhost != b.vhost {
+        return false;
     }
+    if a.authority.host.eq_ignore_ascii_case(&b.authority.host) {
+        return true;
+    }
+    let resolve = |host: &str| -> Vec<std::net::IpAddr> {
+        // `ToSocketAddrs` takes IPv6 literals without the brackets URLs put around them.
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        std::net::ToSocketAddrs::to_socket_addrs(&(host, a.authority.port))
+            .map(|addrs| addrs.map(|addr| addr.ip()).collect())
+            .unwrap_or_default()
+    };
+    let theirs = resolve(&b.authority.host);
+    resolve(&a.authority.host)
+        .iter()
+        .any(|ip| theirs.contains(ip))
 }
 
 /// A bound in a message: whole days as days (`365d`, which humantime reads), else as
@@ -1672,7 +1693,7 @@ routing_key = "orders.out"
                 .replace("routing_key = \"orders.out\"", ""),
         )
         .unwrap();
-        let other = "[downstream]\nurl = \"amqp://other:5672/%2f\"\n[store]";
+        let other = "[downstream]\nurl = \"amqp://10.255.255.1:5672/%2f\"\n[store]";
         parse(
             &BASE
                 .replace("[store]", other)
@@ -1809,6 +1830,40 @@ routing_key = "orders.out"
             &format!("kind = \"memory\"\nkey_prefix = \"{}\"", "p".repeat(64)),
         ))
         .unwrap();
+    }
+
+    /// The loop guard knows one broker by any of its names, and tells ports and vhosts apart.
+    #[test]
+    fn same_broker_however_spelled() {
+        let url = |host: &str| format!("amqp://guest:guest@{host}/%2f");
+        assert!(same_broker(&url("127.0.0.1:5672"), &url("localhost:5672")));
+        assert!(same_broker(&url("LOCALHOST:5672"), &url("localhost")));
+        assert!(same_broker(&url("127.0.0.1"), &url("localhost:5672")));
+        assert!(!same_broker(&url("127.0.0.1:5672"), &url("localhost:5673")));
+        assert!(!same_broker(&url("127.0.0.1:5672"), &url("127.0.0.1:5673")));
+        assert!(!same_broker(&url("127.0.0.1:5672"), &url("127.0.0.2:5672")));
+        assert!(!same_broker(
+            "amqp://127.0.0.1:5672/%2f",
+            "amqp://localhost:5672/other"
+        ));
+        // Unparsable counts as the same (refuse rather than risk a loop).
+        assert!(same_broker(&url("127.0.0.1:5672"), "amqp://h:notaport/%2f"));
+
+        // The route's own queue as routing_key, downstream spelled differently: a loop.
+        let text = BASE.replace(
+            "[store]",
+            "[downstream]\nurl = \"amqp://guest:guest@localhost:5672/%2f\"\n[store]",
+        );
+        let (key, message) = invalid_of(&text.replace("\"orders.out\"", "\"orders.in\""));
+        assert_eq!(key, "routes.orders.routing_key");
+        assert!(message.contains("loop"), "{message}");
+        parse(&text).unwrap();
+        // Same host, another port: another broker, so the queue's own name is fine.
+        let other_port = BASE.replace(
+            "[store]",
+            "[downstream]\nurl = \"amqp://guest:guest@localhost:5673/%2f\"\n[store]",
+        );
+        parse(&other_port.replace("\"orders.out\"", "\"orders.in\"")).unwrap();
     }
 
     #[test]

@@ -309,3 +309,39 @@ async fn check_never_prints_a_password_from_a_broken_url_line() {
     }
     let _ = std::fs::remove_file(path);
 }
+
+/// A default-exchange route whose routing_key names no queue on the downstream broker would
+/// dead-letter every message: `check --connect` says so, naming the route and the queue.
+#[tokio::test]
+async fn check_connect_reports_a_missing_destination_queue() {
+    let setup = Setup::new("check-dest");
+    let path = setup.write();
+    let path = path.to_str().expect("utf-8 path");
+    let mut broker = Broker::connect().await;
+    broker.queue_with_dlq(&setup.queue).await;
+
+    let (code, out, _) = run_binary(&["check", "--connect", "-c", path], &[]).await;
+    assert_eq!(code, 1, "destination queue does not exist yet: {out}");
+    let fail = format!(
+        "FAIL  route {}: destination queue {:?}",
+        setup.name, setup.out
+    );
+    assert!(out.contains(&fail), "{out}");
+    assert!(out.contains("declare the queue"), "hint: {out}");
+    assert!(
+        !out.contains(&format!("FAIL  route {}: queue", setup.name)),
+        "upstream queue exists: {out}"
+    );
+
+    broker
+        .queue(&setup.out, lapin::types::FieldTable::default())
+        .await;
+    let (code, out, _) = run_binary(&["check", "--connect", "-c", path], &[]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!("ok    route {}: destination queue", setup.name)),
+        "{out}"
+    );
+    broker.cleanup().await;
+    let _ = std::fs::remove_file(path);
+}
