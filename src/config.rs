@@ -87,16 +87,17 @@ pub struct StoreConfig {
     /// Default `redis://127.0.0.1:6379/0`.
     #[serde(default = "default_store_url")]
     pub url: StoreUrl,
-    /// Prefix of every key dedupd writes. Default `"dedupd"`.
+    /// Prefix of every key dedupd writes, at most 64 bytes. Default `"dedupd"`.
     #[serde(default = "default_key_prefix")]
     pub key_prefix: String,
-    /// How long an in-flight claim lives without its owner. Default 30s.
+    /// How long an in-flight claim lives without its owner, 1s to 1h. Default 30s.
     #[serde(default = "default_lease", with = "humantime_serde")]
     pub lease: Duration,
     /// What to do while the store does not answer. Default `"block"`.
     #[serde(default)]
     pub on_error: OnStoreError,
-    /// Deadline of one store round trip; past it the store counts as down. Default 2s.
+    /// Deadline of one store round trip; past it the store counts as down. 10ms to 1m.
+    /// Default 2s.
     #[serde(default = "default_store_timeout", with = "humantime_serde")]
     pub timeout: Duration,
     /// TLS settings for `rediss://`. Default: none.
@@ -156,17 +157,19 @@ pub struct Tuning {
     /// pending). Past it, intake waits and the next batch grows. Default 1000.
     #[serde(default = "default_publish_window")]
     pub publish_window: usize,
-    /// How long to wait for a publisher confirm before the outcome counts as unknown. Default 15s.
+    /// How long to wait for a publisher confirm before the outcome counts as unknown, 1s to
+    /// 10m. Default 15s.
     #[serde(default = "default_confirm_timeout", with = "humantime_serde")]
     pub confirm_timeout: Duration,
-    /// How long SIGTERM/SIGINT waits for in-flight messages before closing. Default 10s.
+    /// How long SIGTERM/SIGINT waits for in-flight messages before closing, at most 1h.
+    /// Default 10s.
     #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
     /// First wait before reconnecting to a broker or retrying the store; doubles up to
     /// `backoff_max`. Default 100ms.
     #[serde(default = "default_backoff_min", with = "humantime_serde")]
     pub backoff_min: Duration,
-    /// Longest wait between reconnect or retry attempts. Default 5s.
+    /// Longest wait between reconnect or retry attempts, at most 1h. Default 5s.
     #[serde(default = "default_backoff_max", with = "humantime_serde")]
     pub backoff_max: Duration,
 }
@@ -186,7 +189,7 @@ pub struct Route {
     /// Where the dedup key comes from. Default `"message_id"`.
     #[serde(default)]
     pub key: KeySpec,
-    /// How long a forwarded key is remembered. Default 24h.
+    /// How long a forwarded key is remembered, 1s to 365d. Default 24h.
     #[serde(default = "default_window", with = "humantime_serde")]
     pub window: Duration,
     /// What to do with a message that has no key. Default `"reject"`.
