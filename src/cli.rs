@@ -9,8 +9,9 @@ use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 
 use crate::amqp::Endpoint;
-use crate::config::Config;
+use crate::config::{Config, KeySpec, OnMissingKey, Route};
 use crate::error_chain;
+use crate::keys;
 use crate::store::{KeyState, Store};
 
 /// Exit code: the command succeeded.
@@ -69,23 +70,55 @@ pub enum Command {
     /// own topology; `run` never declares anything.
     Declare(ConfigArg),
     /// Show what the store holds for a key of a route.
+    #[command(
+        override_usage = "dedupd inspect -c FILE ROUTE <KEY | --body-file PATH | --typed TYPE:VALUE | --json JSON>"
+    )]
     Inspect {
         #[command(flatten)]
         config: ConfigArg,
-        /// Route name.
-        route: String,
-        /// The key as derived from the message (e.g. its message_id).
-        key: String,
+        #[command(flatten)]
+        key: KeyArg,
     },
     /// Delete a key, so the next copy is forwarded again.
+    #[command(
+        override_usage = "dedupd forget -c FILE ROUTE <KEY | --body-file PATH | --typed TYPE:VALUE | --json JSON>"
+    )]
     Forget {
         #[command(flatten)]
         config: ConfigArg,
-        /// Route name.
-        route: String,
-        /// The key as derived from the message.
-        key: String,
+        #[command(flatten)]
+        key: KeyArg,
     },
+}
+
+/// Which key of a route `inspect` and `forget` act on: KEY or exactly one of the options, in
+/// whatever form the operator has at hand.
+#[derive(Debug, clap::Args)]
+#[command(group(
+    clap::ArgGroup::new("which")
+        .required(true)
+        .args(["key", "body_file", "typed", "json"])
+))]
+pub struct KeyArg {
+    /// Route name.
+    pub route: String,
+    /// The key as the message carries it: its message_id, a string header value or a string
+    /// JSON value. Or the stored form of a hashed key, '#' followed by 32 hex digits as
+    /// `inspect` prints it (quote it: the shell reads # as a comment).
+    pub key: Option<String>,
+    /// The message body, for routes with key = "body" or on_missing_key = "hash_body": the
+    /// key is its hash.
+    #[arg(long, value_name = "PATH")]
+    pub body_file: Option<PathBuf>,
+    /// A header value that is not a string, for key = "header:NAME" routes: TYPE:VALUE, TYPE
+    /// one of bool, i8, u8, i16, u16, i32, u32, i64, f32, f64, timestamp (AMQP 'I' is i32,
+    /// 'l' is i64), e.g. i64:42.
+    #[arg(long, value_name = "TYPE:VALUE")]
+    pub typed: Option<String>,
+    /// A JSON value that is not a string, for key = "json:/pointer" routes, as JSON text:
+    /// e.g. 42, true, '{"a":1}'.
+    #[arg(long, value_name = "JSON")]
+    pub json: Option<String>,
 }
 
 impl Command {
@@ -115,8 +148,8 @@ pub async fn execute(command: &Command, config: &Config) -> ExitCode {
             }
         }
         Command::Declare(_) => ExitCode::from(declare(config).await),
-        Command::Inspect { route, key, .. } => {
-            with_key(config, route, key, |store, key| async move {
+        Command::Inspect { key, .. } => {
+            with_key(config, key, |store, key| async move {
                 let state = store.inspect(&key).await?;
                 match state {
                     KeyState::Absent => println!("{key}: absent"),
@@ -133,8 +166,8 @@ pub async fn execute(command: &Command, config: &Config) -> ExitCode {
             })
             .await
         }
-        Command::Forget { route, key, .. } => {
-            with_key(config, route, key, |store, key| async move {
+        Command::Forget { key, .. } => {
+            with_key(config, key, |store, key| async move {
                 if store.forget(&key).await? {
                     println!("{key}: forgotten");
                 } else {
@@ -151,20 +184,31 @@ fn round_ms(d: std::time::Duration) -> std::time::Duration {
     std::time::Duration::from_millis(d.as_millis() as u64)
 }
 
-async fn with_key<F, Fut>(config: &Config, route: &str, key: &str, f: F) -> ExitCode
+async fn with_key<F, Fut>(config: &Config, args: &KeyArg, f: F) -> ExitCode
 where
     F: FnOnce(Store, String) -> Fut,
     Fut: std::future::Future<Output = Result<(), crate::store::StoreError>>,
 {
-    if !config.routes.contains_key(route) {
+    let name = args.route.as_str();
+    let Some(route) = config.routes.get(name) else {
         let known: Vec<_> = config.routes.keys().map(String::as_str).collect();
         eprintln!(
-            "no route {route:?} in the config (routes: {})",
+            "no route {name:?} in the config (routes: {})",
             known.join(", ")
         );
         return ExitCode::from(EXIT_CONFIG);
+    };
+    let store_key = match resolve_key(&config.store.key_prefix, name, route, args) {
+        Ok(key) => key,
+        Err(message) => {
+            eprintln!("{message}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
+    if let Some(note) = other_forms_note(route, args) {
+        // The plain form may be right; if it is not, the operator must not stop at "absent".
+        eprintln!("note: {note}");
     }
-    let store_key = crate::keys::store_key(&config.store.key_prefix, route, key.as_bytes());
     let result = match Store::open(&config.store).await {
         Ok(store) => f(store, store_key).await,
         Err(e) => Err(e),
@@ -176,6 +220,116 @@ where
             ExitCode::from(EXIT_RUNTIME)
         }
     }
+}
+
+/// The store key `args` designate on route `name`, or why that form cannot be a key of it
+/// (so that `inspect` never answers "absent" for a key nobody could have stored).
+fn resolve_key(prefix: &str, name: &str, route: &Route, args: &KeyArg) -> Result<String, String> {
+    let by_body = route.key == KeySpec::Body || route.on_missing_key == OnMissingKey::HashBody;
+    let id = if let Some(key) = &args.key {
+        if keys::is_hashed_id(key) {
+            return Ok(format!("{prefix}:{name}:{key}"));
+        }
+        if route.key == KeySpec::Body {
+            return Err(format!(
+                "route {name:?} keys messages by a hash of their body (key = \"body\"), which \
+                 cannot be typed: give the body with --body-file PATH, or the stored form '#' \
+                 followed by 32 hex digits"
+            ));
+        }
+        if key.is_empty() {
+            return Err(
+                "an empty key is never stored (such messages have no key): give the \
+                        key as the message carries it"
+                    .into(),
+            );
+        }
+        key.as_bytes().to_vec()
+    } else if let Some(path) = &args.body_file {
+        if !by_body {
+            return Err(format!(
+                "route {name:?} does not key messages by their body (key = \"{}\", \
+                 on_missing_key = \"{}\"): --body-file is for key = \"body\" or \
+                 on_missing_key = \"hash_body\"; give KEY",
+                route.key, route.on_missing_key
+            ));
+        }
+        let body = std::fs::read(path)
+            .map_err(|e| format!("cannot read --body-file {}: {e}", path.display()))?;
+        keys::body_hash(&body)
+    } else if let Some(typed) = &args.typed {
+        if !matches!(route.key, KeySpec::Header(_)) {
+            return Err(format!(
+                "route {name:?} has key = \"{}\": --typed is for key = \"header:NAME\" routes",
+                route.key
+            ));
+        }
+        keys::header_value_key(&parse_typed(typed)?)
+            .ok_or("an empty or void header value is never stored: give the header's value")?
+    } else if let Some(json) = &args.json {
+        if !matches!(route.key, KeySpec::Json(_)) {
+            return Err(format!(
+                "route {name:?} has key = \"{}\": --json is for key = \"json:/pointer\" routes",
+                route.key
+            ));
+        }
+        let value: serde_json::Value = serde_json::from_str(json).map_err(|e| {
+            format!("--json {json:?} is not JSON ({e}): e.g. 42, true, '{{\"a\":1}}'")
+        })?;
+        keys::json_value_key(&value)
+            .map_err(|_| "null and the empty string are never stored (such messages have no key)")?
+    } else {
+        return Err("give KEY, --body-file, --typed or --json".into());
+    };
+    Ok(keys::store_key(prefix, name, &id))
+}
+
+/// For a plain KEY, the other key forms the route could have stored for the same text.
+fn other_forms_note(route: &Route, args: &KeyArg) -> Option<String> {
+    let key = args.key.as_deref().filter(|k| !keys::is_hashed_id(k))?;
+    match &route.key {
+        KeySpec::Header(header) => Some(format!(
+            "KEY is the value of a string header; if {header:?} carries another type (a \
+             number, a boolean, ...), its key differs: give --typed TYPE:VALUE, e.g. \
+             --typed i64:{key}"
+        )),
+        KeySpec::Json(_) => match serde_json::from_str::<serde_json::Value>(key) {
+            Ok(serde_json::Value::String(_)) | Err(_) => None,
+            Ok(_) => Some(format!(
+                "KEY is the value of a JSON string; if the value is the JSON {key} (not the \
+                 string \"{key}\"), its key differs: give --json {key}"
+            )),
+        },
+        _ => None,
+    }
+}
+
+/// `--typed TYPE:VALUE` as the AMQP value a producer would have sent.
+fn parse_typed(typed: &str) -> Result<lapin::types::AMQPValue, String> {
+    use lapin::types::AMQPValue as V;
+    let usage = "give TYPE:VALUE with TYPE one of bool, i8, u8, i16, u16, i32, u32, i64, f32, \
+                 f64, timestamp, e.g. i64:42";
+    let (kind, value) = typed
+        .split_once(':')
+        .ok_or_else(|| format!("--typed {typed:?}: {usage}"))?;
+    fn num<T: std::str::FromStr>(value: &str, wrap: fn(T) -> V) -> Option<V> {
+        value.trim().parse().ok().map(wrap)
+    }
+    let parsed = match kind {
+        "bool" => num(value, V::Boolean),
+        "i8" => num(value, V::ShortShortInt),
+        "u8" => num(value, V::ShortShortUInt),
+        "i16" => num(value, V::ShortInt),
+        "u16" => num(value, V::ShortUInt),
+        "i32" => num(value, V::LongInt),
+        "u32" => num(value, V::LongUInt),
+        "i64" => num(value, V::LongLongInt),
+        "f32" => num(value, V::Float),
+        "f64" => num(value, V::Double),
+        "timestamp" => num(value, V::Timestamp),
+        _ => return Err(format!("--typed {typed:?}: unknown type {kind:?}: {usage}")),
+    };
+    parsed.ok_or_else(|| format!("--typed {typed:?}: {value:?} is not a {kind}"))
 }
 
 /// `declare`: 0 when every queue exists afterwards, 1 otherwise.
@@ -271,12 +425,22 @@ async fn check_connect(config: &Config) -> u8 {
             }
         };
         for (name, route) in &config.routes {
+            // What this side needs of the route: the upstream queue it consumes; downstream,
+            // the exchange it publishes to or, on the default exchange, the queue its
+            // routing_key names (without it, every message comes back unroutable and is
+            // dead-lettered). The message's own routing key cannot be checked beforehand.
+            let queue = match (side, route.exchange.is_empty(), &route.routing_key) {
+                ("upstream", _, _) => Some(route.queue.as_str()),
+                (_, true, Some(rk)) => Some(rk.as_str()),
+                (_, true, None) => continue,
+                (_, false, _) => None,
+            };
             // A passive declare that fails closes the channel: one channel per check.
             let result = async {
                 let channel = endpoint
                     .rpc("opening a channel", conn.create_channel())
                     .await?;
-                if side == "upstream" {
+                if let Some(queue) = queue {
                     let passive = QueueDeclareOptions {
                         passive: true,
                         ..Default::default()
@@ -284,14 +448,10 @@ async fn check_connect(config: &Config) -> u8 {
                     endpoint
                         .rpc(
                             "declaring the queue passively",
-                            channel.queue_declare(
-                                route.queue.as_str().into(),
-                                passive,
-                                FieldTable::default(),
-                            ),
+                            channel.queue_declare(queue.into(), passive, FieldTable::default()),
                         )
                         .await?;
-                } else if !route.exchange.is_empty() {
+                } else {
                     let passive = ExchangeDeclareOptions {
                         passive: true,
                         ..Default::default()
@@ -312,14 +472,21 @@ async fn check_connect(config: &Config) -> u8 {
                 Ok::<(), crate::amqp::AmqpError>(())
             }
             .await;
-            let what = if side == "upstream" {
-                format!("route {name}: queue {:?}", route.queue)
-            } else if route.exchange.is_empty() {
-                continue;
-            } else {
-                format!("route {name}: exchange {:?}", route.exchange)
+            let (what, hint) = match (side, queue) {
+                ("upstream", _) => (format!("route {name}: queue {:?}", route.queue), ""),
+                (_, Some(queue)) => (
+                    format!("route {name}: destination queue {queue:?}"),
+                    " (with exchange = \"\", routing_key names the queue every message is \
+                     published to; without it, each one would be returned as unroutable and \
+                     dead-lettered): declare the queue on the downstream broker, or fix \
+                     routing_key",
+                ),
+                (_, None) => (format!("route {name}: exchange {:?}", route.exchange), ""),
             };
-            report(what, result.map_err(|e| error_chain(&e)));
+            report(
+                what,
+                result.map_err(|e| format!("{}{hint}", error_chain(&e))),
+            );
         }
         let _ = conn.close(200, "check done".into()).await;
     }

@@ -87,16 +87,17 @@ pub struct StoreConfig {
     /// Default `redis://127.0.0.1:6379/0`.
     #[serde(default = "default_store_url")]
     pub url: StoreUrl,
-    /// Prefix of every key dedupd writes. Default `"dedupd"`.
+    /// Prefix of every key dedupd writes, at most 64 bytes. Default `"dedupd"`.
     #[serde(default = "default_key_prefix")]
     pub key_prefix: String,
-    /// How long an in-flight claim lives without its owner. Default 30s.
+    /// How long an in-flight claim lives without its owner, 1s to 1h. Default 30s.
     #[serde(default = "default_lease", with = "humantime_serde")]
     pub lease: Duration,
     /// What to do while the store does not answer. Default `"block"`.
     #[serde(default)]
     pub on_error: OnStoreError,
-    /// Deadline of one store round trip; past it the store counts as down. Default 2s.
+    /// Deadline of one store round trip; past it the store counts as down. 10ms to 1m.
+    /// Default 2s.
     #[serde(default = "default_store_timeout", with = "humantime_serde")]
     pub timeout: Duration,
     /// TLS settings for `rediss://`. Default: none.
@@ -156,17 +157,19 @@ pub struct Tuning {
     /// pending). Past it, intake waits and the next batch grows. Default 1000.
     #[serde(default = "default_publish_window")]
     pub publish_window: usize,
-    /// How long to wait for a publisher confirm before the outcome counts as unknown. Default 15s.
+    /// How long to wait for a publisher confirm before the outcome counts as unknown, 1s to
+    /// 10m. Default 15s.
     #[serde(default = "default_confirm_timeout", with = "humantime_serde")]
     pub confirm_timeout: Duration,
-    /// How long SIGTERM/SIGINT waits for in-flight messages before closing. Default 10s.
+    /// How long SIGTERM/SIGINT waits for in-flight messages before closing, at most 1h.
+    /// Default 10s.
     #[serde(default = "default_shutdown_grace", with = "humantime_serde")]
     pub shutdown_grace: Duration,
     /// First wait before reconnecting to a broker or retrying the store; doubles up to
     /// `backoff_max`. Default 100ms.
     #[serde(default = "default_backoff_min", with = "humantime_serde")]
     pub backoff_min: Duration,
-    /// Longest wait between reconnect or retry attempts. Default 5s.
+    /// Longest wait between reconnect or retry attempts, at most 1h. Default 5s.
     #[serde(default = "default_backoff_max", with = "humantime_serde")]
     pub backoff_max: Duration,
 }
@@ -186,7 +189,7 @@ pub struct Route {
     /// Where the dedup key comes from. Default `"message_id"`.
     #[serde(default)]
     pub key: KeySpec,
-    /// How long a forwarded key is remembered. Default 24h.
+    /// How long a forwarded key is remembered, 1s to 365d. Default 24h.
     #[serde(default = "default_window", with = "humantime_serde")]
     pub window: Duration,
     /// What to do with a message that has no key. Default `"reject"`.
@@ -427,6 +430,79 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     }
 }
 
+/// Longest AMQP short string (queue, exchange and routing key names, header names, consumer
+/// tags): the broker refuses longer ones, so a route with one would fail at run time.
+const MAX_SHORTSTR: usize = 255;
+
+/// Longest route name: the consumer tag `dedupd-{route}-{instance}-{epoch}` is a short string,
+/// and `dedupd-` (7), the 16 hex digits of the instance, an epoch of up to 20 digits and two
+/// dashes take 45 of its 255 bytes.
+pub const MAX_ROUTE_NAME: usize = MAX_SHORTSTR - 45;
+
+/// Longest `store.key_prefix`: it is repeated in every remembered key, so it is Redis memory
+/// per key; 64 bytes is room for any naming scheme.
+const MAX_KEY_PREFIX: usize = 64;
+
+/// Refuses a name the broker would refuse at run time.
+fn check_shortstr(key: &str, value: &str, what: &str) -> Result<(), ConfigError> {
+    if value.len() > MAX_SHORTSTR {
+        return Err(invalid(
+            key,
+            format!(
+                "is {} bytes long: AMQP limits {what} to {MAX_SHORTSTR} bytes, and the broker \
+                 would refuse it at run time; use a shorter name",
+                value.len()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses a duration outside `min..=max`, saying `why` the bounds are there.
+fn check_duration(
+    key: &str,
+    value: Duration,
+    (min, max): (Duration, Duration),
+    why: &str,
+    default: &str,
+) -> Result<(), ConfigError> {
+    if value < min || value > max {
+        return Err(invalid(
+            key,
+            format!(
+                "is {}: use \"{}\" to \"{}\" ({why}); the default is \"{default}\"",
+                fmt_duration(value),
+                fmt_bound(min),
+                fmt_bound(max)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+const SECOND: Duration = Duration::from_secs(1);
+const MINUTE: Duration = Duration::from_secs(60);
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// `store.lease` bounds. Below 1s a claim can expire while its publish is still in flight on a
+/// merely slow broker or store, and another instance forwards a duplicate; above 1h the
+/// messages of a crashed instance wait that long before they are forwarded again.
+pub const LEASE_BOUNDS: (Duration, Duration) = (SECOND, HOUR);
+/// `store.timeout` bounds: under 10ms a healthy store on another host counts as down; over 60s
+/// a store that stopped answering stalls every route that long before it counts as down.
+pub const STORE_TIMEOUT_BOUNDS: (Duration, Duration) = (Duration::from_millis(10), MINUTE);
+/// `routes.*.window` bounds: under 1s nothing is deduplicated; over 365 days is past any
+/// retry horizon, costs Redis memory for every key that long, and nears the expiry times
+/// Redis accepts.
+pub const WINDOW_BOUNDS: (Duration, Duration) = (SECOND, Duration::from_secs(365 * 86_400));
+/// `tuning.confirm_timeout` bounds: confirms of persistent messages wait for the broker's disk,
+/// so under 1s a loaded but healthy broker has its publishes counted as failed and sent again
+/// (duplicates); over 10 minutes a stuck broker holds the route's messages that long.
+pub const CONFIRM_TIMEOUT_BOUNDS: (Duration, Duration) = (SECOND, Duration::from_secs(600));
+/// `tuning.shutdown_grace` and `tuning.backoff_max` bounds: longer than an hour reads like a
+/// unit mistake, and service managers kill a process that takes that long to stop anyway.
+pub const MAX_WAIT: Duration = HOUR;
+
 impl Config {
     fn validate_brokers(&self) -> Result<(), ConfigError> {
         check_amqp_url("upstream.url", &self.upstream.url)?;
@@ -489,12 +565,29 @@ impl Config {
                 "must be at least 1, or nothing is ever published; the default is 1000",
             ));
         }
-        if t.confirm_timeout.is_zero() {
-            return Err(invalid(
-                "tuning.confirm_timeout",
-                "must be longer than 0; the default is \"15s\"",
-            ));
-        }
+        check_duration(
+            "tuning.confirm_timeout",
+            t.confirm_timeout,
+            CONFIRM_TIMEOUT_BOUNDS,
+            "a confirm of a persistent message waits for the broker's disk: a shorter timeout \
+             republishes what a busy broker was about to confirm, a longer one holds messages \
+             behind a stuck broker",
+            "15s",
+        )?;
+        check_duration(
+            "tuning.shutdown_grace",
+            t.shutdown_grace,
+            (Duration::ZERO, MAX_WAIT),
+            "how long SIGTERM waits for in-flight messages; longer reads like a unit mistake",
+            "10s",
+        )?;
+        check_duration(
+            "tuning.backoff_max",
+            t.backoff_max,
+            (Duration::ZERO, MAX_WAIT),
+            "the longest wait before reconnecting; longer reads like a unit mistake",
+            "5s",
+        )?;
         if t.backoff_min.is_zero() {
             // The backoff doubles from backoff_min: from zero it would retry in a hot loop.
             return Err(invalid(
@@ -523,7 +616,11 @@ impl Config {
             ));
         }
         // A default-exchange publish only loops back when it lands on the broker it came from.
-        let same_broker = same_broker(&self.upstream.url, self.downstream_url());
+        // Asked lazily: it may resolve host names, which only such routes need.
+        let same_broker_cell = std::cell::OnceCell::new();
+        let same_broker = || {
+            *same_broker_cell.get_or_init(|| same_broker(&self.upstream.url, self.downstream_url()))
+        };
         let mut consumers: BTreeMap<&str, &str> = BTreeMap::new();
         for (name, route) in &self.routes {
             let key = |field: &str| format!("routes.{name}.{field}");
@@ -537,12 +634,32 @@ impl Config {
                      metric labels): rename the table",
                 ));
             }
+            if name.len() > MAX_ROUTE_NAME {
+                return Err(invalid(
+                    format!("routes.{name}"),
+                    format!(
+                        "the route name is {} bytes long: use at most {MAX_ROUTE_NAME} (it goes \
+                         into the AMQP consumer tag, which is limited to {MAX_SHORTSTR}); rename \
+                         the table",
+                        name.len()
+                    ),
+                ));
+            }
             let queue = route.queue.as_str();
             if queue.is_empty() {
                 return Err(invalid(
                     key("queue"),
                     "is empty: name the upstream queue to consume",
                 ));
+            }
+            check_shortstr(&key("queue"), queue, "queue names")?;
+            check_shortstr(&key("exchange"), &route.exchange, "exchange names")?;
+            if let Some(rk) = &route.routing_key {
+                check_shortstr(&key("routing_key"), rk, "routing keys")?;
+            }
+            if let KeySpec::Header(header) = &route.key {
+                // A longer header name cannot occur in a message: every message would miss it.
+                check_shortstr(&key("key"), header, "header names")?;
             }
             if let Some(other) = consumers.insert(queue, name) {
                 return Err(invalid(
@@ -562,7 +679,7 @@ impl Config {
                              empty key nowhere: name the downstream queue",
                         ));
                     }
-                    None if same_broker => {
+                    None if same_broker() => {
                         return Err(invalid(
                             key("routing_key"),
                             format!(
@@ -574,7 +691,7 @@ impl Config {
                             ),
                         ));
                     }
-                    Some(rk) if same_broker && rk == queue => {
+                    Some(rk) if rk == queue && same_broker() => {
                         return Err(invalid(
                             key("routing_key"),
                             format!(
@@ -586,15 +703,14 @@ impl Config {
                     _ => {}
                 }
             }
-            if route.window < Duration::from_secs(1) {
-                return Err(invalid(
-                    key("window"),
-                    format!(
-                        "is {}: use at least \"1s\" (how long a forwarded key is remembered, e.g. \"24h\")",
-                        fmt_duration(route.window)
-                    ),
-                ));
-            }
+            check_duration(
+                &key("window"),
+                route.window,
+                WINDOW_BOUNDS,
+                "how long a forwarded key is remembered: every key costs Redis memory for that \
+                 long, and Redis limits expiry times",
+                "24h",
+            )?;
         }
         Ok(())
     }
@@ -686,6 +802,16 @@ impl StoreConfig {
                 "rediss://",
             )?;
         }
+        if self.key_prefix.len() > MAX_KEY_PREFIX {
+            return Err(invalid(
+                "store.key_prefix",
+                format!(
+                    "is {} bytes long: use at most {MAX_KEY_PREFIX} (it is repeated in every \
+                     remembered key); the default is \"dedupd\"",
+                    self.key_prefix.len()
+                ),
+            ));
+        }
         if self.key_prefix.is_empty() || self.key_prefix.chars().any(char::is_whitespace) {
             return Err(invalid(
                 "store.key_prefix",
@@ -695,21 +821,23 @@ impl StoreConfig {
                 ),
             ));
         }
-        if self.lease < Duration::from_millis(100) {
-            return Err(invalid(
-                "store.lease",
-                format!(
-                    "is {}: use at least \"100ms\" (a claim must outlive its publish); the default is \"30s\"",
-                    fmt_duration(self.lease)
-                ),
-            ));
-        }
-        if self.timeout.is_zero() {
-            return Err(invalid(
-                "store.timeout",
-                "must be longer than 0; the default is \"2s\"",
-            ));
-        }
+        check_duration(
+            "store.lease",
+            self.lease,
+            LEASE_BOUNDS,
+            "a claim must outlive its publish and confirm, or a slow broker lets another \
+             instance forward a duplicate; a crashed instance's messages wait out the lease, \
+             so a few seconds take over fast",
+            "30s",
+        )?;
+        check_duration(
+            "store.timeout",
+            self.timeout,
+            STORE_TIMEOUT_BOUNDS,
+            "the deadline of one store round trip: shorter fails a healthy remote store, \
+             longer stalls every route behind a dead one",
+            "2s",
+        )?;
         Ok(())
     }
 }
@@ -830,16 +958,44 @@ fn check_tls(
     Ok(())
 }
 
-/// Whether two AMQP URLs reach the same broker and vhost (credentials may differ).
+/// Whether two AMQP URLs reach the same broker and vhost (credentials may differ), however the
+/// host is spelled: `localhost` and `127.0.0.1` are one broker. Same port and vhost, and either
+/// the same host name or any address in common once both names are resolved.
+///
 /// Unparsable URLs count as the same: the checks that depend on it then err on the safe side.
+/// A name that does not resolve (yet: `check` may run where production DNS is not) counts as
+/// another broker, so a config is never refused for DNS being away.
 fn same_broker(a: &str, b: &str) -> bool {
-    match (a.parse::<AMQPUri>(), b.parse::<AMQPUri>()) {
-        (Ok(a), Ok(b)) => {
-            a.authority.host.eq_ignore_ascii_case(&b.authority.host)
-                && a.authority.port == b.authority.port
-                && a.vhost == b.vhost
-        }
-        _ => true,
+    let (Ok(a), Ok(b)) = (a.parse::<AMQPUri>(), b.parse::<AMQPUri>()) else {
+        return true;
+    };
+    if a.authority.port != b.authority.port || a.vhost != b.vhost {
+        return false;
+    }
+    if a.authority.host.eq_ignore_ascii_case(&b.authority.host) {
+        return true;
+    }
+    let resolve = |host: &str| -> Vec<std::net::IpAddr> {
+        // `ToSocketAddrs` takes IPv6 literals without the brackets URLs put around them.
+        let host = host.trim_start_matches('[').trim_end_matches(']');
+        std::net::ToSocketAddrs::to_socket_addrs(&(host, a.authority.port))
+            .map(|addrs| addrs.map(|addr| addr.ip()).collect())
+            .unwrap_or_default()
+    };
+    let theirs = resolve(&b.authority.host);
+    resolve(&a.authority.host)
+        .iter()
+        .any(|ip| theirs.contains(ip))
+}
+
+/// A bound in a message: whole days as days (`365d`, which humantime reads), else as
+/// [`fmt_duration`].
+fn fmt_bound(d: Duration) -> String {
+    let secs = d.as_secs();
+    if d.subsec_nanos() == 0 && secs >= 2 * 86_400 && secs.is_multiple_of(86_400) {
+        format!("{}d", secs / 86_400)
+    } else {
+        fmt_duration(d)
     }
 }
 
@@ -881,25 +1037,45 @@ pub fn redact_url(url: &str) -> String {
     }
 }
 
-/// `text` with every password of every `scheme://user:password@` URL in it redacted; for
-/// messages that may quote a config line or value.
+/// `text` with anything that may be a password hidden, for messages that may quote a config
+/// line or value, whatever its syntax.
+///
+/// A broken line cannot be trusted to delimit a URL: `"`, `'`, `,`, `]`, `#`, `@`, `:` and
+/// spaces are all legal in a password, and a TOML syntax error is exactly when a quote in one
+/// ends the string early. So each line is treated on its own: on a line with an `@`, everything
+/// from its first `:` to its *last* `@` may be userinfo. If that `:` starts `://`, a plain user
+/// name right after it is kept (`amqp://user:***@host`); otherwise (a URL fragment quoted
+/// without its scheme) all of it goes (`...:***@host`). This hides too much rather than too
+/// little, and only ever runs on error messages.
 fn redact_in_text(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(pos) = rest.find("://") {
-        // The URL runs from its scheme to the next delimiter that cannot be part of one.
-        let start = rest[..pos]
-            .rfind(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
-            .map_or(0, |p| p + 1);
-        let end = rest[pos..]
-            .find(|c: char| c.is_whitespace() || matches!(c, '"' | '\'' | '`' | ',' | '[' | ']'))
-            .map_or(rest.len(), |p| pos + p);
-        out.push_str(&rest[..start]);
-        out.push_str(&redact_url(&rest[start..end]));
-        rest = &rest[end..];
+    text.split_inclusive('\n').map(redact_line).collect()
+}
+
+fn redact_line(line: &str) -> String {
+    let Some(at) = line.rfind('@') else {
+        return line.to_owned();
+    };
+    let Some(colon) = line[..at].find(':') else {
+        return line.to_owned();
+    };
+    if !line[colon..].starts_with("://") {
+        // `user:password@host` without a scheme, or a scheme after the first `:` (inside a
+        // password, for all we know).
+        return format!("{}:***{}", &line[..colon], &line[at..]);
     }
-    out.push_str(rest);
-    out
+    let scheme_end = colon + 3;
+    let userinfo = &line[scheme_end..at];
+    // A user name as URLs spell it; anything else may be the tail of a broken password.
+    let plain = |user: &str| {
+        user.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_' | '~' | '%'))
+    };
+    let shown = match userinfo.split_once(':') {
+        Some((user, _)) if plain(user) => format!("{user}:***"),
+        None if plain(userinfo) => userinfo.to_owned(),
+        _ => "***".to_owned(),
+    };
+    format!("{}{shown}{}", &line[..scheme_end], &line[at..])
 }
 
 /// The kind of TOML string a `${VAR}` sits in: it decides how the value is escaped.
@@ -1377,8 +1553,12 @@ routing_key = "orders.out"
             "store.key_prefix",
             "whitespace",
         );
-        refused(kind, "lease = \"50ms\"", "store.lease", "100ms");
-        refused(kind, "timeout = \"0s\"", "store.timeout", "longer than 0");
+        refused(
+            kind,
+            "timeout = \"0s\"",
+            "store.timeout",
+            "\"10ms\" to \"1m\"",
+        );
         // kind = "memory" ignores the url.
         parse(&BASE.replace(kind, "kind = \"memory\"\nurl = \"nonsense\"")).unwrap();
         parse(&BASE.replace(
@@ -1455,11 +1635,6 @@ routing_key = "orders.out"
             ("batch_size = 10001", "tuning.batch_size", "1 to 10000"),
             ("publish_window = 0", "tuning.publish_window", "at least 1"),
             (
-                "confirm_timeout = \"0s\"",
-                "tuning.confirm_timeout",
-                "longer than 0",
-            ),
-            (
                 "backoff_min = \"0s\"",
                 "tuning.backoff_min",
                 "longer than 0",
@@ -1521,13 +1696,177 @@ routing_key = "orders.out"
                 .replace("routing_key = \"orders.out\"", ""),
         )
         .unwrap();
-        let other = "[downstream]\nurl = \"amqp://other:5672/%2f\"\n[store]";
+        let other = "[downstream]\nurl = \"amqp://10.255.255.1:5672/%2f\"\n[store]";
         parse(
             &BASE
                 .replace("[store]", other)
                 .replace("routing_key = \"orders.out\"", ""),
         )
         .unwrap();
+    }
+
+    /// Values no operator means, each refused with its bounds and the reason for them; short
+    /// leases of a few seconds stay valid with every other setting at its default.
+    #[test]
+    fn durations_are_bounded() {
+        let kind = "kind = \"memory\"";
+        let store = |line: &str| format!("{kind}\n{line}");
+        let tuning = |line: &str| format!("[tuning]\n{line}\n[store]");
+        let cases = [
+            (
+                kind,
+                store("lease = \"500ms\""),
+                "store.lease",
+                "\"1s\" to \"1h\"",
+            ),
+            (
+                kind,
+                store("lease = \"300000000years\""),
+                "store.lease",
+                "crashed",
+            ),
+            (
+                kind,
+                store("timeout = \"5ms\""),
+                "store.timeout",
+                "\"10ms\"",
+            ),
+            (kind, store("timeout = \"2m\""), "store.timeout", "\"1m\""),
+            (
+                "[store]",
+                tuning("confirm_timeout = \"1ns\""),
+                "tuning.confirm_timeout",
+                "\"1s\" to \"10m\"",
+            ),
+            (
+                "[store]",
+                tuning("confirm_timeout = \"1h\""),
+                "tuning.confirm_timeout",
+                "stuck broker",
+            ),
+            (
+                "[store]",
+                tuning("shutdown_grace = \"2h\""),
+                "tuning.shutdown_grace",
+                "\"1h\"",
+            ),
+            (
+                "[store]",
+                tuning("backoff_max = \"1day\""),
+                "tuning.backoff_max",
+                "\"1h\"",
+            ),
+            (
+                "routing_key = \"orders.out\"",
+                "routing_key = \"orders.out\"\nwindow = \"300000000years\"".to_owned(),
+                "routes.orders.window",
+                "\"1s\" to \"365d\"",
+            ),
+            (
+                "routing_key = \"orders.out\"",
+                "routing_key = \"orders.out\"\nwindow = \"366days\"".to_owned(),
+                "routes.orders.window",
+                "Redis",
+            ),
+        ];
+        for (from, to, key, hint) in cases {
+            refused(from, &to, key, hint);
+        }
+        for ok in [
+            store("lease = \"1s\""),
+            store("lease = \"3s\""),
+            store("lease = \"1h\"\ntimeout = \"10ms\""),
+            store("timeout = \"1m\""),
+        ] {
+            parse(&BASE.replace(kind, &ok)).unwrap();
+        }
+        parse(&BASE.replace(
+            "[store]",
+            &tuning("confirm_timeout = \"1s\"\nshutdown_grace = \"0s\"\nbackoff_max = \"1h\""),
+        ))
+        .unwrap();
+        parse(&BASE.replace(
+            "routing_key = \"orders.out\"",
+            "routing_key = \"orders.out\"\nwindow = \"365d\"",
+        ))
+        .unwrap();
+    }
+
+    /// Names the broker would refuse at run time are refused by `check`.
+    #[test]
+    fn names_fit_amqp_limits() {
+        let long = "q".repeat(256);
+        let max = "q".repeat(255);
+        for (from, field) in [
+            ("queue = \"orders.in\"", "queue"),
+            ("exchange = \"\"", "exchange"),
+            ("routing_key = \"orders.out\"", "routing_key"),
+        ] {
+            let (k, m) = invalid_of(&BASE.replace(from, &format!("{field} = \"{long}\"")));
+            assert_eq!(k, format!("routes.orders.{field}"), "{m}");
+            assert!(m.contains("255 bytes"), "{m}");
+            parse(&BASE.replace(from, &format!("{field} = \"{max}\""))).unwrap();
+        }
+        refused(
+            "exchange = \"\"",
+            &format!("exchange = \"\"\nkey = \"header:{long}\""),
+            "routes.orders.key",
+            "255 bytes",
+        );
+        // The consumer tag `dedupd-{route}-{16 hex}-{epoch}` must fit in 255 bytes.
+        let name = "r".repeat(MAX_ROUTE_NAME);
+        let tag = format!("dedupd-{name}-{:016x}-{}", u64::MAX, u64::MAX);
+        assert_eq!(tag.len(), 255);
+        parse(&BASE.replace("[routes.orders]", &format!("[routes.{name}]"))).unwrap();
+        let name = "r".repeat(MAX_ROUTE_NAME + 1);
+        let (k, m) = invalid_of(&BASE.replace("[routes.orders]", &format!("[routes.{name}]")));
+        assert_eq!(k, format!("routes.{name}"));
+        assert!(m.contains("at most 210"), "{m}");
+        refused(
+            "kind = \"memory\"",
+            &format!("kind = \"memory\"\nkey_prefix = \"{}\"", "p".repeat(65)),
+            "store.key_prefix",
+            "at most 64",
+        );
+        parse(&BASE.replace(
+            "kind = \"memory\"",
+            &format!("kind = \"memory\"\nkey_prefix = \"{}\"", "p".repeat(64)),
+        ))
+        .unwrap();
+    }
+
+    /// The loop guard knows one broker by any of its names, and tells ports and vhosts apart.
+    #[test]
+    fn same_broker_however_spelled() {
+        let url = |host: &str| format!("amqp://guest:guest@{host}/%2f");
+        assert!(same_broker(&url("127.0.0.1:5672"), &url("localhost:5672")));
+        assert!(same_broker(&url("LOCALHOST:5672"), &url("localhost")));
+        assert!(same_broker(&url("127.0.0.1"), &url("localhost:5672")));
+        assert!(!same_broker(&url("127.0.0.1:5672"), &url("localhost:5673")));
+        assert!(!same_broker(&url("127.0.0.1:5672"), &url("127.0.0.1:5673")));
+        assert!(!same_broker(&url("127.0.0.1:5672"), &url("127.0.0.2:5672")));
+        assert!(!same_broker(
+            "amqp://127.0.0.1:5672/%2f",
+            "amqp://localhost:5672/other"
+        ));
+        // Unparsable counts as the same (refuse rather than risk a loop).
+        assert!(same_broker(&url("127.0.0.1:5672"), "amqp://h:notaport/%2f"));
+
+        // The route's own queue as routing_key, downstream spelled differently: a loop.
+        let text = BASE.replace(
+            "[store]",
+            "[downstream]\nurl = \"amqp://guest:guest@localhost:5672/%2f\"\n[store]",
+        );
+        let (key, message) = invalid_of(&text.replace("\"orders.out\"", "\"orders.in\""));
+        assert_eq!(key, "routes.orders.routing_key");
+        assert!(message.contains("loop"), "{message}");
+        parse(&text).unwrap();
+        // Same host, another port: another broker, so the queue's own name is fine.
+        let other_port = BASE.replace(
+            "[store]",
+            "[downstream]\nurl = \"amqp://guest:guest@localhost:5673/%2f\"\n[store]",
+        );
+        parse(&other_port.replace("\"orders.out\"", "\"orders.in\"")).unwrap();
     }
 
     #[test]
@@ -1554,8 +1893,101 @@ routing_key = "orders.out"
         assert_eq!(redact_url("not a url"), "not a url");
         assert_eq!(
             redact_in_text("url = \"amqp://a:b@h\", [\"redis://:c@d\"]"),
-            "url = \"amqp://a:***@h\", [\"redis://:***@d\"]"
+            "url = \"amqp://a:***@d\"]"
         );
+    }
+
+    /// Passwords made of `Zq` pieces joined by every character a URL delimiter search could
+    /// stop at: no output may contain `Zq`.
+    const NASTY_PASSWORDS: &[&str] = &[
+        "Zq1\"Zq2",
+        "Zq1'Zq2",
+        "Zq1,Zq2",
+        "Zq1]Zq2",
+        "Zq1@Zq2",
+        "Zq1#Zq2",
+        "Zq1 Zq2",
+        "Zq1\"], Zq2@Zq3#Zq4'Zq5",
+        "Zq1://Zq2",
+    ];
+
+    #[test]
+    fn redaction_survives_any_password_syntax() {
+        for pw in NASTY_PASSWORDS {
+            let lines = [
+                format!("url = \"amqp://guest:{pw}@127.0.0.1:5672/%2f\""),
+                format!("url = 'amqp://guest:{pw}@h/%2f' # note"),
+                format!("url = [\"redis://:{pw}@a:7000\", \"redis://b:7001\"]"),
+                format!("11 | url = amqp://u:{pw}@h\n   |       ^^^^\nexpected a value"),
+                format!("invalid type: string \"u:{pw}@h\", expected a URL"),
+                format!("a = \"http://x\", url = \"amqp://u:{pw}@h\""),
+            ];
+            for line in lines {
+                let out = redact_in_text(&line);
+                assert!(!out.contains("Zq"), "{line:?} -> {out:?}");
+            }
+        }
+        // What is not a password stays readable.
+        assert_eq!(
+            redact_in_text("line 3, column 7\nexpected `=`"),
+            "line 3, column 7\nexpected `=`"
+        );
+        assert_eq!(
+            redact_in_text("url = \"amqp://guest:pw@h:5672/%2f\""),
+            "url = \"amqp://guest:***@h:5672/%2f\""
+        );
+    }
+
+    /// Whatever the file's syntax, `check` shows no password: neither in a TOML error quoting
+    /// the line, nor in a URL parser's complaint, nor in the summary of a valid file.
+    #[test]
+    fn no_password_shown_whatever_the_syntax() {
+        for pw in NASTY_PASSWORDS {
+            // Valid TOML: the URL parsers' messages, or `describe`.
+            let escaped = escape_basic(pw);
+            for (from, to) in [
+                ("guest:guest", format!("guest:{escaped}")),
+                ("guest:guest", format!(":{escaped}")),
+                (
+                    "kind = \"memory\"",
+                    format!("kind = \"redis\"\nurl = \"redis://:{escaped}@h:6379/0\""),
+                ),
+                (
+                    "kind = \"memory\"",
+                    format!("kind = \"redis\"\nurl = [\"redis://:{escaped}@h:6379/1\"]"),
+                ),
+                (
+                    "kind = \"memory\"",
+                    format!("kind = \"redis\"\nurl = \"redis://u:{escaped}@h:x/0\""),
+                ),
+            ] {
+                let shown = match parse(&BASE.replace(from, &to)) {
+                    Ok(c) => c.describe(),
+                    Err(e) => e.to_string(),
+                };
+                assert!(!shown.contains("Zq"), "{pw:?} in {to:?}:\n{shown}");
+            }
+            // Syntax errors on the URL line.
+            for line in [
+                // Unescaped, so the quote ends the string early.
+                format!("url = \"amqp://guest:{pw}@127.0.0.1:5672/%2f\""),
+                format!("url = 'amqp://guest:{pw}@127.0.0.1:5672/%2f'"),
+                // Unterminated.
+                format!("url = \"amqp://guest:{pw}@127.0.0.1:5672/%2f"),
+                // Unquoted.
+                format!("url = amqp://guest:{pw}@127.0.0.1:5672/%2f"),
+                // A list where a string was expected, or a bracket in the wrong place.
+                format!("url = [\"amqp://guest:{pw}@127.0.0.1:5672/%2f\"]"),
+                format!("url = \"amqp://guest:{pw}@127.0.0.1:5672/%2f\"]"),
+            ] {
+                let text = BASE.replace("url = \"amqp://guest:guest@127.0.0.1:5672/%2f\"", &line);
+                let shown = match parse(&text) {
+                    Ok(c) => c.describe(),
+                    Err(e) => e.to_string(),
+                };
+                assert!(!shown.contains("Zq"), "{line}\n->\n{shown}");
+            }
+        }
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! key (or a redelivered copy would not be recognised), and different values never yield the
 //! same key (or a distinct message would be dropped as a duplicate). That is why header values
 //! of non-string AMQP types get a tagged, self-delimiting encoding instead of some lossy
-//! rendering like `to_string()`.
+//! rendering like `to_string()`, and so do non-string JSON values: `{"id":1}` and `{"id":"1"}`
+//! are different messages.
 
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::BasicProperties;
@@ -32,8 +33,8 @@ const MAX_LITERAL_ID: usize = 64;
 /// number of keys, and 32 hex characters in the key.
 const HASHED_ID_BYTES: usize = 16;
 
-/// First byte of every non-string header encoding. 0xFF never occurs in UTF-8, so an encoded
-/// number can never equal a textual header value.
+/// First byte of every non-string header or JSON encoding. 0xFF never occurs in UTF-8, so an
+/// encoded number can never equal a textual header or JSON value.
 const TAGGED: u8 = 0xFF;
 
 /// Raw key bytes for `spec`, before namespacing. Header values of every AMQP field type are
@@ -61,6 +62,15 @@ pub fn derive(
 /// The body-hash key (used by `key = "body"` and `on_missing_key = "hash_body"`).
 pub fn body_hash(body: &[u8]) -> Vec<u8> {
     blake3::hash(body).as_bytes().to_vec()
+}
+
+/// Whether `id` is spelled like a hashed id in a store key (`#` + 32 lowercase hex digits), the
+/// form `dedupd inspect` and `forget` accept verbatim for ids nobody can type.
+pub fn is_hashed_id(id: &str) -> bool {
+    id.strip_prefix('#').is_some_and(|hex| {
+        hex.len() == 2 * HASHED_ID_BYTES
+            && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    })
 }
 
 /// `{prefix}:{route}:{id}`; an id over 64 bytes or not valid UTF-8 becomes a fixed-length hash.
@@ -103,7 +113,12 @@ fn push_hex(out: &mut String, bytes: &[u8]) {
 /// is not UTF-8 and happens to start with `0xFF` is tagged as well, which keeps the mapping
 /// injective over all values.
 fn header_key(headers: &FieldTable, name: &str) -> Option<Vec<u8>> {
-    let value = headers.inner().get(name)?;
+    header_value_key(headers.inner().get(name)?)
+}
+
+/// The key bytes of one header value, as [`derive`] computes them for `header:NAME` (`None`
+/// for an empty string or void): for `dedupd inspect` given a typed value.
+pub fn header_value_key(value: &AMQPValue) -> Option<Vec<u8>> {
     let raw = match value {
         AMQPValue::ShortString(s) => Some(s.as_str().as_bytes()),
         AMQPValue::LongString(s) => Some(s.as_bytes()),
@@ -213,21 +228,35 @@ fn push_len(len: usize, out: &mut Vec<u8>) {
     out.extend_from_slice(&(len as u64).to_be_bytes());
 }
 
-/// The value at `pointer` in a JSON body: a string as its bytes, any other value as
-/// canonical JSON text (object keys sorted), null or unresolved as absent.
+/// The key of the value at `pointer` in a JSON body (see [`json_value_key`]); unresolved is
+/// absent.
 fn json_key(pointer: &str, body: &[u8]) -> Result<Vec<u8>, MissingKey> {
     let doc: serde_json::Value =
         serde_json::from_slice(body).map_err(|e| MissingKey::Malformed(e.to_string()))?;
-    match doc.pointer(pointer) {
-        None | Some(serde_json::Value::Null) => Err(MissingKey::Absent),
-        Some(serde_json::Value::String(s)) if s.is_empty() => Err(MissingKey::Absent),
-        Some(serde_json::Value::String(s)) => Ok(s.as_bytes().to_vec()),
-        Some(other) => {
-            let mut text = String::new();
-            canonical_json(other, &mut text);
-            Ok(text.into_bytes())
-        }
-    }
+    json_value_key(doc.pointer(pointer).ok_or(MissingKey::Absent)?)
+}
+
+/// The key bytes of one JSON value, as [`derive`] computes them for `json:/pointer`: a string
+/// as its bytes (so an operator can type it into `dedupd inspect`), any other value as `0xFF`,
+/// a type letter (`n` number, `b` boolean, `a` array, `o` object) and its canonical JSON text
+/// (object keys sorted). The tag keeps `1` and `"1"` apart, as for headers. Null and the empty
+/// string are absent.
+pub fn json_value_key(value: &serde_json::Value) -> Result<Vec<u8>, MissingKey> {
+    let letter = match value {
+        serde_json::Value::Null => return Err(MissingKey::Absent),
+        serde_json::Value::String(s) if s.is_empty() => return Err(MissingKey::Absent),
+        serde_json::Value::String(s) => return Ok(s.as_bytes().to_vec()),
+        serde_json::Value::Number(_) => b'n',
+        serde_json::Value::Bool(_) => b'b',
+        serde_json::Value::Array(_) => b'a',
+        serde_json::Value::Object(_) => b'o',
+    };
+    let mut text = String::new();
+    canonical_json(value, &mut text);
+    let mut out = Vec::with_capacity(2 + text.len());
+    out.extend_from_slice(&[TAGGED, letter]);
+    out.extend_from_slice(text.as_bytes());
+    Ok(out)
 }
 
 /// Compact JSON with object keys sorted. serde_json already sorts unless some crate in the
@@ -478,12 +507,54 @@ mod tests {
     #[test]
     fn json_string_number_bool_object_array() {
         let body = r#"{"id":"abc","n":12.5,"ok":true,"o":{"b":2,"a":[1,"x"]},"arr":[3,2]}"#;
+        let tagged = |letter: u8, text: &[u8]| [&[TAGGED, letter][..], text].concat();
         assert_eq!(json("/id", body), Ok(b"abc".to_vec()));
-        assert_eq!(json("/n", body), Ok(b"12.5".to_vec()));
-        assert_eq!(json("/ok", body), Ok(b"true".to_vec()));
-        assert_eq!(json("/o", body), Ok(br#"{"a":[1,"x"],"b":2}"#.to_vec()));
-        assert_eq!(json("/arr", body), Ok(b"[3,2]".to_vec()));
+        assert_eq!(json("/n", body), Ok(tagged(b'n', b"12.5")));
+        assert_eq!(json("/ok", body), Ok(tagged(b'b', b"true")));
+        assert_eq!(
+            json("/o", body),
+            Ok(tagged(b'o', br#"{"a":[1,"x"],"b":2}"#))
+        );
+        assert_eq!(json("/arr", body), Ok(tagged(b'a', b"[3,2]")));
         assert_eq!(json("/o/a/1", body), Ok(b"x".to_vec()));
+    }
+
+    /// A value and its string spelling are different messages, at any depth.
+    #[test]
+    fn json_values_of_other_types_never_equal_strings() {
+        let pairs = [
+            (r#"{"a":{"b":1}}"#, r#"{"a":{"b":"1"}}"#, "/a/b"),
+            (r#"{"id":true}"#, r#"{"id":"true"}"#, "/id"),
+            (r#"{"id":12.5}"#, r#"{"id":"12.5"}"#, "/id"),
+            (r#"{"id":[1]}"#, r#"{"id":"[1]"}"#, "/id"),
+            (r#"{"id":{"x":1}}"#, r#"{"id":"{\"x\":1}"}"#, "/id"),
+        ];
+        for (typed, text, pointer) in pairs {
+            let (typed_key, text_key) =
+                (json(pointer, typed).unwrap(), json(pointer, text).unwrap());
+            assert_ne!(typed_key, text_key, "{typed} vs {text}");
+            assert_ne!(
+                store_key("p", "r", &typed_key),
+                store_key("p", "r", &text_key)
+            );
+        }
+        // Strings keep the form an operator types into `dedupd inspect`.
+        assert_eq!(json("/a/b", r#"{"a":{"b":"1"}}"#), Ok(b"1".to_vec()));
+        assert_eq!(
+            store_key("p", "r", &json("/a/b", r#"{"a":{"b":"1"}}"#).unwrap()),
+            "p:r:1"
+        );
+        // Types stay apart from each other too: 1, true, [1], {"1":1}.
+        let keys: HashSet<Vec<u8>> = [
+            r#"{"k":1}"#,
+            r#"{"k":true}"#,
+            r#"{"k":[1]}"#,
+            r#"{"k":{"1":1}}"#,
+        ]
+        .iter()
+        .map(|body| json("/k", body).unwrap())
+        .collect();
+        assert_eq!(keys.len(), 4);
     }
 
     #[test]

@@ -267,3 +267,230 @@ async fn sighup_reloads_a_valid_file_and_refuses_an_invalid_one() {
     redis_cleanup(&setup.name).await;
     let _ = std::fs::remove_file(path);
 }
+
+/// A password with characters that end a URL in naive redaction (`"`, `'`, `,`, `]`, `#`, `@`,
+/// a space), on a URL line with a TOML syntax error: `check` refuses the file and neither of its
+/// outputs shows any piece of the password (each piece starts with `Zq`).
+#[tokio::test]
+async fn check_never_prints_a_password_from_a_broken_url_line() {
+    let setup = Setup::new("check-broken-url");
+    let good = format!("url = \"{AMQP_URL}\"");
+    assert!(setup.toml().contains(&good));
+    let pw = "Zq1\"Zq2'Zq3,Zq4]Zq5#Zq6 Zq7@Zq8";
+    let broken_lines = [
+        // The quote in the password ends the string early.
+        format!("url = \"amqp://guest:{pw}@127.0.0.1:5672/%2f\""),
+        format!("url = 'amqp://guest:{pw}@127.0.0.1:5672/%2f'"),
+        // Unterminated, unquoted, stray bracket.
+        format!("url = \"amqp://guest:{pw}@127.0.0.1:5672/%2f"),
+        format!("url = amqp://guest:{pw}@127.0.0.1:5672/%2f"),
+        format!("url = \"amqp://guest:{pw}@127.0.0.1:5672/%2f\"]"),
+        // Redis, in a cluster list.
+        format!("url = [\"redis://:{pw}@127.0.0.1:6379\"]"),
+    ];
+    let path = std::env::temp_dir().join(format!("{}.toml", setup.name));
+    for (i, line) in broken_lines.iter().enumerate() {
+        let toml = if line.starts_with("url = [\"redis") {
+            setup
+                .toml()
+                .replace(&format!("url = \"{REDIS_URL}\""), line)
+        } else {
+            setup.toml().replace(&good, line)
+        };
+        std::fs::write(&path, toml).expect("write");
+        let (code, out, err) =
+            run_binary(&["check", "-c", path.to_str().expect("utf-8 path")], &[]).await;
+        assert_eq!(code, 2, "variant {i}: stdout {out}\nstderr {err}");
+        assert!(err.contains("line"), "variant {i} names the line: {err}");
+        assert!(
+            !out.contains("Zq") && !err.contains("Zq"),
+            "variant {i} shows the password:\nstdout {out}\nstderr {err}"
+        );
+    }
+    let _ = std::fs::remove_file(path);
+}
+
+/// A default-exchange route whose routing_key names no queue on the downstream broker would
+/// dead-letter every message: `check --connect` says so, naming the route and the queue.
+#[tokio::test]
+async fn check_connect_reports_a_missing_destination_queue() {
+    let setup = Setup::new("check-dest");
+    let path = setup.write();
+    let path = path.to_str().expect("utf-8 path");
+    let mut broker = Broker::connect().await;
+    broker.queue_with_dlq(&setup.queue).await;
+
+    let (code, out, _) = run_binary(&["check", "--connect", "-c", path], &[]).await;
+    assert_eq!(code, 1, "destination queue does not exist yet: {out}");
+    let fail = format!(
+        "FAIL  route {}: destination queue {:?}",
+        setup.name, setup.out
+    );
+    assert!(out.contains(&fail), "{out}");
+    assert!(out.contains("declare the queue"), "hint: {out}");
+    assert!(
+        !out.contains(&format!("FAIL  route {}: queue", setup.name)),
+        "upstream queue exists: {out}"
+    );
+
+    broker
+        .queue(&setup.out, lapin::types::FieldTable::default())
+        .await;
+    let (code, out, _) = run_binary(&["check", "--connect", "-c", path], &[]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!("ok    route {}: destination queue", setup.name)),
+        "{out}"
+    );
+    broker.cleanup().await;
+    let _ = std::fs::remove_file(path);
+}
+
+/// Writes `id`'s key on `setup`'s route the way the proxy does: claimed, then committed.
+async fn commit_id(setup: &Setup, id: &[u8]) -> String {
+    let config = setup.config();
+    let key = dedupd::keys::store_key(&config.store.key_prefix, &setup.name, id);
+    let store = dedupd::store::Store::open(&config.store)
+        .await
+        .expect("store");
+    let owner = dedupd::store::Owner::new("cli-test".into(), 1);
+    let keys = [key.clone()];
+    store
+        .claim(&keys, &owner, Duration::from_secs(30))
+        .await
+        .expect("claim");
+    assert_eq!(
+        store
+            .commit(&keys, &owner, Duration::from_secs(3600))
+            .await
+            .expect("commit"),
+        [true]
+    );
+    key
+}
+
+/// `inspect ARGS` on `setup`'s route: (exit code, stdout, stderr).
+async fn inspect(path: &str, setup: &Setup, verb: &str, args: &[&str]) -> (i32, String, String) {
+    let mut all = vec![verb, "-c", path, &setup.name];
+    all.extend_from_slice(args);
+    run_binary(&all, &[]).await
+}
+
+/// A body-keyed route: the body file and the stored `#hash` form find the key, forget removes
+/// it, and a plain KEY is refused (it could never be stored) instead of answering "absent".
+#[tokio::test]
+async fn inspect_and_forget_a_body_hash_key() {
+    let mut setup = Setup::new("inspect-body");
+    setup.key = "body".into();
+    let path = setup.write();
+    let path = path.to_str().expect("utf-8 path");
+    let body_path = std::env::temp_dir().join(format!("{}.body", setup.name));
+    std::fs::write(&body_path, b"the body \x00\xff").expect("write body");
+    let body_file = body_path.to_str().expect("utf-8 path");
+    let key = commit_id(&setup, &dedupd::keys::body_hash(b"the body \x00\xff")).await;
+    let hashed = key.rsplit(':').next().expect("id");
+    assert!(hashed.starts_with('#'), "{key}");
+
+    let (code, out, err) = inspect(path, &setup, "inspect", &["--body-file", body_file]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("done") && out.contains(hashed), "{out}");
+    let (code, out, err) = inspect(path, &setup, "inspect", &[hashed]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("done"), "{out}");
+
+    let (code, out, err) = inspect(path, &setup, "inspect", &["the body"]).await;
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        err.contains("--body-file") && err.contains('#') && !out.contains("absent"),
+        "{err}"
+    );
+    let (code, _, err) = inspect(path, &setup, "inspect", &["--json", "1"]).await;
+    assert_eq!(code, 2, "{err}");
+
+    let (code, out, err) = inspect(path, &setup, "forget", &["--body-file", body_file]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("forgotten"), "{out}");
+    let (_, out, _) = inspect(path, &setup, "inspect", &[hashed]).await;
+    assert!(out.contains("absent"), "{out}");
+    commit_id(&setup, &dedupd::keys::body_hash(b"the body \x00\xff")).await;
+    let (_, out, _) = inspect(path, &setup, "forget", &[hashed]).await;
+    assert!(out.contains("forgotten"), "{out}");
+
+    redis_cleanup(&setup.name).await;
+    let _ = std::fs::remove_file(path);
+    let _ = std::fs::remove_file(body_path);
+}
+
+/// A header route keyed by an integer header: `--typed` finds it; the plain KEY (the string
+/// form) is another key, and inspect says how to reach the typed one.
+#[tokio::test]
+async fn inspect_and_forget_a_typed_header_key() {
+    let mut setup = Setup::new("inspect-header");
+    setup.key = "header:order".into();
+    let path = setup.write();
+    let path = path.to_str().expect("utf-8 path");
+    let id =
+        dedupd::keys::header_value_key(&lapin::types::AMQPValue::LongLongInt(42)).expect("a key");
+    commit_id(&setup, &id).await;
+    commit_id(&setup, b"s-42").await;
+
+    let (code, out, err) = inspect(path, &setup, "inspect", &["--typed", "i64:42"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("done"), "{out}");
+    let (_, out, _) = inspect(path, &setup, "inspect", &["--typed", "i32:42"]).await;
+    assert!(out.contains("absent"), "another type, another key: {out}");
+    let (_, out, err) = inspect(path, &setup, "inspect", &["42"]).await;
+    assert!(out.contains("absent"), "{out}");
+    assert!(
+        err.contains("--typed"),
+        "says how to reach a typed value: {err}"
+    );
+    // The SPEC form still works for string headers.
+    let (_, out, _) = inspect(path, &setup, "inspect", &["s-42"]).await;
+    assert!(out.contains("done"), "{out}");
+    let (code, _, err) = inspect(path, &setup, "inspect", &["--typed", "int:42"]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("i64"), "{err}");
+
+    let (_, out, _) = inspect(path, &setup, "forget", &["--typed", "i64:42"]).await;
+    assert!(out.contains("forgotten"), "{out}");
+    let (_, out, _) = inspect(path, &setup, "inspect", &["--typed", "i64:42"]).await;
+    assert!(out.contains("absent"), "{out}");
+    redis_cleanup(&setup.name).await;
+    let _ = std::fs::remove_file(path);
+}
+
+/// A JSON route: a string value by the SPEC form, a number by `--json`, and the plain form of
+/// a number hints at `--json`.
+#[tokio::test]
+async fn inspect_and_forget_json_keys() {
+    let mut setup = Setup::new("inspect-json");
+    setup.key = "json:/id".into();
+    let path = setup.write();
+    let path = path.to_str().expect("utf-8 path");
+    let number = dedupd::keys::json_value_key(&serde_json::json!(42)).expect("a key");
+    commit_id(&setup, &number).await;
+    commit_id(&setup, b"A1").await;
+
+    let (_, out, _) = inspect(path, &setup, "inspect", &["--json", "42"]).await;
+    assert!(out.contains("done"), "{out}");
+    let (_, out, err) = inspect(path, &setup, "inspect", &["42"]).await;
+    assert!(
+        out.contains("absent"),
+        "the string \"42\" is another key: {out}"
+    );
+    assert!(err.contains("--json 42"), "{err}");
+    let (_, out, _) = inspect(path, &setup, "inspect", &["A1"]).await;
+    assert!(out.contains("done"), "{out}");
+    let (_, out, _) = inspect(path, &setup, "inspect", &["--json", "\"A1\""]).await;
+    assert!(out.contains("done"), "{out}");
+    let (code, _, err) = inspect(path, &setup, "inspect", &["--typed", "i64:42"]).await;
+    assert_eq!(code, 2, "{err}");
+
+    let (_, out, _) = inspect(path, &setup, "forget", &["--json", "42"]).await;
+    assert!(out.contains("forgotten"), "{out}");
+    let (_, out, _) = inspect(path, &setup, "inspect", &["--json", "42"]).await;
+    assert!(out.contains("absent"), "{out}");
+    redis_cleanup(&setup.name).await;
+    let _ = std::fs::remove_file(path);
+}
