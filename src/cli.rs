@@ -492,10 +492,35 @@ async fn check_connect(config: &Config) -> u8 {
     }
 
     let store = match Store::open(&config.store).await {
-        Ok(store) => store.ping().await.map(|_| ()),
+        Ok(store) => store.ping().await.map(|_| store),
         Err(e) => Err(e),
     };
-    report("store".into(), store.map_err(|e| error_chain(&e)));
+    match store {
+        Ok(store) => {
+            report(format!("store {}", store.label()), Ok(()));
+            // An evicted key is a forgotten key: its next copy would be forwarded again.
+            let what = format!("store {} maxmemory-policy", store.label());
+            match store.eviction_risk().await {
+                Ok(None) => report(what, Ok(())),
+                Ok(Some(policy)) if config.store.allow_eviction => {
+                    println!("WARN  {what}: {policy} may evict keys (store.allow_eviction = true)")
+                }
+                Ok(Some(policy)) => report(
+                    what,
+                    Err(format!(
+                        "{policy} may evict keys, and an evicted key's next copy would be \
+                         forwarded again: set maxmemory-policy noeviction, or \
+                         store.allow_eviction = true to run anyway"
+                    )),
+                ),
+                Err(e) => println!(
+                    "WARN  {what}: cannot read it ({}); make sure it is noeviction",
+                    error_chain(&e)
+                ),
+            }
+        }
+        Err(e) => report("store".into(), Err(error_chain(&e))),
+    }
     if failed {
         EXIT_RUNTIME
     } else {

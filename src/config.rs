@@ -103,6 +103,11 @@ pub struct StoreConfig {
     /// TLS settings for `rediss://`. Default: none.
     #[serde(default)]
     pub tls: Option<Tls>,
+    /// Run even when Redis may evict keys (`maxmemory-policy` other than `noeviction`): an
+    /// evicted key is forgotten, and its next copy forwarded again. Default `false`: routes
+    /// do not consume from such a store.
+    #[serde(default)]
+    pub allow_eviction: bool,
 }
 
 /// `store.kind`
@@ -350,6 +355,7 @@ impl Default for StoreConfig {
             on_error: OnStoreError::default(),
             timeout: default_store_timeout(),
             tls: None,
+            allow_eviction: false,
         }
     }
 }

@@ -99,7 +99,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             upstream_up,
             downstream_up,
             store_up: store_up.clone(),
-            allow_eviction: false,
+            allow_eviction: config.store.allow_eviction,
         };
         tracker.spawn(pipeline::run_route(ctx, shutdown.clone()));
     }

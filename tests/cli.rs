@@ -364,7 +364,7 @@ async fn commit_id(setup: &Setup, id: &[u8]) -> String {
             .commit(&keys, &owner, Duration::from_secs(3600))
             .await
             .expect("commit"),
-        [true]
+        [dedupd::store::CommitOutcome::Committed]
     );
     key
 }
@@ -493,4 +493,56 @@ async fn inspect_and_forget_json_keys() {
     assert!(out.contains("absent"), "{out}");
     redis_cleanup(&setup.name).await;
     let _ = std::fs::remove_file(path);
+}
+
+/// `check --connect` reports a store that may evict keys (an evicted key's next copy would be
+/// forwarded again), and passes it with a warning once the operator opts in.
+#[tokio::test]
+async fn check_connect_reports_an_evicting_store() {
+    let port = free_port();
+    let mut redis = tokio::process::Command::new("redis-server")
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .args(["--maxmemory-policy", "allkeys-lru"])
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("redis-server");
+    let url = format!("redis://127.0.0.1:{port}/0");
+    wait_for("own redis answers", Duration::from_secs(10), || async {
+        let client = redis::Client::open(url.as_str()).ok()?;
+        client
+            .get_multiplexed_async_connection()
+            .await
+            .ok()
+            .map(drop)
+    })
+    .await;
+    let mut broker = Broker::connect().await;
+    let setup = Setup::new("check-evict");
+    setup.declare(&mut broker).await;
+    let toml = setup.toml().replace(REDIS_URL, &url);
+    let path = std::env::temp_dir().join(format!("{}.toml", setup.name));
+    std::fs::write(&path, &toml).expect("config");
+    let path = path.to_str().expect("utf-8 path");
+
+    let (code, out, _) = run_binary(&["check", "--connect", "-c", path], &[]).await;
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.lines().any(|l| l.starts_with("FAIL")
+            && l.contains("allkeys-lru")
+            && l.contains("noeviction")),
+        "{out}"
+    );
+
+    let opted_in = toml.replacen("[store]\n", "[store]\nallow_eviction = true\n", 1);
+    assert_ne!(opted_in, toml);
+    std::fs::write(path, opted_in).expect("config");
+    let (code, out, _) = run_binary(&["check", "--connect", "-c", path], &[]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("WARN") && out.contains("allkeys-lru"), "{out}");
+
+    let _ = redis.kill().await;
+    let _ = std::fs::remove_file(path);
+    broker.cleanup().await;
 }
