@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod shutdown;
 pub mod store;
+
 pub mod throttle;
 
 use std::sync::Arc;

@@ -8,6 +8,7 @@ use std::sync::{Arc, OnceLock};
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
+use metrics::{Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 
@@ -44,6 +45,55 @@ pub mod reason {
     pub const UNROUTABLE: &str = "unroutable";
     /// Not a rejection: forwarded without a `user_id` the downstream user may not set.
     pub const USER_ID_STRIPPED: &str = "user_id_stripped";
+}
+
+/// Metric handles of one route, resolved once (the hot path never looks a name up).
+pub struct RouteMetrics {
+    pub consumed: Counter,
+    pub forwarded: Counter,
+    pub duplicates: Counter,
+    pub takeovers: Counter,
+    pub store_errors: Counter,
+    pub rejected_missing_key: Counter,
+    pub rejected_unroutable: Counter,
+    pub user_id_stripped: Counter,
+    pub publishes_nacked: Counter,
+    pub forward_duration: Histogram,
+    pub inflight: Gauge,
+    route: String,
+}
+
+impl RouteMetrics {
+    /// The handles of route `route`.
+    pub fn new(route: &str) -> Self {
+        let r = route.to_owned();
+        Self {
+            consumed: ::metrics::counter!(CONSUMED, "route" => r.clone()),
+            forwarded: ::metrics::counter!(FORWARDED, "route" => r.clone()),
+            duplicates: ::metrics::counter!(DUPLICATES, "route" => r.clone()),
+            takeovers: ::metrics::counter!(TAKEOVERS, "route" => r.clone()),
+            store_errors: ::metrics::counter!(STORE_ERRORS, "route" => r.clone()),
+            rejected_missing_key: ::metrics::counter!(REJECTED, "route" => r.clone(), "reason" => reason::MISSING_KEY),
+            rejected_unroutable: ::metrics::counter!(REJECTED, "route" => r.clone(), "reason" => reason::UNROUTABLE),
+            user_id_stripped: ::metrics::counter!(REJECTED, "route" => r.clone(), "reason" => reason::USER_ID_STRIPPED),
+            publishes_nacked: ::metrics::counter!(PUBLISHES_NACKED, "route" => r.clone()),
+            forward_duration: ::metrics::histogram!(FORWARD_DURATION, "route" => r.clone()),
+            inflight: ::metrics::gauge!(INFLIGHT, "route" => r.clone()),
+            route: r,
+        }
+    }
+
+    /// The rejection counter for `reason`.
+    pub fn rejected(&self, why: &'static str) -> Counter {
+        match why {
+            reason::UNROUTABLE => self.rejected_unroutable.clone(),
+            reason::MISSING_KEY => self.rejected_missing_key.clone(),
+            // Not cached: registered on first use, so a new reason is never miscounted.
+            other => {
+                ::metrics::counter!(REJECTED, "route" => self.route.clone(), "reason" => other)
+            }
+        }
+    }
 }
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();
