@@ -666,6 +666,15 @@ impl<'a> Intake<'a> {
                 continue;
             }
             let d = &incoming.delivery;
+            // Before anything recursive touches the headers (key derivation, publishing):
+            // consumers' client libraries recurse on them too.
+            if amqp::header_depth(&d.properties) > amqp::MAX_HEADER_DEPTH {
+                if let Some(suppressed) = self.shared.logs.missing_key.allow() {
+                    tracing::info!(route = %ctx.name, max_depth = amqp::MAX_HEADER_DEPTH, suppressed, "message headers nest deeper than dedupd forwards: rejecting it to the queue's dead-letter exchange");
+                }
+                fates.push(Some(Fate::Reject(m::reason::UNPARSABLE)));
+                continue;
+            }
             match keys::derive(&route.key, &d.properties, &d.data) {
                 Ok(id) => {
                     incoming.key = Some(keys::store_key(&ctx.key_prefix, &ctx.name, &id));

@@ -365,7 +365,8 @@ async fn a_log_reader_that_went_away_stops_neither_routes_nor_signals() {
     wait_ready(&broker, &mut proxy, &setup.out, messages.len() as u32).await;
     wait_ready(&broker, &mut proxy, &dlq, keyless.len() as u32).await;
     let dropped = metric(setup.metrics_port, "dedupd_log_write_errors_total", &[]).await;
-    assert!(dropped >= 10.0, "log lines dropped and counted: {dropped}");
+    // Rejections are logged rate-limited: at least the first one hit the closed pipe.
+    assert!(dropped >= 1.0, "log lines dropped and counted: {dropped}");
     assert_eq!(
         http_get(setup.metrics_port, "/readyz")
             .await
