@@ -1,16 +1,88 @@
 //! Broker connections: connecting with TLS and a deadline, and the channel settings each side
 //! of a route needs (prefetch on the consumer, publisher confirms on the publisher).
+//!
+//! Also what keeps deeply nested headers from aborting the process. lapin (through
+//! amq-protocol's nom parser) parses, clones, drops and serializes header tables recursively,
+//! so each level of nesting costs stack, and overflowing a thread's stack aborts the whole
+//! process. A publisher's content header must fit in one frame of its own `frame_max`, at most
+//! the broker's (RabbitMQ's default and usual value: [`FRAME_MAX`]), and each level of nesting
+//! takes at least 5 bytes of it: that bounds the depth of anything dedupd receives. lapin parses
+//! any frame the broker sends before it compares it with the negotiated `frame_max`, so the
+//! bound is the broker's setting, not ours; the binary gives every thread that touches headers
+//! [`HEADER_STACK_SIZE`], measured to hold a [`FRAME_MAX`] frame of the worst nesting. Then
+//! [`header_depth`] lets the pipeline refuse nesting deeper than [`MAX_HEADER_DEPTH`] before
+//! it does anything else recursive with it or passes it on.
 
 use std::time::Duration;
 
 use lapin::options::{BasicQosOptions, ConfirmSelectOptions};
 use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 
 use crate::config::{redact_url, Tls};
 
 /// Deadline for connecting, opening a channel, or any other broker RPC that is not a publish.
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The `frame_max` dedupd negotiates unless the URL sets `?frame_max=N`: RabbitMQ's default,
+/// the frame size [`HEADER_STACK_SIZE`] is measured for. Pinned so that a broker offering no
+/// limit (0) does not make lapin size its buffers for 4 GiB frames.
+pub const FRAME_MAX: u32 = 131_072;
+
+/// Deepest header nesting dedupd forwards: the headers table itself is depth 1, each table or
+/// array inside adds one. Deeper messages are rejected (`unparsable`): many consumer client
+/// libraries recurse on header tables and would crash on them, and real headers (`x-death`
+/// included) stay far below this.
+pub const MAX_HEADER_DEPTH: usize = 64;
+
+/// Stack per byte of a header frame, at most, that lapin's I/O thread takes to parse it, with
+/// margin (parsing costs most; cloning, dropping and serializing less). Measured with
+/// `tests/poison.rs` `stack_use_per_nesting_level`: the worst is arrays in the debug build,
+/// 11.5 KB per level of 5 bytes (2.3 KB a byte), and tables in release, 1.8 KB per level of 6
+/// bytes (0.3 KB a byte). Tests run the debug build.
+const STACK_PER_FRAME_BYTE: usize = if cfg!(debug_assertions) { 3 << 10 } else { 512 };
+
+/// Stack for every thread that parses, clones, drops or serializes message headers: a
+/// [`FRAME_MAX`] frame of the worst nesting at [`STACK_PER_FRAME_BYTE`], plus 8 MiB for
+/// everything else the thread does: 72 MiB in release, 392 MiB in the debug build. Address
+/// space only: a page becomes resident when touched, once a message needs it.
+pub const HEADER_STACK_SIZE: usize = FRAME_MAX as usize * STACK_PER_FRAME_BYTE + (8 << 20);
+
+/// How deeply `props`' headers nest: 0 without headers, 1 for a table of plain values, one more
+/// per table or array inside. Iterative, so any depth is safe to measure on any stack.
+pub fn header_depth(props: &BasicProperties) -> usize {
+    let Some(headers) = props.headers() else {
+        return 0;
+    };
+    let mut deepest = 1;
+    let mut todo: Vec<(&AMQPValue, usize)> = headers.inner().values().map(|v| (v, 1)).collect();
+    while let Some((value, depth)) = todo.pop() {
+        match value {
+            AMQPValue::FieldTable(table) => {
+                deepest = deepest.max(depth + 1);
+                todo.extend(table.inner().values().map(|v| (v, depth + 1)));
+            }
+            AMQPValue::FieldArray(array) => {
+                deepest = deepest.max(depth + 1);
+                todo.extend(array.as_slice().iter().map(|v| (v, depth + 1)));
+            }
+            _ => {}
+        }
+    }
+    deepest
+}
+
+/// `url` with `frame_max` = [`FRAME_MAX`] unless it sets one (an operator whose broker allows
+/// larger frames raises it there, and `RUST_MIN_STACK` with it: see the README).
+fn pinned_uri(url: &str) -> Result<AMQPUri, String> {
+    let mut uri: AMQPUri = url.parse()?;
+    if uri.query.frame_max.unwrap_or(0) == 0 {
+        uri.query.frame_max = Some(FRAME_MAX);
+    }
+    Ok(uri)
+}
 
 /// A broker operation that failed; the URL in it is redacted.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +106,14 @@ pub enum AmqpError {
         url: String,
         /// The deadline.
         timeout: Duration,
+    },
+    /// The URL does not parse (config validation normally catches this first).
+    #[error("{url}: {reason}")]
+    Url {
+        /// Redacted URL.
+        url: String,
+        /// The parser's message.
+        reason: String,
     },
     /// A TLS file could not be read.
     #[error("reading {path}: {source}")]
@@ -93,9 +173,13 @@ impl Endpoint {
         self.rpc(what, all).await
     }
 
-    /// Opens a connection.
+    /// Opens a connection, with `frame_max` pinned to [`FRAME_MAX`] unless the URL sets it.
     pub async fn connect(&self) -> Result<Connection, AmqpError> {
         let props = ConnectionProperties::default().with_connection_name(self.name.clone().into());
+        let uri = pinned_uri(&self.url).map_err(|reason| AmqpError::Url {
+            url: self.redacted(),
+            reason,
+        })?;
         let tls = self.tls_config()?;
         let runtime = lapin::runtime::default_runtime().map_err(|source| AmqpError::Broker {
             what: "starting the AMQP runtime",
@@ -104,7 +188,7 @@ impl Endpoint {
         })?;
         self.rpc(
             "connecting",
-            Connection::connect_with_config(&self.url, props, tls, runtime),
+            Connection::connect_uri_with_config(uri, props, tls, runtime),
         )
         .await
     }
@@ -174,9 +258,8 @@ impl Endpoint {
 }
 
 /// Queue arguments that dead-letter rejected messages to `dlq` through the default exchange.
-pub fn dead_letter_to(dlq: &str) -> lapin::types::FieldTable {
-    use lapin::types::AMQPValue;
-    let mut args = lapin::types::FieldTable::default();
+pub fn dead_letter_to(dlq: &str) -> FieldTable {
+    let mut args = FieldTable::default();
     args.insert(
         "x-dead-letter-exchange".into(),
         AMQPValue::LongString("".into()),
@@ -259,6 +342,47 @@ mod tests {
             .with_cluster_id("h".into());
         let stripped = without_user_id(full.clone().with_user_id("mallory".into()));
         assert_eq!(stripped, full);
+    }
+
+    fn nested(depth: usize, table: bool) -> BasicProperties {
+        let mut value = AMQPValue::Void;
+        for _ in 1..depth {
+            value = if table {
+                let mut t = FieldTable::default();
+                t.insert("k".into(), value);
+                AMQPValue::FieldTable(t)
+            } else {
+                AMQPValue::FieldArray(vec![AMQPValue::LongInt(1), value].into())
+            };
+        }
+        let mut headers = FieldTable::default();
+        headers.insert("a".into(), AMQPValue::LongInt(1));
+        headers.insert("deep".into(), value);
+        BasicProperties::default().with_headers(headers)
+    }
+
+    #[test]
+    fn header_depth_counts_tables_and_arrays() {
+        assert_eq!(header_depth(&BasicProperties::default()), 0);
+        let empty = BasicProperties::default().with_headers(FieldTable::default());
+        assert_eq!(header_depth(&empty), 1);
+        for depth in [1, 2, 3, MAX_HEADER_DEPTH, MAX_HEADER_DEPTH + 1] {
+            assert_eq!(header_depth(&nested(depth, true)), depth);
+            assert_eq!(header_depth(&nested(depth, false)), depth);
+        }
+    }
+
+    #[test]
+    fn frame_max_is_pinned_unless_the_url_sets_it() {
+        let pinned = |url: &str| pinned_uri(url).map(|u| u.query.frame_max);
+        assert_eq!(pinned("amqp://h/%2f"), Ok(Some(FRAME_MAX)));
+        assert_eq!(pinned("amqp://h/%2f?frame_max=0"), Ok(Some(FRAME_MAX)));
+        assert_eq!(pinned("amqp://h/%2f?frame_max=8192"), Ok(Some(8192)));
+        assert_eq!(
+            pinned("amqp://h/%2f?frame_max=1048576"),
+            Ok(Some(1_048_576))
+        );
+        assert!(pinned("nonsense://").is_err());
     }
 
     #[test]

@@ -17,8 +17,11 @@ pub mod store;
 
 pub mod throttle;
 
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 
+use futures::FutureExt;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -40,7 +43,8 @@ pub enum RunError {
 }
 
 /// Runs every route until `shutdown` is cancelled, then lets in-flight messages finish for up
-/// to `tuning.shutdown_grace`.
+/// to `tuning.shutdown_grace`. A route that ends on its own (a bug: routes retry every failure)
+/// is logged and leaves `/readyz` failing, while the other routes go on.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
     let handle = metrics::install();
     let health = Health::new();
@@ -57,6 +61,9 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
         })
         .collect();
     let http_stop = CancellationToken::new();
+    // On an early error the endpoint's tasks must stop too: callers (tests, reloads) go on
+    // running in this process, and a leaked listener would hold the port.
+    let stop_http_on_error = http_stop.clone().drop_guard();
     let (addr, http) = metrics::serve(
         &config.metrics.listen,
         handle,
@@ -65,6 +72,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     )
     .await?;
     let store = Store::open(&config.store).await?;
+    stop_http_on_error.disarm();
 
     let instance: Arc<str> = format!("{:016x}", rand::random::<u64>()).into();
     tracing::info!(
@@ -102,7 +110,13 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
             store_up: store_up.clone(),
             allow_eviction: config.store.allow_eviction,
         };
-        tracker.spawn(pipeline::run_route(ctx, shutdown.clone()));
+        let name = ctx.name.clone();
+        tracker.spawn(supervise_route(
+            name,
+            pipeline::run_route(ctx, shutdown.clone()),
+            shutdown.clone(),
+            health.clone(),
+        ));
     }
     tracker.close();
 
@@ -118,6 +132,35 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     let _ = http.await;
     tracing::info!("dedupd stopped");
     Ok(())
+}
+
+/// Runs one route's task to its end. A route only returns once `shutdown` is cancelled: any
+/// other end (an early return, a panic) is a bug that stops its messages, so it is logged as an
+/// ERROR with the route and the panic message, counted, and holds `/readyz` (through the
+/// upstream component: the route consumes no more) down until the process restarts or reloads.
+pub async fn supervise_route(
+    route: Arc<str>,
+    task: impl Future<Output = ()>,
+    shutdown: CancellationToken,
+    health: Arc<Health>,
+) {
+    // Unwind safety: after a panic nothing of the task is used again, only the payload.
+    let outcome = AssertUnwindSafe(task).catch_unwind().await;
+    let why = match outcome {
+        Ok(()) if shutdown.is_cancelled() => return,
+        Ok(()) => "returned before shutdown".to_owned(),
+        Err(payload) => {
+            let message = payload
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_owned())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "(no message)".to_owned());
+            format!("panicked: {message}")
+        }
+    };
+    tracing::error!(%route, reason = %why, "route task ended: this route forwards nothing until dedupd restarts or reloads; not ready");
+    ::metrics::counter!(metrics::ROUTE_FAILURES, "route" => route.to_string()).increment(1);
+    health.hold_down(Component::Upstream);
 }
 
 /// Runs like [`run`]; on each item of `reloads` (SIGHUP in the binary) re-reads `path`. A valid

@@ -1,14 +1,45 @@
-//! The `dedupd` binary: parse the command line, set up logging, load the config, run.
+//! The `dedupd` binary: size thread stacks, parse the command line, set up logging, load the
+//! config, run.
+//!
+//! Stacks: lapin and amq-protocol parse, clone, drop and serialize message headers
+//! recursively, on lapin's I/O threads and on the thread running the routes. A stack overflow
+//! aborts the process, so every such thread gets [`dedupd::amqp::HEADER_STACK_SIZE`], enough for
+//! the deepest headers a frame dedupd accepts can carry (see `amqp`): lapin's threads, which it
+//! spawns without a size, through `RUST_MIN_STACK` set before any thread exists; the runtime on
+//! a thread of its own, since the main thread's stack is fixed by `ulimit -s`.
 
-use std::io::IsTerminal;
+use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
 
 use clap::Parser;
+use dedupd::amqp::HEADER_STACK_SIZE;
 use dedupd::cli::{Cli, Command, LogFormat, EXIT_CONFIG, EXIT_RUNTIME};
 use dedupd::config::Config;
 use tracing_subscriber::EnvFilter;
 
 fn main() -> ExitCode {
+    // An operator's own RUST_MIN_STACK wins (to give more, or to trade safety for memory).
+    if std::env::var_os("RUST_MIN_STACK").is_none() {
+        // Sound only while this is the only thread: it is, nothing has started yet. std reads
+        // the variable when it spawns the first thread without an explicit size.
+        std::env::set_var("RUST_MIN_STACK", HEADER_STACK_SIZE.to_string());
+    }
+    let spawned = std::thread::Builder::new()
+        .name("dedupd".into())
+        .stack_size(HEADER_STACK_SIZE)
+        .spawn(dedupd_main);
+    match spawned.map(|thread| thread.join()) {
+        Ok(Ok(code)) => code,
+        // The panic message was printed by the panic hook.
+        Ok(Err(_panic)) => ExitCode::from(EXIT_RUNTIME),
+        Err(error) => {
+            let _ = writeln!(std::io::stderr(), "cannot start the main thread: {error}");
+            ExitCode::from(EXIT_RUNTIME)
+        }
+    }
+}
+
+fn dedupd_main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(cli.log_format);
 
@@ -16,7 +47,12 @@ fn main() -> ExitCode {
     let config = match Config::load(path) {
         Ok(config) => config,
         Err(error) => {
-            eprintln!("invalid configuration: {}", dedupd::error_chain(&error));
+            // Not eprintln!: it panics when stderr is gone, and the exit code must stay 2.
+            let _ = writeln!(
+                std::io::stderr(),
+                "invalid configuration: {}",
+                dedupd::error_chain(&error)
+            );
             return ExitCode::from(EXIT_CONFIG);
         }
     };
@@ -29,7 +65,7 @@ fn main() -> ExitCode {
     {
         Ok(runtime) => runtime,
         Err(error) => {
-            eprintln!("cannot start the async runtime: {error}");
+            let _ = writeln!(std::io::stderr(), "cannot start the async runtime: {error}");
             return ExitCode::from(EXIT_RUNTIME);
         }
     };
@@ -73,9 +109,32 @@ fn init_tracing(format: LogFormat) {
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        // By default a failed write is reported with eprintln!, which panics when stderr is a
+        // closed pipe: inside whatever task logged, a route or the signal handler.
+        .log_internal_errors(false)
+        .with_writer(|| LossyStderr);
+    // Only fails if a subscriber is already installed, and then that one logs.
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// stderr for log lines, where a failed write drops the line and counts it: logging must never
+/// stop the work it describes, and a reader that went away must not stop the daemon.
+struct LossyStderr;
+
+impl Write for LossyStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // One write_all per line, under stderr's lock: lines from threads do not interleave.
+        if std::io::stderr().lock().write_all(buf).is_err() {
+            metrics::counter!(dedupd::metrics::LOG_WRITE_ERRORS).increment(1);
+        }
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        let _ = std::io::stderr().flush();
+        Ok(())
     }
 }

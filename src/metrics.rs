@@ -36,6 +36,10 @@ pub const PUBLISHES_NACKED: &str = "dedupd_publishes_nacked_total";
 pub const UP: &str = "dedupd_up";
 /// Always 1, labelled with the version.
 pub const BUILD_INFO: &str = "dedupd_build_info";
+/// Route tasks that ended without being asked to (a panic or an early return), per route.
+pub const ROUTE_FAILURES: &str = "dedupd_route_failures_total";
+/// Log lines that could not be written (stderr closed or full) and were dropped.
+pub const LOG_WRITE_ERRORS: &str = "dedupd_log_write_errors_total";
 
 /// `reason` label values of [`REJECTED`].
 pub mod reason {
@@ -45,6 +49,9 @@ pub mod reason {
     pub const UNROUTABLE: &str = "unroutable";
     /// Not a rejection: forwarded without a `user_id` the downstream user may not set.
     pub const USER_ID_STRIPPED: &str = "user_id_stripped";
+    /// dedupd cannot handle the message safely: headers nested deeper than
+    /// [`crate::amqp::MAX_HEADER_DEPTH`].
+    pub const UNPARSABLE: &str = "unparsable";
 }
 
 /// Metric handles of one route, resolved once (the hot path never looks a name up).
@@ -207,6 +214,13 @@ impl Health {
     /// True while `component` has no holder down.
     pub fn is_up(&self, component: Component) -> bool {
         self.down[component as usize].load(Ordering::SeqCst) == 0
+    }
+
+    /// Marks `component` down for good (until this `Health` is replaced: a restart or a
+    /// reload), for a holder that is gone and will not come back, such as a failed route.
+    pub fn hold_down(&self, component: Component) {
+        self.down[component as usize].fetch_add(1, Ordering::SeqCst);
+        self.publish(component);
     }
 
     fn publish(&self, component: Component) {

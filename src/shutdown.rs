@@ -17,11 +17,12 @@ pub fn on_signals() -> std::io::Result<CancellationToken> {
             _ = term.recv() => "SIGTERM",
             _ = int.recv() => "SIGINT",
         };
+        // Cancel before logging: whatever happens to the log line, shutdown goes ahead.
+        cancel.cancel();
         tracing::info!(
             signal = name,
             "shutting down: no new deliveries, finishing in-flight ones"
         );
-        cancel.cancel();
         tokio::select! {
             _ = term.recv() => {},
             _ = int.recv() => {},

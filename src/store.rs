@@ -42,6 +42,7 @@
 
 mod memory;
 mod redis;
+pub mod watched;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -13,8 +13,8 @@
 use std::time::Duration;
 
 use crate::config::OnMissingKey;
-use crate::store::{ClaimOutcome, CommitOutcome};
 use crate::metrics::reason;
+use crate::store::{ClaimOutcome, CommitOutcome};
 
 /// What intake decided for a delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -238,7 +238,10 @@ mod tests {
                 on_key(true, policy, true),
                 KeyStep::Reject(reason::UNPARSABLE)
             );
-            assert_eq!(on_key(false, policy, true), KeyStep::Reject(reason::UNPARSABLE));
+            assert_eq!(
+                on_key(false, policy, true),
+                KeyStep::Reject(reason::UNPARSABLE)
+            );
             assert_eq!(on_key(true, policy, false), KeyStep::Claim);
         }
         assert_eq!(
@@ -266,19 +269,54 @@ mod tests {
         let elsewhere = ClaimOutcome::InFlightElsewhere { lease_left: LEASE };
         // (outcome, redelivered_unvouched, first copy here) -> decision
         let rows = [
-            (ClaimOutcome::Claimed, false, false, Forward { takeover: false }),
-            (ClaimOutcome::Claimed, true, false, Forward { takeover: true }),
-            (ClaimOutcome::TakenOver, false, false, Forward { takeover: true }),
-            (ClaimOutcome::TakenOver, true, false, Forward { takeover: true }),
+            (
+                ClaimOutcome::Claimed,
+                false,
+                false,
+                Forward { takeover: false },
+            ),
+            (
+                ClaimOutcome::Claimed,
+                true,
+                false,
+                Forward { takeover: true },
+            ),
+            (
+                ClaimOutcome::TakenOver,
+                false,
+                false,
+                Forward { takeover: true },
+            ),
+            (
+                ClaimOutcome::TakenOver,
+                true,
+                false,
+                Forward { takeover: true },
+            ),
             (ClaimOutcome::Done, false, false, Drop),
             (ClaimOutcome::Done, true, true, Drop),
             (ClaimOutcome::Ours, false, true, HoldHere),
             (ClaimOutcome::Ours, true, true, HoldHere),
             // A leftover of our own with nobody here working on it: a fresh claim.
-            (ClaimOutcome::Ours, false, false, Forward { takeover: false }),
+            (
+                ClaimOutcome::Ours,
+                false,
+                false,
+                Forward { takeover: false },
+            ),
             (ClaimOutcome::Ours, true, false, Forward { takeover: true }),
-            (elsewhere.clone(), false, false, HoldElsewhere { lease_left: LEASE }),
-            (elsewhere.clone(), true, true, HoldElsewhere { lease_left: LEASE }),
+            (
+                elsewhere.clone(),
+                false,
+                false,
+                HoldElsewhere { lease_left: LEASE },
+            ),
+            (
+                elsewhere.clone(),
+                true,
+                true,
+                HoldElsewhere { lease_left: LEASE },
+            ),
         ];
         for (outcome, redelivered, here, expected) in rows {
             let f = ClaimFacts {
@@ -336,17 +374,29 @@ mod tests {
         };
         let rows = [
             (claimed, Acked, row(Ack, Commit, true, false)),
-            (claimed, Returned, row(Reject(reason::UNROUTABLE), Release, false, true)),
+            (
+                claimed,
+                Returned,
+                row(Reject(reason::UNROUTABLE), Release, false, true),
+            ),
             (claimed, Nacked, row(Requeue, Release, false, true)),
             (claimed, Unknown, row(Requeue, Release, false, false)),
             (claimed, NotPublished, row(Requeue, Release, false, false)),
             (unclaimed, Acked, row(Ack, Nothing, true, false)),
-            (unclaimed, Returned, row(Reject(reason::UNROUTABLE), Nothing, false, true)),
+            (
+                unclaimed,
+                Returned,
+                row(Reject(reason::UNROUTABLE), Nothing, false, true),
+            ),
             (unclaimed, Nacked, row(Requeue, Nothing, false, true)),
             (unclaimed, Unknown, row(Requeue, Nothing, false, false)),
         ];
         for (fate, confirmed, expected) in rows {
-            assert_eq!(on_confirm(fate, confirmed), expected, "{fate:?} {confirmed:?}");
+            assert_eq!(
+                on_confirm(fate, confirmed),
+                expected,
+                "{fate:?} {confirmed:?}"
+            );
         }
         for confirmed in [NotPublished, Acked, Returned, Nacked, Unknown] {
             assert_eq!(
@@ -375,7 +425,11 @@ mod tests {
             (DoneElsewhere, true, Fine),
         ];
         for (outcome, retried, expected) in rows {
-            assert_eq!(commit_verdict(outcome, retried), expected, "{outcome:?} {retried}");
+            assert_eq!(
+                commit_verdict(outcome, retried),
+                expected,
+                "{outcome:?} {retried}"
+            );
         }
     }
 

@@ -303,7 +303,12 @@ impl<'a> Intake<'a> {
         }
         let ctx = self.shared.ctx;
         loop {
-            match self.shared.store.claim(keys, &self.shared.owner, ctx.lease).await {
+            match self
+                .shared
+                .store
+                .claim(keys, &self.shared.owner, ctx.lease)
+                .await
+            {
                 Ok(outcomes) => {
                     self.store_backoff.reset();
                     return Claimed::Outcomes(outcomes);
@@ -359,8 +364,7 @@ impl<'a> Intake<'a> {
         let facts = ClaimFacts {
             outcome,
             observe: self.shared.ctx.route.mode == Mode::Observe,
-            redelivered_unvouched: incoming.delivery.redelivered
-                && !book.take_certainly_lost(&key),
+            redelivered_unvouched: incoming.delivery.redelivered && !book.take_certainly_lost(&key),
             first_copy_here: was_local || book.is_local(&key),
         };
         let fate = match fate::on_claim(facts) {
@@ -402,6 +406,12 @@ impl<'a> Intake<'a> {
                 published: None,
             })
             .collect();
+        if !items
+            .iter()
+            .any(|item| matches!(item.fate, Fate::Publish { .. }))
+        {
+            return items;
+        }
         let options = BasicPublishOptions {
             mandatory: true,
             immediate: false,
@@ -412,14 +422,19 @@ impl<'a> Intake<'a> {
             .map(|item| {
                 let props = self.outgoing_properties(&mut item.incoming.delivery);
                 let d = &item.incoming.delivery;
-                let routing_key = self.routing_key.clone().unwrap_or_else(|| d.routing_key.clone());
-                self.ch_out
-                    .basic_publish(self.exchange.clone(), routing_key, options, &d.data, props)
+                let routing_key = self
+                    .routing_key
+                    .clone()
+                    .unwrap_or_else(|| d.routing_key.clone());
+                self.ch_out.basic_publish(
+                    self.exchange.clone(),
+                    routing_key,
+                    options,
+                    &d.data,
+                    props,
+                )
             })
             .collect();
-        if publishes.is_empty() {
-            return items;
-        }
         let mut results = self.written(publishes).await.into_iter();
         for item in &mut items {
             if matches!(item.fate, Fate::Publish { .. }) {

@@ -277,7 +277,11 @@ async fn close(links: Links) {
 /// `"forward"`. A store that answers but may evict keys (Redis `maxmemory-policy` other than
 /// `noeviction`) holds it either way unless `store.allow_eviction` is set: an evicted key is a
 /// forgotten key, and its next copy would be forwarded with no warning.
-async fn wait_for_store(ctx: &RouteCtx, store: &WatchedStore, shutdown: &CancellationToken) -> bool {
+async fn wait_for_store(
+    ctx: &RouteCtx,
+    store: &WatchedStore,
+    shutdown: &CancellationToken,
+) -> bool {
     let mut backoff = Backoff::new(ctx.tuning.backoff_min, ctx.tuning.backoff_max);
     let refusal = Throttle::new(LOG_EVERY);
     loop {

@@ -65,7 +65,13 @@ pub(super) async fn settle(
         } else if !outcome.commit.is_empty() {
             nack_backoff.reset();
         }
-        update_store(shared, outcome.release, outcome.certainly_lost, outcome.finished).await;
+        update_store(
+            shared,
+            outcome.release,
+            outcome.certainly_lost,
+            outcome.finished,
+        )
+        .await;
         if let Err(error) = ack(shared, ch_in, &items, &outcome.settlements).await {
             // Tags of a dead channel: the broker requeued those deliveries itself. Keep
             // draining so confirmed publishes still get committed.
@@ -117,7 +123,11 @@ async fn confirmed(
 }
 
 /// Applies [`fate::on_confirm`] to every delivery of the batch.
-fn decide(shared: &Shared<'_>, items: &[Item], confirms: Vec<(Confirmed, Option<String>)>) -> Outcome {
+fn decide(
+    shared: &Shared<'_>,
+    items: &[Item],
+    confirms: Vec<(Confirmed, Option<String>)>,
+) -> Outcome {
     let mut out = Outcome::default();
     for (item, (confirmed, detail)) in items.iter().zip(confirms) {
         let Settle {

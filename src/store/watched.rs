@@ -151,7 +151,9 @@ fn meanwhile(op: Op, on_error: OnStoreError) -> &'static str {
         (Op::Ping | Op::Claim, OnStoreError::Forward) => {
             "forwarding without dedup (on_error = forward)"
         }
-        (Op::Commit, _) => "retrying the commit of confirmed messages (their claims are kept alive)",
+        (Op::Commit, _) => {
+            "retrying the commit of confirmed messages (their claims are kept alive)"
+        }
         (Op::Release, _) => "retrying a release (the lease frees the key otherwise)",
         (Op::Renew, _) => "cannot renew the leases of in-flight claims; retrying",
     }
