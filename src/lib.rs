@@ -1,20 +1,36 @@
 //! dedupd: a deduplicating proxy for RabbitMQ.
 //!
-//! [`run`] wires the pieces together: the key store ([`store`], where the claim protocol
-//! lives), one forwarding pipeline per route ([`pipeline`]: where a message is claimed,
-//! published, committed and acked), broker connections ([`amqp`]), and the metrics and health
-//! endpoint ([`metrics`]). `main.rs` only parses the command line; tests call [`run`] directly.
+//! [`run`] wires the pieces together and runs every route until shutdown; `main.rs` only parses
+//! the command line, sets up logging and calls it, and tests call it (or [`run_on`], with a
+//! listener they bound to port 0) in-process.
+//!
+//! # Layout
+//!
+//! - [`config`]: the file: schema and defaults, `${VAR}` interpolation, `validate()`.
+//! - [`pipeline`]: one route's forwarding: [`pipeline`]'s `intake` (receive, key, **claim**,
+//!   publish), `settle` (confirms, **commit**/release, ack, lease renewal), `holds` (held
+//!   duplicates), `fate` (the decision rules, pure and unit-tested).
+//! - [`store`]: the claim protocol behind one interface: Redis and Redis Cluster (the Lua
+//!   scripts), the in-process memory store, and `store::watched` (a route's view that counts
+//!   and reports store failures once).
+//! - [`keys`]: a message's dedup key (message_id, header, body hash, JSON pointer) and its
+//!   store key.
+//! - [`amqp`]: broker connections (TLS, deadlines, `frame_max`), channel settings, header depth.
+//! - [`telemetry`]: metric names, per-route metric handles, readiness, the HTTP endpoint.
+//! - [`throttle`]: rate limits for log lines a fault repeats.
+//! - [`backoff`]: capped exponential backoff.
+//! - [`shutdown`]: SIGTERM/SIGINT to a cancellation token, SIGHUP to reloads.
+//! - [`cli`]: the commands besides `run` (`check`, `inspect`, `forget`, `declare`).
 
 pub mod amqp;
 pub mod backoff;
 pub mod cli;
 pub mod config;
 pub mod keys;
-pub mod metrics;
 pub mod pipeline;
 pub mod shutdown;
 pub mod store;
-
+pub mod telemetry;
 pub mod throttle;
 
 use std::future::Future;
@@ -27,16 +43,16 @@ use tokio_util::task::TaskTracker;
 
 use crate::amqp::Endpoint;
 use crate::config::Config;
-use crate::metrics::{Component, Health};
 use crate::pipeline::RouteCtx;
 use crate::store::{Store, StoreError};
+use crate::telemetry::{Component, Health};
 
 /// Why [`run`] could not start. Once started, nothing but shutdown makes it return.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     /// The metrics endpoint could not bind.
     #[error(transparent)]
-    Metrics(#[from] metrics::ServeError),
+    Metrics(#[from] telemetry::ServeError),
     /// The store settings are unusable (not: the store is down, which is waited out).
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -46,7 +62,18 @@ pub enum RunError {
 /// to `tuning.shutdown_grace`. A route that ends on its own (a bug: routes retry every failure)
 /// is logged and leaves `/readyz` failing, while the other routes go on.
 pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunError> {
-    let handle = metrics::install();
+    let listener = telemetry::bind(&config.metrics.listen).await?;
+    run_on(config, listener, shutdown).await
+}
+
+/// [`run`] with the metrics endpoint on an already-bound `listener` (`metrics.listen` is not
+/// used): tests bind port 0 and know the address before the proxy starts.
+pub async fn run_on(
+    config: Config,
+    listener: tokio::net::TcpListener,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    let handle = telemetry::install();
     let health = Health::new();
     let store_up = Arc::new(health.flag(Component::Store));
     // Routes get their flags before the endpoint starts, so /readyz never answers 200 early.
@@ -64,13 +91,7 @@ pub async fn run(config: Config, shutdown: CancellationToken) -> Result<(), RunE
     // On an early error the endpoint's tasks must stop too: callers (tests, reloads) go on
     // running in this process, and a leaked listener would hold the port.
     let stop_http_on_error = http_stop.clone().drop_guard();
-    let (addr, http) = metrics::serve(
-        &config.metrics.listen,
-        handle,
-        health.clone(),
-        http_stop.clone(),
-    )
-    .await?;
+    let (addr, http) = telemetry::serve(listener, handle, health.clone(), http_stop.clone())?;
     let store = Store::open(&config.store).await?;
     stop_http_on_error.disarm();
 
@@ -159,7 +180,7 @@ pub async fn supervise_route(
         }
     };
     tracing::error!(%route, reason = %why, "route task ended: this route forwards nothing until dedupd restarts or reloads; not ready");
-    ::metrics::counter!(metrics::ROUTE_FAILURES, "route" => route.to_string()).increment(1);
+    ::metrics::counter!(telemetry::ROUTE_FAILURES, "route" => route.to_string()).increment(1);
     health.hold_down(Component::Upstream);
 }
 

@@ -128,7 +128,7 @@ impl Write for LossyStderr {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         // One write_all per line, under stderr's lock: lines from threads do not interleave.
         if std::io::stderr().lock().write_all(buf).is_err() {
-            metrics::counter!(dedupd::metrics::LOG_WRITE_ERRORS).increment(1);
+            metrics::counter!(dedupd::telemetry::LOG_WRITE_ERRORS).increment(1);
         }
         Ok(buf.len())
     }

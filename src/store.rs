@@ -314,7 +314,7 @@ impl Store {
 /// Records one operation's latency, failures included: a slow failing store is exactly what
 /// the histogram must show.
 fn record(op: &'static str, started: Instant) {
-    metrics::histogram!(crate::metrics::STORE_DURATION, "op" => op)
+    metrics::histogram!(crate::telemetry::STORE_DURATION, "op" => op)
         .record(started.elapsed().as_secs_f64());
 }
 

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex as StdMutex};
 use std::time::Duration;
 
 use common::*;
-use dedupd::metrics::{Component, Health};
+use dedupd::telemetry::{Component, Health};
 use lapin::BasicProperties;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;

@@ -13,8 +13,8 @@
 use std::time::Duration;
 
 use crate::config::OnMissingKey;
-use crate::metrics::reason;
 use crate::store::{ClaimOutcome, CommitOutcome};
+use crate::telemetry::reason;
 
 /// What intake decided for a delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

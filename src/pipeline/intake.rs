@@ -283,7 +283,7 @@ impl<'a> Intake<'a> {
         };
         let key = &self.shared.ctx.route.key;
         match why {
-            Some(why) if reason == crate::metrics::reason::MISSING_KEY => {
+            Some(why) if reason == crate::telemetry::reason::MISSING_KEY => {
                 tracing::info!(%key, %why, suppressed, "message without a key: rejecting it to the queue's dead-letter exchange (on_missing_key = reject)");
             }
             _ => tracing::info!(

@@ -53,9 +53,9 @@ use crate::amqp::{AmqpError, Endpoint};
 use crate::backoff::Backoff;
 use crate::config::{OnStoreError, Route, Tuning};
 use crate::error_chain;
-use crate::metrics::{HealthFlag, RouteMetrics};
 use crate::store::watched::WatchedStore;
 use crate::store::{Owner, Store};
+use crate::telemetry::{HealthFlag, RouteMetrics};
 use crate::throttle::Throttle;
 
 /// Everything a route needs, fixed for the life of the process.

@@ -16,7 +16,7 @@ use metrics::Counter;
 use super::{ClaimOutcome, CommitOutcome, Owner, Store, StoreError};
 use crate::config::OnStoreError;
 use crate::error_chain;
-use crate::metrics::HealthFlag;
+use crate::telemetry::HealthFlag;
 use crate::throttle::Throttle;
 
 /// How often a store that stays away is mentioned again.

@@ -1,16 +1,18 @@
-//! Metric names (the only place they are spelled), the Prometheus recorder, the health state
-//! behind `/readyz`, and the HTTP endpoint serving `/metrics`, `/healthz` and `/readyz`.
+//! Telemetry in one place: the metric names (the only place they are spelled), the handles a
+//! route resolves once ([`RouteMetrics`]), the Prometheus recorder, readiness ([`health`]: what
+//! `/readyz` and `dedupd_up` report) and the HTTP endpoint ([`http`]: `/metrics`, `/healthz`,
+//! `/readyz`).
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, OnceLock};
+mod health;
+mod http;
 
-use axum::http::StatusCode;
-use axum::routing::get;
-use axum::Router;
+use std::sync::OnceLock;
+
 use metrics::{Counter, Gauge, Histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use tokio_util::sync::CancellationToken;
+
+pub use self::health::{Component, Health, HealthFlag};
+pub use self::http::{bind, serve, ServeError};
 
 /// Upstream deliveries received, per route.
 pub const CONSUMED: &str = "dedupd_messages_consumed_total";
@@ -153,186 +155,4 @@ fn describe() {
     describe_gauge!(INFLIGHT, "Deliveries received and not yet settled");
     describe_gauge!(UP, "1 while the component is connected");
     describe_gauge!(BUILD_INFO, "Build information");
-}
-
-/// Which connection a [`Health`] flag describes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Component {
-    /// Every route's upstream consumer.
-    Upstream,
-    /// Every route's downstream publisher.
-    Downstream,
-    /// The key store.
-    Store,
-}
-
-impl Component {
-    fn label(self) -> &'static str {
-        match self {
-            Component::Upstream => "upstream",
-            Component::Downstream => "downstream",
-            Component::Store => "store",
-        }
-    }
-}
-
-/// Readiness: the process is ready while every route has both connections and the store answers.
-#[derive(Debug)]
-pub struct Health {
-    /// Per component, how many holders are currently disconnected.
-    down: [AtomicUsize; 3],
-}
-
-impl Health {
-    /// Starts with everything down until the first connection succeeds.
-    pub fn new() -> Arc<Health> {
-        let health = Arc::new(Health {
-            down: Default::default(),
-        });
-        for c in [Component::Upstream, Component::Downstream, Component::Store] {
-            health.publish(c);
-        }
-        health
-    }
-
-    /// A flag for one holder (a route's connection, or the store) that starts down.
-    pub fn flag(self: &Arc<Self>, component: Component) -> HealthFlag {
-        self.down[component as usize].fetch_add(1, Ordering::SeqCst);
-        self.publish(component);
-        HealthFlag {
-            health: self.clone(),
-            component,
-            up: AtomicBool::new(false),
-        }
-    }
-
-    /// True while nothing is down.
-    pub fn ready(&self) -> bool {
-        self.down.iter().all(|d| d.load(Ordering::SeqCst) == 0)
-    }
-
-    /// True while `component` has no holder down.
-    pub fn is_up(&self, component: Component) -> bool {
-        self.down[component as usize].load(Ordering::SeqCst) == 0
-    }
-
-    /// Marks `component` down for good (until this `Health` is replaced: a restart or a
-    /// reload), for a holder that is gone and will not come back, such as a failed route.
-    pub fn hold_down(&self, component: Component) {
-        self.down[component as usize].fetch_add(1, Ordering::SeqCst);
-        self.publish(component);
-    }
-
-    fn publish(&self, component: Component) {
-        let up = if self.is_up(component) { 1.0 } else { 0.0 };
-        metrics::gauge!(UP, "component" => component.label()).set(up);
-    }
-}
-
-/// One holder's connected state; dropping it counts as down no more (the holder is gone).
-#[derive(Debug)]
-pub struct HealthFlag {
-    health: Arc<Health>,
-    component: Component,
-    up: AtomicBool,
-}
-
-impl HealthFlag {
-    /// Marks this holder connected or not; only transitions change the counts.
-    pub fn set(&self, up: bool) {
-        if self.up.swap(up, Ordering::SeqCst) == up {
-            return;
-        }
-        let counter = &self.health.down[self.component as usize];
-        if up {
-            counter.fetch_sub(1, Ordering::SeqCst);
-        } else {
-            counter.fetch_add(1, Ordering::SeqCst);
-        }
-        self.health.publish(self.component);
-    }
-}
-
-impl Drop for HealthFlag {
-    fn drop(&mut self) {
-        if !self.up.load(Ordering::SeqCst) {
-            self.health.down[self.component as usize].fetch_sub(1, Ordering::SeqCst);
-            self.health.publish(self.component);
-        }
-    }
-}
-
-/// Why the endpoint could not start.
-#[derive(Debug, thiserror::Error)]
-pub enum ServeError {
-    /// `metrics.listen` could not be bound.
-    #[error("cannot listen on {addr} (metrics.listen): {source}")]
-    Bind {
-        /// The address.
-        addr: String,
-        /// Why.
-        source: std::io::Error,
-    },
-}
-
-/// Binds `listen` and serves until `shutdown`. Returns the bound address (port 0 picks one).
-pub async fn serve(
-    listen: &str,
-    handle: PrometheusHandle,
-    health: Arc<Health>,
-    shutdown: CancellationToken,
-) -> Result<(SocketAddr, tokio::task::JoinHandle<()>), ServeError> {
-    let bind_err = |source| ServeError::Bind {
-        addr: listen.to_owned(),
-        source,
-    };
-    // Histogram samples pile up in the recorder until upkeep folds them into buckets: without
-    // it, memory would grow with every message when nobody scrapes.
-    let upkeep_handle = handle.clone();
-    let upkeep_stop = shutdown.clone();
-    tokio::spawn(async move {
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
-        loop {
-            tokio::select! {
-                _ = upkeep_stop.cancelled() => break,
-                _ = tick.tick() => upkeep_handle.run_upkeep(),
-            }
-        }
-    });
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(bind_err)?;
-    let addr = listener.local_addr().map_err(bind_err)?;
-    let app = Router::new()
-        .route(
-            "/metrics",
-            get(move || {
-                let handle = handle.clone();
-                async move {
-                    handle.run_upkeep();
-                    handle.render()
-                }
-            }),
-        )
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route(
-            "/readyz",
-            get(move || {
-                let health = health.clone();
-                async move {
-                    if health.ready() {
-                        (StatusCode::OK, "ready\n")
-                    } else {
-                        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
-                    }
-                }
-            }),
-        );
-    let task = tokio::spawn(async move {
-        let server = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned());
-        if let Err(error) = server.await {
-            tracing::error!(%error, "metrics endpoint failed");
-        }
-    });
-    Ok((addr, task))
 }
