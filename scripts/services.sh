@@ -10,6 +10,13 @@ if ! command -v redis-server >/dev/null || ! command -v rabbitmq-server >/dev/nu
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server rabbitmq-server
 fi
 
+# The TLS tests (tests/tls.rs) make a throwaway PKI with openssl and put socat in front of the
+# broker as a TLS terminator.
+if ! command -v socat >/dev/null || ! command -v openssl >/dev/null; then
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq socat openssl >/dev/null
+fi
+
 if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
   echo "starting redis-server" >&2
   as_root redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
