@@ -13,13 +13,20 @@
 //! [`header_depth`] lets the pipeline refuse nesting deeper than [`MAX_HEADER_DEPTH`] before
 //! it does anything else recursive with it or passes it on.
 
+use std::sync::Arc;
 use std::time::Duration;
 
+use async_rs::Runtime;
+
 use lapin::options::{BasicQosOptions, ConfirmSelectOptions};
-use lapin::tcp::{OwnedIdentity, OwnedTLSConfig};
+use lapin::tcp::{
+    AsyncTcpStream, OwnedIdentity, OwnedTLSConfig, RustlsConnector, RustlsConnectorConfig,
+};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::uri::AMQPUri;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use crate::config::{redact_url, Tls};
 
@@ -186,11 +193,62 @@ impl Endpoint {
             url: self.redacted(),
             source,
         })?;
-        self.rpc(
-            "connecting",
-            Connection::connect_uri_with_config(uri, props, tls, runtime),
-        )
-        .await
+        let Some(connector) = self.exclusive_ca_connector()? else {
+            let connecting = Connection::connect_uri_with_config(uri, props, tls, runtime);
+            return self.rpc("connecting", connecting).await;
+        };
+        // lapin's own TLS path adds `ca_file` to the system's roots; this one trusts it alone.
+        let connector = Arc::new(connector);
+        let connect = async move |uri: AMQPUri, runtime: Runtime<_>| {
+            let host = uri.authority.host.clone();
+            let addrs = runtime.to_socket_addrs((host.clone(), uri.authority.port));
+            let stream = AsyncTcpStream::connect(&runtime, addrs).await?;
+            Ok(stream.into_rustls(&connector, &host).await?)
+        };
+        let connecting = Connection::connector(uri, runtime, connect, props);
+        self.rpc("connecting", connecting).await
+    }
+
+    /// With `ca_file`: a TLS connector that verifies the server with that CA alone (not the
+    /// system's roots as well), with the client certificate when one is set. `None` without
+    /// TLS settings or without `ca_file` (the system roots then verify the server).
+    fn exclusive_ca_connector(&self) -> Result<Option<RustlsConnector>, AmqpError> {
+        let Some(tls) = &self.tls else {
+            return Ok(None);
+        };
+        let Some(ca_file) = &tls.ca_file else {
+            return Ok(None);
+        };
+        let pem_error = |path: &std::path::Path, what: String| AmqpError::TlsFile {
+            path: path.display().to_string(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, what),
+        };
+        let certs = |path: &std::path::Path| {
+            let pem = read_tls_file(path)?;
+            let certs = CertificateDer::pem_slice_iter(&pem)
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| pem_error(path, format!("not a PEM certificate file: {e}")))?;
+            if certs.is_empty() {
+                return Err(pem_error(path, "no PEM certificate in it".into()));
+            }
+            Ok(certs)
+        };
+        let mut config = RustlsConnectorConfig::default();
+        config.add_parsable_certificates(certs(ca_file)?);
+        let connector = match (&tls.cert_file, &tls.key_file) {
+            (Some(cert_file), Some(key_file)) => {
+                let key =
+                    PrivateKeyDer::from_pem_slice(&read_tls_file(key_file)?).map_err(|e| {
+                        pem_error(key_file, format!("not an unencrypted PEM private key: {e}"))
+                    })?;
+                config.connector_with_single_cert(certs(cert_file)?, key)
+            }
+            _ => config.connector_with_no_client_auth(),
+        };
+        connector.map(Some).map_err(|source| AmqpError::TlsFile {
+            path: ca_file.display().to_string(),
+            source,
+        })
     }
 
     fn tls_config(&self) -> Result<OwnedTLSConfig, AmqpError> {
@@ -316,6 +374,14 @@ pub fn without_user_id(props: BasicProperties) -> BasicProperties {
         out = out.with_cluster_id(v.clone());
     }
     out
+}
+
+/// A TLS file's bytes, naming the file in the error.
+fn read_tls_file(path: &std::path::Path) -> Result<Vec<u8>, AmqpError> {
+    std::fs::read(path).map_err(|source| AmqpError::TlsFile {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 #[cfg(test)]

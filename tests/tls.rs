@@ -692,8 +692,6 @@ async fn key_file_formats_with_check_connect() {
 /// for the system roots: with CA b there, a server certificate from CA b is accepted without
 /// `ca_file` (the control), and must be refused with `ca_file` = CA a.
 #[tokio::test]
-#[ignore = "src/amqp.rs adds ca_file to the system roots instead of trusting only it (see the TLS \
-            report); run with --ignored once fixed"]
 async fn ca_file_replaces_the_system_roots() {
     let pki = Pki::new("roots");
     let tls = Terminator::start(&pki, "server-b", None).await;
