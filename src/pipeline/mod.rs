@@ -286,13 +286,15 @@ async fn wait_for_store(
     let refusal = Throttle::new(LOG_EVERY);
     loop {
         match store.ping().await {
-            Ok(()) if evicts_unallowed(ctx, store).await => {
-                store.hold_down();
-                if refusal.allow().is_some() {
-                    tracing::error!(store = %store.label(), "store may evict keys, and an evicted key's next copy would be forwarded again: not consuming; set maxmemory-policy noeviction (CONFIG SET maxmemory-policy noeviction), or store.allow_eviction = true to run anyway");
+            Ok(()) => match refused_eviction(ctx, store).await {
+                None => return true,
+                Some(policy) => {
+                    store.hold_down();
+                    if refusal.allow().is_some() {
+                        tracing::error!(store = %store.label(), %policy, "store may evict keys, and an evicted key's next copy would be forwarded again: not consuming; set maxmemory-policy noeviction (CONFIG SET maxmemory-policy noeviction), or store.allow_eviction = true to run anyway");
+                    }
                 }
-            }
-            Ok(()) => return true,
+            },
             Err(_) if ctx.on_store_error == OnStoreError::Forward => return true,
             // Counted and reported by the watched store.
             Err(_) => {}
@@ -303,22 +305,19 @@ async fn wait_for_store(
     }
 }
 
-/// Whether the store may evict keys and the operator did not allow it (logging the policy).
-async fn evicts_unallowed(ctx: &RouteCtx, store: &WatchedStore) -> bool {
+/// The store's eviction policy when it may evict keys and the operator did not allow it.
+async fn refused_eviction(ctx: &RouteCtx, store: &WatchedStore) -> Option<String> {
     match store.inner().eviction_risk().await {
-        Ok(None) => false,
+        Ok(None) => None,
         Ok(Some(policy)) if ctx.allow_eviction => {
             tracing::warn!(store = %store.label(), %policy, "store may evict keys (store.allow_eviction = true): an evicted key's next copy is forwarded again");
-            false
+            None
         }
-        Ok(Some(policy)) => {
-            tracing::debug!(store = %store.label(), %policy, "maxmemory-policy evicts");
-            true
-        }
+        Ok(Some(policy)) => Some(policy),
         Err(error) => {
             // Managed Redis services often rename or forbid CONFIG.
             tracing::warn!(store = %store.label(), error = %error_chain(&error), "cannot read the store's maxmemory-policy; make sure it is noeviction");
-            false
+            None
         }
     }
 }
