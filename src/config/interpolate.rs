@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use super::secret::redact_in_text;
+use super::secret::{redact_in_text, Interpolations};
 use super::ConfigError;
 
 /// The kind of TOML string a `${VAR}` sits in: it decides how the value is escaped.
@@ -42,7 +42,7 @@ pub(super) struct Interpolated {
     pub(super) text: String,
     subs: Vec<Substitution>,
     /// `(name, value)` of every substituted variable.
-    values: Vec<(String, String)>,
+    pub(super) values: Interpolations,
 }
 
 /// Replaces `${VAR}` inside quoted strings (comments and bare words are left alone) with the
@@ -59,7 +59,7 @@ pub(super) fn interpolate(text: &str, path: &Path) -> Result<Interpolated, Confi
         out: Interpolated {
             text: String::with_capacity(text.len()),
             subs: Vec::new(),
-            values: Vec::new(),
+            values: Interpolations::default(),
         },
     };
     while let Some(c) = text[scan.at..].chars().next() {
@@ -159,7 +159,7 @@ impl Scanner<'_> {
         let escaped = self.escaped(q, name, &value)?;
         let ref_len = name.len() + 3;
         self.out.substitute(self.at, ref_len, &escaped);
-        self.out.values.push((name.to_owned(), value));
+        self.out.values.push(name, value);
         self.at += ref_len;
         Ok(None)
     }
@@ -296,15 +296,7 @@ impl Interpolated {
             "data did not match any variant of untagged enum StoreUrl",
             "expected a URL string, or a list of URL strings for Redis Cluster",
         );
-        let mut message = redact_in_text(&message);
-        // Short values would garble the message and hide little; four characters is a compromise.
-        for (name, value) in self.values.iter().filter(|(_, v)| v.chars().count() >= 4) {
-            // serde quotes strings with `{:?}`: scrub that form too.
-            let debug = format!("{value:?}");
-            for form in [value.as_str(), &debug[1..debug.len() - 1]] {
-                message = message.replace(form, &format!("${{{name}}}"));
-            }
-        }
+        let message = self.values.hide_in_message(redact_in_text(&message));
         ConfigError::Parse {
             path: path.to_owned(),
             message,
@@ -323,7 +315,10 @@ mod tests {
         let text = BASE.replace("guest:guest@", "guest:${DEDUPD_T_INTERP_PW}@")
             + "# ${DEDUPD_T_UNSET_IN_COMMENT} is ignored in comments\n";
         let c = parse(&text).unwrap();
-        assert_eq!(c.upstream.url, "amqp://guest:s3cret@127.0.0.1:5672/%2f");
+        assert_eq!(
+            c.upstream.url.expose(),
+            "amqp://guest:s3cret@127.0.0.1:5672/%2f"
+        );
     }
 
     #[test]

@@ -16,11 +16,12 @@ pub mod schema;
 pub mod secret;
 mod validate;
 
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 pub use schema::*;
-pub use secret::redact_url;
+pub use secret::{redact_url, scrub_logs, SecretUrl};
 pub use validate::{
     CONFIRM_TIMEOUT_BOUNDS, LEASE_BOUNDS, MAX_ROUTE_NAME, MAX_WAIT, STORE_TIMEOUT_BOUNDS,
     WINDOW_BOUNDS,
@@ -66,20 +67,25 @@ pub enum ConfigError {
 }
 
 impl Config {
-    /// Reads, interpolates `${VAR}`, parses and validates `path`.
+    /// Reads, interpolates `${VAR}`, parses and validates `path`, and registers its passwords
+    /// for [`scrub_logs`] (every file the process runs with comes through here: the first
+    /// one, and each reload).
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
             path: path.to_owned(),
             source,
         })?;
-        Self::from_toml(&text, path)
+        let config = Self::from_toml(&text, path)?;
+        secret::remember_for_logs(&config);
+        Ok(config)
     }
 
     /// Parses and validates TOML text; `path` is only used in messages.
     pub fn from_toml(text: &str, path: &Path) -> Result<Config, ConfigError> {
         let src = interpolate::interpolate(text, path)?;
-        let config: Config =
+        let mut config: Config =
             toml::from_str(&src.text).map_err(|e| src.parse_error(e, text, path))?;
+        config.interpolated = src.values;
         config.validate()?;
         Ok(config)
     }
@@ -90,10 +96,10 @@ impl Config {
     }
 
     /// The downstream URL, defaulting to the upstream one.
-    pub fn downstream_url(&self) -> &str {
+    pub fn downstream_url(&self) -> &SecretUrl {
         self.downstream
             .as_ref()
-            .and_then(|d| d.url.as_deref())
+            .and_then(|d| d.url.as_ref())
             .unwrap_or(&self.upstream.url)
     }
 
@@ -128,10 +134,10 @@ impl Config {
              store:      {} {}{}, key_prefix {}, lease {}, timeout {}, on_error {}\n\
              metrics:    {}\n\
              routes:\n",
-            redact_url(&self.upstream.url),
+            self.upstream.url,
             tls(self.upstream.tls.as_ref()),
             self.upstream.prefetch,
-            redact_url(self.downstream_url()),
+            self.downstream_url(),
             tls(self.downstream_tls()),
             s.kind,
             store_url,
@@ -156,6 +162,48 @@ impl Config {
             ));
         }
         out
+    }
+}
+
+impl fmt::Debug for Config {
+    /// The derived form (`{:?}` or `{:#?}`), which already masks URL passwords, with every
+    /// value `${VAR}` filled in shown as `${VAR}`: such a value may be a secret in any key.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Named `Config` so the output reads as the derived one would. Destructured so that a
+        // new field is a compile error here rather than missing from `Debug`.
+        #[derive(Debug)]
+        #[allow(dead_code)] // read only by `Debug`
+        struct Config<'a> {
+            upstream: &'a Upstream,
+            downstream: &'a Option<Downstream>,
+            store: &'a StoreConfig,
+            metrics: &'a MetricsConfig,
+            tuning: &'a Tuning,
+            routes: &'a std::collections::BTreeMap<String, Route>,
+        }
+        let self::Config {
+            upstream,
+            downstream,
+            store,
+            metrics,
+            tuning,
+            routes,
+            interpolated,
+        } = self;
+        let fields = Config {
+            upstream,
+            downstream,
+            store,
+            metrics,
+            tuning,
+            routes,
+        };
+        let derived = if f.alternate() {
+            format!("{fields:#?}")
+        } else {
+            format!("{fields:?}")
+        };
+        f.write_str(&interpolated.hide_in_debug(&derived))
     }
 }
 
@@ -229,7 +277,7 @@ mod tests {
         let c = parse(BASE).unwrap();
         assert_eq!(c.upstream.prefetch, 2000);
         assert_eq!(c.routes["orders"].window, Duration::from_secs(86400));
-        assert_eq!(c.downstream_url(), c.upstream.url);
+        assert_eq!(c.downstream_url(), &c.upstream.url);
         assert_eq!(c.tuning.batch_size, 500);
     }
 

@@ -10,8 +10,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-/// The whole file.
-#[derive(Debug, Clone, Deserialize)]
+use super::secret::{redact_url, Interpolations, SecretUrl};
+
+/// The whole file. `Debug` (in `config`) shows no password and no value from `${VAR}`.
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Where messages are consumed.
@@ -31,6 +33,10 @@ pub struct Config {
     /// One table per route; the table name is the route name.
     #[serde(default)]
     pub routes: BTreeMap<String, Route>,
+    /// What `${VAR}` filled in, so that `Debug` can show `${VAR}` instead. Not a key of the
+    /// file: set by `Config::from_toml`, empty otherwise.
+    #[serde(skip)]
+    pub(super) interpolated: Interpolations,
 }
 
 /// `[upstream]`
@@ -38,7 +44,7 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct Upstream {
     /// AMQP URL, `amqp://` or `amqps://`. Required.
-    pub url: String,
+    pub url: SecretUrl,
     /// basic.qos prefetch per consumer channel. Default 2000.
     #[serde(default = "default_prefetch")]
     pub prefetch: u16,
@@ -53,7 +59,7 @@ pub struct Upstream {
 pub struct Downstream {
     /// AMQP URL. Default: `upstream.url`.
     #[serde(default)]
-    pub url: Option<String>,
+    pub url: Option<SecretUrl>,
     /// TLS settings for `amqps://`. Default: none.
     #[serde(default)]
     pub tls: Option<Tls>,
@@ -119,14 +125,41 @@ pub enum StoreKind {
     Memory,
 }
 
-/// `store.url`: one URL, or a list of seed URLs for Redis Cluster.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+/// `store.url`: one URL, or a list of seed URLs for Redis Cluster. `Debug` shows them with
+/// their passwords masked; [`StoreUrl::expose`] gives them as written.
+///
+/// The variants hold plain strings, not [`SecretUrl`]s, so that `StoreUrl::One(url)` keeps
+/// building one from a `String` (the store tests do); the masking `Debug` covers printing.
+#[derive(Clone, Deserialize, PartialEq, Eq)]
 #[serde(untagged)]
 pub enum StoreUrl {
     /// A single Redis server.
     One(String),
     /// Redis Cluster seed nodes.
     Cluster(Vec<String>),
+}
+
+impl StoreUrl {
+    /// Every URL, with its password, for connecting. Never format these into output.
+    pub fn expose(&self) -> Vec<&str> {
+        match self {
+            StoreUrl::One(url) => vec![url.as_str()],
+            StoreUrl::Cluster(urls) => urls.iter().map(String::as_str).collect(),
+        }
+    }
+}
+
+impl fmt::Debug for StoreUrl {
+    /// Like the derived form, each URL redacted: `One("redis://:***@h")`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StoreUrl::One(url) => f.debug_tuple("One").field(&redact_url(url)).finish(),
+            StoreUrl::Cluster(urls) => {
+                let shown: Vec<String> = urls.iter().map(|u| redact_url(u)).collect();
+                f.debug_tuple("Cluster").field(&shown).finish()
+            }
+        }
+    }
 }
 
 /// `store.on_error`

@@ -105,7 +105,7 @@ pub(super) fn config(c: &Config) -> Result<(), ConfigError> {
 }
 
 fn brokers(c: &Config) -> Result<(), ConfigError> {
-    check_amqp_url("upstream.url", &c.upstream.url)?;
+    check_amqp_url("upstream.url", c.upstream.url.expose())?;
     if c.upstream.prefetch == 0 {
         // basic.qos 0 means "unlimited": a stalled store would buffer the whole queue here.
         return Err(invalid(
@@ -113,7 +113,7 @@ fn brokers(c: &Config) -> Result<(), ConfigError> {
             "must be at least 1 (0 means unlimited in AMQP); the default is 2000",
         ));
     }
-    let up = [c.upstream.url.as_str()];
+    let up = [c.upstream.url.expose()];
     check_tls(
         "upstream.tls",
         c.upstream.tls.as_ref(),
@@ -124,12 +124,12 @@ fn brokers(c: &Config) -> Result<(), ConfigError> {
     if let Some(down) = &c.downstream {
         let url_key = match &down.url {
             Some(url) => {
-                check_amqp_url("downstream.url", url)?;
+                check_amqp_url("downstream.url", url.expose())?;
                 "downstream.url"
             }
             None => "upstream.url (which downstream.url defaults to)",
         };
-        let urls = [c.downstream_url()];
+        let urls = [c.downstream_url().expose()];
         check_tls(
             "downstream.tls",
             down.tls.as_ref(),
@@ -225,8 +225,10 @@ fn routes(c: &Config) -> Result<(), ConfigError> {
     // A default-exchange publish only loops back when it lands on the broker it came from.
     // Asked lazily: it may resolve host names, which only such routes need.
     let same_broker_cell = std::cell::OnceCell::new();
-    let same_broker =
-        || *same_broker_cell.get_or_init(|| same_broker(&c.upstream.url, c.downstream_url()));
+    let same_broker = || {
+        *same_broker_cell
+            .get_or_init(|| same_broker(c.upstream.url.expose(), c.downstream_url().expose()))
+    };
     let mut consumers: BTreeMap<&str, &str> = BTreeMap::new();
     for (name, route) in &c.routes {
         let key = |field: &str| format!("routes.{name}.{field}");
@@ -384,10 +386,7 @@ fn store(s: &StoreConfig) -> Result<(), ConfigError> {
 
 /// `store.url` and `store.tls` of a Redis store: one URL, or a cluster list of one scheme.
 fn redis_urls(s: &StoreConfig) -> Result<(), ConfigError> {
-    let urls: Vec<&str> = match &s.url {
-        StoreUrl::One(url) => vec![url.as_str()],
-        StoreUrl::Cluster(urls) => urls.iter().map(String::as_str).collect(),
-    };
+    let urls = s.url.expose();
     if urls.is_empty() {
         return Err(invalid(
             "store.url",
