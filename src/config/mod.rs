@@ -3,9 +3,10 @@
 //! the types here; nothing else reads the file.
 //!
 //! - [`schema`]: the types, their defaults, and how each setting is spelled in the file.
-//! - [`interpolate`]: `${VAR}` in string values, and parse errors that never show their values.
-//! - [`validate`]: the rules serde cannot express, each message naming the key and the fix.
-//! - [`secret`]: what keeps passwords out of output: redaction of URLs and of messages.
+//! - `interpolate`: `${VAR}` in string values, and parse errors that never show their values.
+//! - `validate`: the rules serde cannot express, each message naming the key and the fix.
+//! - [`secret`]: what keeps passwords out of output: [`SecretUrl`], `${VAR}` values hidden from
+//!   `Debug for Config`, redaction of URLs and messages, and the log scrubber the binary uses.
 //!
 //! This root loads ([`Config::load`], [`Config::from_toml`]), validates ([`Config::validate`]),
 //! summarises ([`Config::describe`]) and re-exports the schema, so `crate::config::Route` and
@@ -181,6 +182,7 @@ impl fmt::Debug for Config {
             tuning: &'a Tuning,
             routes: &'a std::collections::BTreeMap<String, Route>,
         }
+        // `self::Config` is the module's, not the one just above.
         let self::Config {
             upstream,
             downstream,

@@ -201,9 +201,10 @@ pub fn remember_for_logs(config: &Config) {
 /// and the decoded bytes in decimal, as `Debug` of a byte string prints them (lapin's SASL
 /// response).
 fn log_forms(password: &str) -> Vec<LogForm> {
-    let decoded = percent_decode(password);
+    let raw = percent_decode(password);
+    let decoded = String::from_utf8_lossy(&raw);
     let mut texts: Vec<String> = Vec::new();
-    for pw in [password, decoded.as_str()] {
+    for pw in [password, &decoded] {
         let debug = format!("{pw:?}");
         let debug = &debug[1..debug.len() - 1];
         texts.extend([pw, debug].map(str::to_owned));
@@ -216,7 +217,7 @@ fn log_forms(password: &str) -> Vec<LogForm> {
             numbers: false,
         })
         .collect();
-    let bytes: Vec<String> = decoded.bytes().map(|b| b.to_string()).collect();
+    let bytes: Vec<String> = raw.iter().map(|b| b.to_string()).collect();
     forms.push(LogForm {
         text: bytes.join(", "),
         numbers: true,
@@ -264,8 +265,8 @@ fn replace_form(line: &str, form: &LogForm) -> String {
     out
 }
 
-/// `%XX` sequences decoded, as URL parsers do with userinfo; invalid UTF-8 is replaced.
-fn percent_decode(text: &str) -> String {
+/// The bytes of `text` with `%XX` sequences decoded, as URL parsers do with userinfo.
+fn percent_decode(text: &str) -> Vec<u8> {
     let bytes = text.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
@@ -286,7 +287,7 @@ fn percent_decode(text: &str) -> String {
             }
         }
     }
-    String::from_utf8_lossy(&out).into_owned()
+    out
 }
 
 /// `text` escaped as inside a JSON string.
