@@ -28,7 +28,7 @@ use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
-use crate::config::{redact_url, Tls};
+use crate::config::{SecretUrl, Tls};
 
 /// Deadline for connecting, opening a channel, or any other broker RPC that is not a publish.
 pub const RPC_TIMEOUT: Duration = Duration::from_secs(10);
@@ -132,11 +132,12 @@ pub enum AmqpError {
     },
 }
 
-/// One broker endpoint: URL, TLS, and a connection name shown in the management UI.
+/// One broker endpoint: URL, TLS, and a connection name shown in the management UI. `Debug`
+/// shows the URL without its password.
 #[derive(Debug, Clone)]
 pub struct Endpoint {
-    /// The URL with credentials (never logged: use `redacted`).
-    pub url: String,
+    /// The URL with credentials; shown without its password (use `redacted`).
+    pub url: SecretUrl,
     /// TLS files, for amqps://.
     pub tls: Option<Tls>,
     /// `connection_name` client property.
@@ -146,7 +147,7 @@ pub struct Endpoint {
 impl Endpoint {
     /// The URL without its password.
     pub fn redacted(&self) -> String {
-        redact_url(&self.url)
+        self.url.redacted()
     }
 
     /// Runs `fut` with [`RPC_TIMEOUT`], naming `what` in the error.
@@ -183,7 +184,7 @@ impl Endpoint {
     /// Opens a connection, with `frame_max` pinned to [`FRAME_MAX`] unless the URL sets it.
     pub async fn connect(&self) -> Result<Connection, AmqpError> {
         let props = ConnectionProperties::default().with_connection_name(self.name.clone().into());
-        let uri = pinned_uri(&self.url).map_err(|reason| AmqpError::Url {
+        let uri = pinned_uri(self.url.expose()).map_err(|reason| AmqpError::Url {
             url: self.redacted(),
             reason,
         })?;
@@ -309,6 +310,7 @@ impl Endpoint {
     /// The user the URL authenticates as (`guest` when the URL names none, as lapin does).
     pub fn username(&self) -> String {
         self.url
+            .expose()
             .parse::<lapin::uri::AMQPUri>()
             .map(|uri| uri.authority.userinfo.username)
             .unwrap_or_else(|_| "guest".into())

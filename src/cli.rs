@@ -9,7 +9,7 @@ use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 
 use crate::amqp::Endpoint;
-use crate::config::{Config, KeySpec, OnMissingKey, Route};
+use crate::config::{Config, KeySpec, OnMissingKey, Route, SecretUrl};
 use crate::error_chain;
 use crate::keys;
 use crate::store::{KeyState, Store};
@@ -334,12 +334,12 @@ fn parse_typed(typed: &str) -> Result<lapin::types::AMQPValue, String> {
 
 /// `declare`: 0 when every queue exists afterwards, 1 otherwise.
 async fn declare(config: &Config) -> u8 {
-    let mut wanted: Vec<(String, &str, FieldTable)> = Vec::new();
+    let mut wanted: Vec<(String, &SecretUrl, FieldTable)> = Vec::new();
     for route in config.routes.values() {
         let dlq = format!("{}.dlq", route.queue);
         let args = crate::amqp::dead_letter_to(&dlq);
-        wanted.push((dlq, config.upstream.url.as_str(), FieldTable::default()));
-        wanted.push((route.queue.clone(), config.upstream.url.as_str(), args));
+        wanted.push((dlq, &config.upstream.url, FieldTable::default()));
+        wanted.push((route.queue.clone(), &config.upstream.url, args));
         if let (true, Some(rk)) = (route.exchange.is_empty(), &route.routing_key) {
             wanted.push((rk.clone(), config.downstream_url(), FieldTable::default()));
         }
@@ -347,8 +347,8 @@ async fn declare(config: &Config) -> u8 {
     let mut failed = false;
     for (queue, url, args) in wanted {
         let endpoint = Endpoint {
-            url: url.to_owned(),
-            tls: if url == config.upstream.url {
+            url: url.clone(),
+            tls: if *url == config.upstream.url {
                 config.upstream.tls.clone()
             } else {
                 config.downstream_tls().cloned()
@@ -406,7 +406,7 @@ async fn check_connect(config: &Config) -> u8 {
         name: "dedupd check".into(),
     };
     let downstream = Endpoint {
-        url: config.downstream_url().to_owned(),
+        url: config.downstream_url().clone(),
         tls: config.downstream_tls().cloned(),
         name: "dedupd check".into(),
     };

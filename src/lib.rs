@@ -121,7 +121,7 @@ pub async fn run_on(
                 name: format!("dedupd {name} upstream"),
             },
             downstream: Endpoint {
-                url: config.downstream_url().to_owned(),
+                url: config.downstream_url().clone(),
                 tls: config.downstream_tls().cloned(),
                 name: format!("dedupd {name} downstream"),
             },

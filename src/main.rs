@@ -7,6 +7,12 @@
 //! the deepest headers a frame dedupd accepts can carry (see `amqp`): lapin's threads, which it
 //! spawns without a size, through `RUST_MIN_STACK` set before any thread exists; the runtime on
 //! a thread of its own, since the main thread's stack is fixed by `ulimit -s`.
+//!
+//! Logs: every line goes through [`LossyStderr`], which drops a line it cannot write rather
+//! than stop the work it describes, and first hides every password of the loaded
+//! configuration ([`dedupd::config::scrub_logs`]): at `RUST_LOG=trace` lapin logs the frame
+//! that carries the SASL response, password included. Scrubbing keeps those frame logs, which
+//! are what one turns TRACE on for, without the password; see `config::secret`.
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
@@ -121,13 +127,18 @@ fn init_tracing(format: LogFormat) {
 }
 
 /// stderr for log lines, where a failed write drops the line and counts it: logging must never
-/// stop the work it describes, and a reader that went away must not stop the daemon.
+/// stop the work it describes, and a reader that went away must not stop the daemon. Every
+/// configured password is hidden first ([`dedupd::config::scrub_logs`]).
 struct LossyStderr;
 
 impl Write for LossyStderr {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        // tracing-subscriber hands over each event whole, in one write_all, and this write
+        // takes all of it: a password is never split across two calls.
+        let text = String::from_utf8_lossy(buf);
+        let line = dedupd::config::scrub_logs(&text);
         // One write_all per line, under stderr's lock: lines from threads do not interleave.
-        if std::io::stderr().lock().write_all(buf).is_err() {
+        if std::io::stderr().lock().write_all(line.as_bytes()).is_err() {
             metrics::counter!(dedupd::telemetry::LOG_WRITE_ERRORS).increment(1);
         }
         Ok(buf.len())

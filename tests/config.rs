@@ -1,5 +1,5 @@
-//! Every TOML config shipped in the repository loads and validates, and a misspelled key is
-//! reported by name and line.
+//! Every TOML config shipped in the repository loads and validates and shows no secret in
+//! `{:?}`, and a misspelled key is reported by name and line.
 
 use std::path::{Path, PathBuf};
 
@@ -65,8 +65,17 @@ fn every_shipped_config_is_valid() {
     }
     for file in &files {
         set_dummy_env(&std::fs::read_to_string(file).expect("readable config"));
-        if let Err(e) = Config::load(file) {
-            panic!("{} does not load:\n{e}", file.display());
+        let config = match Config::load(file) {
+            Ok(config) => config,
+            Err(e) => panic!("{} does not load:\n{e}", file.display()),
+        };
+        // Neither a password written in the file nor a value from the environment.
+        for shown in [format!("{config:?}"), format!("{config:#?}")] {
+            assert!(
+                !shown.contains("dummy-secret") && !shown.contains(":guest@"),
+                "{} shows a secret:\n{shown}",
+                file.display()
+            );
         }
     }
 }
