@@ -17,6 +17,14 @@ if ! command -v socat >/dev/null || ! command -v openssl >/dev/null; then
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq socat openssl >/dev/null
 fi
 
+# The deploy tests (tests/deploy.rs) check the alert rules with promtool and run a real
+# Prometheus against a live dedupd. Without recommends: no node exporter.
+if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    prometheus >/dev/null
+fi
+
 if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
   echo "starting redis-server" >&2
   as_root redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
