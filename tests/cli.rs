@@ -129,7 +129,7 @@ async fn sigterm_mid_stream_exits_0_and_a_restart_finishes_the_rest() {
         .collect();
     broker.publish_all(&setup.queue, &messages).await;
 
-    let mut proxy = Child::spawn(&["run", "-c", path]);
+    let mut proxy = Child::start(&["run", "-c", path]).await;
     wait_for(
         "some messages forwarded",
         Duration::from_secs(60),
@@ -143,16 +143,16 @@ async fn sigterm_mid_stream_exits_0_and_a_restart_finishes_the_rest() {
         .expect("wait");
     assert_eq!(status.code(), Some(0));
 
-    let mut proxy = Child::spawn(&["run", "-c", path]);
+    let mut proxy = Child::start(&["run", "-c", path]).await;
     wait_for("upstream drained", Duration::from_secs(60), || async {
         let consumed = metric(
-            setup.metrics_port,
+            proxy.port,
             "dedupd_messages_consumed_total",
             &[("route", &setup.name)],
         )
         .await;
         let inflight = metric(
-            setup.metrics_port,
+            proxy.port,
             "dedupd_inflight_messages",
             &[("route", &setup.name)],
         )
@@ -197,7 +197,7 @@ async fn sighup_reloads_a_valid_file_and_refuses_an_invalid_one() {
         .await;
     let path = setup.write();
     let path_str = path.to_str().expect("utf-8 path");
-    let proxy = Child::spawn(&["run", "-c", path_str]);
+    let proxy = Child::start(&["run", "-c", path_str]).await;
 
     let id = |s: &str| BasicProperties::default().with_message_id(s.into());
     broker.publish(&setup.queue, b"one", id("1")).await;
@@ -224,7 +224,7 @@ async fn sighup_reloads_a_valid_file_and_refuses_an_invalid_one() {
         "the reloaded route running",
         Duration::from_secs(60),
         || async {
-            let (_, body) = http_get(setup.metrics_port, "/metrics").await?;
+            let (_, body) = http_get(proxy.latest_port()?, "/metrics").await?;
             parse_metric(
                 &body,
                 "dedupd_messages_consumed_total",

@@ -49,7 +49,7 @@ fn workload(n: usize, dup_ratio: f64) -> (Vec<(Vec<u8>, BasicProperties)>, HashS
     (messages, unique)
 }
 
-/// What the checker found after the run.
+/// What the checker found after the run, and the proxies' counters at the end.
 #[derive(Debug, Default)]
 struct Tally {
     forwarded: usize,
@@ -57,10 +57,44 @@ struct Tally {
     duplicates: usize,
     left_upstream: u32,
     dead_lettered: u32,
+    /// `dedupd_takeovers_total` of the last processes, summed.
+    takeovers: f64,
+    /// `dedupd_store_errors_total` of the last processes, summed.
+    store_errors: f64,
+    /// `dedupd_duplicates_total` (copies dropped) of the last processes, summed.
+    dropped: f64,
+    /// `dedupd_messages_consumed_total` of each last process.
+    consumed: Vec<f64>,
 }
 
-/// Drains the destination and counts against the expected ids.
-async fn tally(broker: &Broker, setup: &Setup, expected: &HashSet<String>) -> Tally {
+/// The end of a fault test: waits until the upstream queue is drained and every proxy has
+/// nothing in flight, reads their counters, stops them (exit 0 after SIGTERM), drains the
+/// destination and counts it against the expected ids; prints the FAULT-FIGURES line `label`.
+async fn finish(
+    broker: &Broker,
+    setup: &Setup,
+    proxies: Vec<Child>,
+    expected: &HashSet<String>,
+    label: &str,
+) -> Tally {
+    let mut t = Tally::default();
+    for proxy in &proxies {
+        wait_drained(broker, setup, proxy.port).await;
+    }
+    for proxy in &proxies {
+        t.takeovers += setup.metric(proxy.port, "dedupd_takeovers_total").await;
+        t.store_errors += setup.metric(proxy.port, "dedupd_store_errors_total").await;
+        t.dropped += setup.metric(proxy.port, "dedupd_duplicates_total").await;
+        t.consumed.push(
+            setup
+                .metric(proxy.port, "dedupd_messages_consumed_total")
+                .await,
+        );
+    }
+    for proxy in proxies {
+        proxy.stop().await;
+    }
+
     let got = broker.drain(&setup.out).await;
     let mut counts: HashMap<String, usize> = HashMap::new();
     for d in &got {
@@ -72,16 +106,33 @@ async fn tally(broker: &Broker, setup: &Setup, expected: &HashSet<String>) -> Ta
             .unwrap_or_default();
         *counts.entry(id).or_default() += 1;
     }
-    Tally {
-        forwarded: got.len(),
-        lost: expected
-            .iter()
-            .filter(|id| !counts.contains_key(*id))
-            .count(),
-        duplicates: counts.values().map(|c| c - 1).sum(),
-        left_upstream: broker.ready(&setup.queue).await,
-        dead_lettered: broker.ready(&format!("{}.dlq", setup.queue)).await,
-    }
+    t.forwarded = got.len();
+    t.lost = expected
+        .iter()
+        .filter(|id| !counts.contains_key(*id))
+        .count();
+    t.duplicates = counts.values().map(|c| c - 1).sum();
+    t.left_upstream = broker.ready(&setup.queue).await;
+    t.dead_lettered = broker.ready(&format!("{}.dlq", setup.queue)).await;
+    println!(
+        "FAULT-FIGURES {label}: forwarded={} lost={} duplicates={} left={} dead_lettered={} takeovers(last process)={}",
+        t.forwarded, t.lost, t.duplicates, t.left_upstream, t.dead_lettered, t.takeovers
+    );
+    t
+}
+
+/// Nothing lost, left upstream or dead-lettered, and at most `max_duplicates` forwarded twice
+/// (0 unless the fault cut confirms off: then what was in flight).
+fn assert_clean(t: &Tally, max_duplicates: usize) {
+    assert_eq!(
+        (t.lost, t.left_upstream, t.dead_lettered),
+        (0, 0, 0),
+        "{t:?}"
+    );
+    assert!(
+        t.duplicates <= max_duplicates,
+        "duplicates beyond what was in flight ({max_duplicates}): {t:?}"
+    );
 }
 
 /// Waits until the destination holds at least `n` messages.
@@ -95,105 +146,18 @@ async fn wait_downstream(broker: &Broker, queue: &str, n: u32) {
 /// Waits until the upstream queue is empty and the proxy on `port` has nothing in flight.
 async fn wait_drained(broker: &Broker, setup: &Setup, port: u16) {
     wait_for("upstream drained and nothing in flight", LONG, || async {
-        let inflight = metric(port, "dedupd_inflight_messages", &[("route", &setup.name)]).await;
-        let consumed = metric(
-            port,
-            "dedupd_messages_consumed_total",
-            &[("route", &setup.name)],
-        )
-        .await;
+        let inflight = setup.metric(port, "dedupd_inflight_messages").await;
+        let consumed = setup.metric(port, "dedupd_messages_consumed_total").await;
         (broker.ready(&setup.queue).await == 0 && consumed > 0.0 && inflight == 0.0).then_some(())
     })
     .await
 }
 
-async fn stop(mut child: Child) {
-    child.signal(15);
-    let status = tokio::time::timeout(Duration::from_secs(15), child.child.wait())
-        .await
-        .expect("exits after SIGTERM")
-        .expect("wait");
-    assert_eq!(status.code(), Some(0), "exit code after SIGTERM");
-}
-
-/// A throwaway redis-server on its own port, so Redis faults touch nobody else.
-struct OwnRedis {
-    port: u16,
-}
-
-impl OwnRedis {
-    fn port() -> OwnRedis {
-        OwnRedis { port: free_port() }
-    }
-
-    fn dir(&self) -> String {
-        let dir = format!("/tmp/dedupd-test-redis-{}", self.port);
-        std::fs::create_dir_all(&dir).expect("redis dir");
-        dir
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
-    }
-
-    async fn start(&self) {
-        let status = tokio::process::Command::new("redis-server")
-            .args([
-                "--port",
-                &self.port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--daemonize",
-                "yes",
-            ])
-            // Keys survive a restart (as in production, see deploy/redis.conf), in a folder
-            // of this test's own.
-            .args([
-                "--appendonly",
-                "yes",
-                "--appendfsync",
-                "always",
-                "--dir",
-                &self.dir(),
-            ])
-            .args([
-                "--pidfile",
-                &format!("/tmp/dedupd-test-redis-{}.pid", self.port),
-            ])
-            .status()
-            .await
-            .expect("redis-server");
-        assert!(status.success());
-        wait_for("own redis answers", Duration::from_secs(20), || async {
-            self.cmd(&["PING"]).await.then_some(())
-        })
-        .await;
-    }
-
-    async fn cmd(&self, args: &[&str]) -> bool {
-        tokio::process::Command::new("redis-cli")
-            .args(["-p", &self.port.to_string()])
-            .args(args)
-            .output()
-            .await
-            .map(|o| o.status.success() && !String::from_utf8_lossy(&o.stdout).contains("ERR"))
-            .unwrap_or(false)
-    }
-
-    async fn stop(&self) {
-        let _ = self.cmd(&["SHUTDOWN", "NOSAVE"]).await;
-        wait_for("own redis gone", Duration::from_secs(20), || async {
-            (!self.cmd(&["PING"]).await).then_some(())
-        })
-        .await;
-    }
-
-    async fn remove(&self) {
-        self.stop().await;
-        let _ = std::fs::remove_dir_all(self.dir());
-    }
+/// Writes `toml` as this test's config file `{name}{suffix}.toml`; returns its path.
+fn write_config(setup: &Setup, suffix: &str, toml: &str) -> String {
+    let path = std::env::temp_dir().join(format!("{}{suffix}.toml", setup.name));
+    std::fs::write(&path, toml).expect("config");
+    path.to_str().expect("utf-8 path").to_owned()
 }
 
 /// Closes every broker connection of `user` in one call, as `rabbitmqctl
@@ -210,13 +174,6 @@ async fn proxy_user(setup: &Setup) -> String {
     user
 }
 
-fn report(test: &str, t: &Tally, takeovers: f64) {
-    println!(
-        "FAULT-FIGURES {test}: forwarded={} lost={} duplicates={} left={} dead_lettered={} takeovers(last process)={takeovers}",
-        t.forwarded, t.lost, t.duplicates, t.left_upstream, t.dead_lettered
-    );
-}
-
 #[tokio::test]
 async fn sigkill_five_times_mid_stream() {
     let _serial = SERIAL.lock().await;
@@ -229,28 +186,16 @@ async fn sigkill_five_times_mid_stream() {
     let path = setup.write();
     let args = ["run", "-c", path.to_str().expect("utf-8 path")];
 
-    let mut proxy = Child::spawn(&args);
+    let mut proxy = Child::start(&args).await;
     for kill in 1..=5u32 {
         wait_downstream(&broker, &setup.out, kill * expected.len() as u32 / 7).await;
         proxy.signal(9);
         let _ = proxy.child.wait().await;
-        proxy = Child::spawn(&args);
+        proxy = Child::start(&args).await;
     }
-    wait_drained(&broker, &setup, setup.metrics_port).await;
-    let takeovers = setup.metric("dedupd_takeovers_total").await;
-    stop(proxy).await;
 
-    let t = tally(&broker, &setup, &expected).await;
-    report("sigkill x5", &t, takeovers);
-    assert_eq!(
-        (t.lost, t.left_upstream, t.dead_lettered),
-        (0, 0, 0),
-        "{t:?}"
-    );
-    assert!(
-        t.duplicates <= PREFETCH * 5,
-        "duplicates beyond what was in flight: {t:?}"
-    );
+    let t = finish(&broker, &setup, vec![proxy], &expected, "sigkill x5").await;
+    assert_clean(&t, PREFETCH * 5);
     broker.cleanup().await;
     redis_cleanup(&setup.name).await;
 }
@@ -267,29 +212,23 @@ async fn broker_connections_closed_three_times() {
     let (messages, expected) = workload(20_000, 0.3);
     broker.publish_all(&setup.queue, &messages).await;
     let user = proxy_user(&setup).await;
-    let path = std::env::temp_dir().join(format!("{}.toml", setup.name));
-    std::fs::write(
-        &path,
+    let path = write_config(
+        &setup,
+        "",
         // Small batches and a small window slow the proxy down, so that all three faults
         // land mid-stream even on a fast machine (rabbitmqctl takes most of a second).
-        setup
+        &setup
             .toml()
             .replace("guest:guest@", &format!("{user}:pw@"))
             .replace("batch_size = 50", "batch_size = 10\npublish_window = 40"),
-    )
-    .expect("config");
-    let proxy = Child::spawn(&["run", "-c", path.to_str().expect("utf-8 path")]);
+    );
+    let proxy = Child::start(&["run", "-c", &path]).await;
 
     for round in 1..=3u32 {
         wait_downstream(&broker, &setup.out, round * expected.len() as u32 / 8).await;
         // Between a close and the reconnect there is nothing to close: wait for a connection.
         wait_for("the proxy connected", LONG, || async {
-            let up = metric(
-                setup.metrics_port,
-                "dedupd_up",
-                &[("component", "upstream")],
-            )
-            .await;
+            let up = metric(proxy.port, "dedupd_up", &[("component", "upstream")]).await;
             (up == 1.0).then_some(())
         })
         .await;
@@ -299,13 +238,17 @@ async fn broker_connections_closed_three_times() {
         assert!(left > 0, "round {round}: the stream was already over");
     }
     let last_close = tokio::time::Instant::now();
-    wait_drained(&broker, &setup, setup.metrics_port).await;
+    wait_drained(&broker, &setup, proxy.port).await;
     let recovery = last_close.elapsed();
-    let takeovers = setup.metric("dedupd_takeovers_total").await;
-    stop(proxy).await;
 
-    let t = tally(&broker, &setup, &expected).await;
-    report("connections closed x3", &t, takeovers);
+    let t = finish(
+        &broker,
+        &setup,
+        vec![proxy],
+        &expected,
+        "connections closed x3",
+    )
+    .await;
     println!(
         "FAULT-FIGURES connections closed: drained {recovery:?} after the last close (lease 60s)"
     );
@@ -313,17 +256,9 @@ async fn broker_connections_closed_three_times() {
         recovery < Duration::from_secs(45),
         "waited out the lease: {recovery:?}"
     );
-    assert_eq!(
-        (t.lost, t.left_upstream, t.dead_lettered),
-        (0, 0, 0),
-        "{t:?}"
-    );
+    assert_clean(&t, PREFETCH * 3);
     assert!(
-        t.duplicates <= PREFETCH * 3,
-        "duplicates beyond what was in flight: {t:?}"
-    );
-    assert!(
-        t.duplicates as f64 <= takeovers,
+        t.duplicates as f64 <= t.takeovers,
         "every duplicate was counted: {t:?}"
     );
     rabbitmqctl(&["delete_user", &user]).await;
@@ -334,23 +269,21 @@ async fn broker_connections_closed_three_times() {
 #[tokio::test]
 async fn redis_paused_then_its_connections_killed_twice() {
     let _serial = SERIAL.lock().await;
-    let redis = OwnRedis::port();
-    redis.start().await;
+    let redis = OwnRedis::run(true).await;
     let mut setup = Setup::new("redispause");
     setup.extra = String::new();
     let mut broker = Broker::connect().await;
     setup.declare(&mut broker).await;
     let (messages, expected) = workload(20_000, 0.3);
     broker.publish_all(&setup.queue, &messages).await;
-    let path = std::env::temp_dir().join(format!("{}.toml", setup.name));
-    std::fs::write(&path, setup.toml().replace(REDIS_URL, &redis.url())).expect("config");
-    let proxy = Child::spawn(&["run", "-c", path.to_str().expect("utf-8 path")]);
+    let path = write_config(&setup, "", &setup.toml().replace(REDIS_URL, &redis.url()));
+    let proxy = Child::start(&["run", "-c", &path]).await;
 
     let third = expected.len() as u32 / 4;
     wait_downstream(&broker, &setup.out, third).await;
     assert!(redis.cmd(&["CLIENT", "PAUSE", "3000", "ALL"]).await);
     wait_for("store marked down during the pause", LONG, || async {
-        let up = metric(setup.metrics_port, "dedupd_up", &[("component", "store")]).await;
+        let up = metric(proxy.port, "dedupd_up", &[("component", "store")]).await;
         (up == 0.0).then_some(())
     })
     .await;
@@ -358,54 +291,46 @@ async fn redis_paused_then_its_connections_killed_twice() {
         wait_downstream(&broker, &setup.out, round * third).await;
         assert!(redis.cmd(&["CLIENT", "KILL", "TYPE", "normal"]).await);
     }
-    wait_drained(&broker, &setup, setup.metrics_port).await;
-    let errors = setup.metric("dedupd_store_errors_total").await;
-    let takeovers = setup.metric("dedupd_takeovers_total").await;
-    stop(proxy).await;
+    let label = "redis pause + client kill x2";
+    let t = finish(&broker, &setup, vec![proxy], &expected, label).await;
     redis.remove().await;
-
-    let t = tally(&broker, &setup, &expected).await;
-    report("redis pause + client kill x2", &t, takeovers);
-    println!("FAULT-FIGURES redis pause: store_errors={errors}");
-    assert_eq!(
-        (t.lost, t.left_upstream, t.dead_lettered, t.duplicates),
-        (0, 0, 0, 0),
-        "{t:?}"
-    );
-    assert!(errors > 0.0, "the pause was noticed");
+    println!("FAULT-FIGURES redis pause: store_errors={}", t.store_errors);
+    assert_clean(&t, 0);
+    assert!(t.store_errors > 0.0, "the pause was noticed");
     broker.cleanup().await;
 }
 
 #[tokio::test]
 async fn redis_absent_at_start_then_started() {
     let _serial = SERIAL.lock().await;
-    let redis = OwnRedis::port();
+    // Not started until the proxy runs: its port is reserved (and cannot be changed later).
+    let mut redis = OwnRedis::reserve(true);
     let setup = Setup::new("redisabsent");
     let mut broker = Broker::connect().await;
     setup.declare(&mut broker).await;
     let (messages, expected) = workload(3_000, 0.3);
     broker.publish_all(&setup.queue, &messages).await;
-    let path = std::env::temp_dir().join(format!("{}.toml", setup.name));
-    std::fs::write(&path, setup.toml().replace(REDIS_URL, &redis.url())).expect("config");
-    let proxy = Child::spawn(&["run", "-c", path.to_str().expect("utf-8 path")]);
+    let path = write_config(&setup, "", &setup.toml().replace(REDIS_URL, &redis.url()));
+    let proxy = Child::start(&["run", "-c", &path]).await;
+    let port = proxy.port;
 
     // Up and answering, not ready, consuming nothing, for several store retries.
     wait_for("metrics endpoint up", LONG, || async {
-        http_get(setup.metrics_port, "/healthz").await.map(|_| ())
+        http_get(port, "/healthz").await.map(|_| ())
     })
     .await;
     let total = messages.len() as u32;
     let watch_until = tokio::time::Instant::now() + Duration::from_secs(2);
     while tokio::time::Instant::now() < watch_until {
-        let ready = http_get(setup.metrics_port, "/readyz")
-            .await
-            .map(|(s, _)| s);
-        assert_eq!(ready, Some(503), "not ready without a store");
+        assert_eq!(
+            status(port, "/readyz").await,
+            Some(503),
+            "not ready without a store"
+        );
         assert_eq!(broker.ready(&setup.queue).await, total, "nothing consumed");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // Each component reads for itself: the brokers are connected, only the store is down.
-    let port = setup.metrics_port;
     let up = |component: &'static str| async move {
         metric(port, "dedupd_up", &[("component", component)]).await
     };
@@ -416,21 +341,19 @@ async fn redis_absent_at_start_then_started() {
     assert_eq!(up("store").await, 0.0);
 
     redis.start().await;
-    wait_drained(&broker, &setup, setup.metrics_port).await;
-    let ready = http_get(setup.metrics_port, "/readyz")
-        .await
-        .map(|(s, _)| s);
-    assert_eq!(ready, Some(200));
-    stop(proxy).await;
-    redis.remove().await;
+    wait_drained(&broker, &setup, port).await;
+    assert_eq!(status(port, "/readyz").await, Some(200));
 
-    let t = tally(&broker, &setup, &expected).await;
-    report("redis absent at start", &t, 0.0);
-    assert_eq!(
-        (t.lost, t.left_upstream, t.dead_lettered, t.duplicates),
-        (0, 0, 0, 0),
-        "{t:?}"
-    );
+    let t = finish(
+        &broker,
+        &setup,
+        vec![proxy],
+        &expected,
+        "redis absent at start",
+    )
+    .await;
+    redis.remove().await;
+    assert_clean(&t, 0);
     broker.cleanup().await;
 }
 
@@ -441,52 +364,28 @@ async fn two_instances_share_one_window() {
     let mut broker = Broker::connect().await;
     setup.declare(&mut broker).await;
     let (messages, expected) = workload(10_000, 0.5);
-    let path_a = setup.write();
-    let port_b = free_port();
-    let path_b = std::env::temp_dir().join(format!("{}-b.toml", setup.name));
-    std::fs::write(
-        &path_b,
-        setup.toml().replace(
-            &format!("127.0.0.1:{}", setup.metrics_port),
-            &format!("127.0.0.1:{}", port_b),
-        ),
-    )
-    .expect("config");
-    let a = Child::spawn(&["run", "-c", path_a.to_str().expect("utf-8 path")]);
-    let b = Child::spawn(&["run", "-c", path_b.to_str().expect("utf-8 path")]);
+    // One file: each instance binds a port of its own (port 0) and logs it.
+    let path = setup.write();
+    let path = path.to_str().expect("utf-8 path");
+    let a = Child::start(&["run", "-c", path]).await;
+    let b = Child::start(&["run", "-c", path]).await;
     wait_for("both instances consuming", LONG, || async {
-        let ra = http_get(setup.metrics_port, "/readyz")
-            .await
-            .map(|(s, _)| s);
-        let rb = http_get(port_b, "/readyz").await.map(|(s, _)| s);
+        let ra = status(a.port, "/readyz").await;
+        let rb = status(b.port, "/readyz").await;
         (ra == Some(200) && rb == Some(200)).then_some(())
     })
     .await;
     broker.publish_all(&setup.queue, &messages).await;
-    wait_drained(&broker, &setup, setup.metrics_port).await;
-    wait_drained(&broker, &setup, port_b).await;
-    let consumed_a = setup.metric("dedupd_messages_consumed_total").await;
-    let consumed_b = metric(
-        port_b,
-        "dedupd_messages_consumed_total",
-        &[("route", &setup.name)],
-    )
-    .await;
-    stop(a).await;
-    stop(b).await;
 
-    let t = tally(&broker, &setup, &expected).await;
-    report("two instances, 50% duplicates", &t, 0.0);
+    let label = "two instances, 50% duplicates";
+    let t = finish(&broker, &setup, vec![a, b], &expected, label).await;
+    let (consumed_a, consumed_b) = (t.consumed[0], t.consumed[1]);
     println!("FAULT-FIGURES two instances: consumed a={consumed_a} b={consumed_b}");
     assert!(
         consumed_a > 0.0 && consumed_b > 0.0,
         "both instances took part"
     );
-    assert_eq!(
-        (t.lost, t.left_upstream, t.dead_lettered, t.duplicates),
-        (0, 0, 0, 0),
-        "{t:?}"
-    );
+    assert_clean(&t, 0);
     broker.cleanup().await;
     redis_cleanup(&setup.name).await;
 }
@@ -525,10 +424,9 @@ async fn bad_input_goes_through_policy_and_the_flow_continues() {
             &format!("routing_key = \"{}\"", setup.out),
             "routing_key = \"bound\"",
         );
-    let path = std::env::temp_dir().join(format!("{}.toml", setup.name));
-    std::fs::write(&path, toml).expect("config");
-    let proxy = Child::spawn(&["run", "-c", path.to_str().expect("utf-8 path")]);
-    let port = setup.metrics_port;
+    let path = write_config(&setup, "", &toml);
+    let proxy = Child::start(&["run", "-c", &path]).await;
+    let port = proxy.port;
     let rejected = |reason: &'static str| {
         let name = setup.name.clone();
         async move {
@@ -649,7 +547,7 @@ async fn bad_input_goes_through_policy_and_the_flow_continues() {
     );
     assert_eq!(rejected("missing_key").await, 1.0);
     assert_eq!(rejected("user_id_stripped").await, 1.0);
-    stop(proxy).await;
+    proxy.stop().await;
 
     let dead = broker.drain(&dlq).await;
     let dead: Vec<&[u8]> = dead.iter().map(|d| d.data.as_slice()).collect();
@@ -665,63 +563,37 @@ async fn bad_input_goes_through_policy_and_the_flow_continues() {
     redis_cleanup(&setup.name).await;
 }
 
-async fn rabbitmqctl(args: &[&str]) {
-    let out = tokio::process::Command::new("rabbitmqctl")
-        .arg("-q")
-        .args(args)
-        .output()
-        .await
-        .expect("rabbitmqctl");
-    assert!(
-        out.status.success(),
-        "rabbitmqctl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// Redis stops in the middle of the stream and comes back: nothing is forwarded or acked while
 /// it is away (on_error = block), and no key is forwarded twice.
 #[tokio::test]
 async fn redis_down_mid_stream_then_back() {
     let _serial = SERIAL.lock().await;
-    let redis = OwnRedis::port();
-    redis.start().await;
+    let mut redis = OwnRedis::run(true).await;
     let setup = Setup::new("redisdown");
     let mut broker = Broker::connect().await;
     setup.declare(&mut broker).await;
     let (messages, expected) = workload(20_000, 0.3);
     broker.publish_all(&setup.queue, &messages).await;
-    let path = std::env::temp_dir().join(format!("{}.toml", setup.name));
-    std::fs::write(&path, setup.toml().replace(REDIS_URL, &redis.url())).expect("config");
-    let proxy = Child::spawn(&["run", "-c", path.to_str().expect("utf-8 path")]);
+    let path = write_config(&setup, "", &setup.toml().replace(REDIS_URL, &redis.url()));
+    let proxy = Child::start(&["run", "-c", &path]).await;
 
     wait_downstream(&broker, &setup.out, expected.len() as u32 / 4).await;
     redis.stop().await;
     wait_for("not ready while the store is down", LONG, || async {
-        let ready = http_get(setup.metrics_port, "/readyz")
-            .await
-            .map(|(s, _)| s);
-        (ready == Some(503)).then_some(())
+        (status(proxy.port, "/readyz").await == Some(503)).then_some(())
     })
     .await;
     let left = broker.ready(&setup.queue).await;
     println!("FAULT-FIGURES redis down: stopped with {left} messages upstream");
     assert!(left > 0, "the stream was already over");
     redis.start().await;
-    wait_drained(&broker, &setup, setup.metrics_port).await;
-    let errors = setup.metric("dedupd_store_errors_total").await;
-    stop(proxy).await;
-    redis.remove().await;
 
-    let t = tally(&broker, &setup, &expected).await;
-    report("redis down mid-stream, restarted", &t, 0.0);
-    println!("FAULT-FIGURES redis down: store_errors={errors}");
-    assert_eq!(
-        (t.lost, t.left_upstream, t.dead_lettered, t.duplicates),
-        (0, 0, 0, 0),
-        "{t:?}"
-    );
-    assert!(errors > 0.0, "the outage was noticed");
+    let label = "redis down mid-stream, restarted";
+    let t = finish(&broker, &setup, vec![proxy], &expected, label).await;
+    redis.remove().await;
+    println!("FAULT-FIGURES redis down: store_errors={}", t.store_errors);
+    assert_clean(&t, 0);
+    assert!(t.store_errors > 0.0, "the outage was noticed");
     broker.cleanup().await;
 }
 
@@ -730,7 +602,7 @@ async fn redis_down_mid_stream_then_back() {
 #[tokio::test]
 async fn store_away_with_on_error_forward_fails_open() {
     let _serial = SERIAL.lock().await;
-    let redis = OwnRedis::port(); // never started
+    let redis = OwnRedis::reserve(false); // never started
     let setup = Setup::new("failopen");
     let mut broker = Broker::connect().await;
     setup.declare(&mut broker).await;
@@ -740,13 +612,14 @@ async fn store_away_with_on_error_forward_fails_open() {
         .toml()
         .replace(REDIS_URL, &redis.url())
         .replace("lease = ", "on_error = \"forward\"\nlease = ");
-    let path = std::env::temp_dir().join(format!("{}.toml", setup.name));
-    std::fs::write(&path, toml).expect("config");
-    let proxy = Child::spawn(&["run", "-c", path.to_str().expect("utf-8 path")]);
-    wait_drained(&broker, &setup, setup.metrics_port).await;
-    let errors = setup.metric("dedupd_store_errors_total").await;
-    let forwarded = setup.metric("dedupd_messages_forwarded_total").await;
-    stop(proxy).await;
+    let path = write_config(&setup, "", &toml);
+    let proxy = Child::start(&["run", "-c", &path]).await;
+    wait_drained(&broker, &setup, proxy.port).await;
+    let errors = setup.metric(proxy.port, "dedupd_store_errors_total").await;
+    let forwarded = setup
+        .metric(proxy.port, "dedupd_messages_forwarded_total")
+        .await;
+    proxy.stop().await;
 
     let got = broker.drain(&setup.out).await;
     println!(
@@ -820,19 +693,9 @@ async fn claims_outlive_their_lease_while_their_owner_works_on_them() {
             relay.port
         ),
     );
-    let port_b = free_port();
-    let toml_b = setup.toml().replace(
-        &format!("127.0.0.1:{}", setup.metrics_port),
-        &format!("127.0.0.1:{port_b}"),
-    );
-    let dir = std::env::temp_dir();
-    let (path_a, path_b) = (
-        dir.join(format!("{}-a.toml", setup.name)),
-        dir.join(format!("{}-b.toml", setup.name)),
-    );
-    std::fs::write(&path_a, toml_a).expect("config a");
-    std::fs::write(&path_b, toml_b).expect("config b");
-    let a = Child::spawn(&["run", "-c", path_a.to_str().expect("utf-8 path")]);
+    let path_a = write_config(&setup, "-a", &toml_a);
+    let path_b = write_config(&setup, "-b", &setup.toml());
+    let a = Child::start(&["run", "-c", &path_a]).await;
     wait_downstream(&broker, &setup.out, 300).await;
 
     relay.pause(true);
@@ -841,14 +704,14 @@ async fn claims_outlive_their_lease_while_their_owner_works_on_them() {
         "A's prefetch full of unconfirmed publishes",
         LONG,
         || async {
-            let inflight = setup.metric("dedupd_inflight_messages").await;
+            let inflight = setup.metric(a.port, "dedupd_inflight_messages").await;
             (inflight >= PREFETCH as f64).then_some(())
         },
     )
     .await;
     let held_by_a = in_flight_ids(&setup).await;
     assert!(!held_by_a.is_empty(), "A has claims in flight");
-    let b = Child::spawn(&["run", "-c", path_b.to_str().expect("utf-8 path")]);
+    let b = Child::start(&["run", "-c", &path_b]).await;
     let copies: Vec<_> = held_by_a.iter().map(|id| message(id)).collect();
     broker.publish_all(&setup.queue, &copies).await;
     wait_for(
@@ -864,28 +727,8 @@ async fn claims_outlive_their_lease_while_their_owner_works_on_them() {
     let lapsed = held_by_a.difference(&still).count();
     relay.pause(false);
 
-    wait_for("both settled", LONG, || async {
-        let a = setup.metric("dedupd_inflight_messages").await;
-        let b = metric(
-            port_b,
-            "dedupd_inflight_messages",
-            &[("route", &setup.name)],
-        )
-        .await;
-        (broker.ready(&setup.queue).await == 0 && a == 0.0 && b == 0.0).then_some(())
-    })
-    .await;
-    let takeovers = setup.metric("dedupd_takeovers_total").await
-        + metric(port_b, "dedupd_takeovers_total", &[("route", &setup.name)]).await;
-    stop(a).await;
-    stop(b).await;
-
-    let t = tally(&broker, &setup, &expected).await;
-    report(
-        "confirms held back for 3 leases, second instance",
-        &t,
-        takeovers,
-    );
+    let label = "confirms held back for 3 leases, second instance";
+    let t = finish(&broker, &setup, vec![a, b], &expected, label).await;
     println!(
         "FAULT-FIGURES lease renewal: {} claims in flight at the pause, {lapsed} lapsed after 3 leases",
         held_by_a.len()
@@ -894,11 +737,7 @@ async fn claims_outlive_their_lease_while_their_owner_works_on_them() {
         lapsed, 0,
         "claims lapsed while their owner was working on them"
     );
-    assert_eq!(
-        (t.lost, t.left_upstream, t.dead_lettered, t.duplicates),
-        (0, 0, 0, 0),
-        "{t:?}"
-    );
+    assert_clean(&t, 0);
     broker.cleanup().await;
     redis_cleanup(&setup.name).await;
 }
@@ -911,50 +750,43 @@ async fn claims_outlive_their_lease_while_their_owner_works_on_them() {
 #[tokio::test]
 async fn redis_full_longer_than_the_lease_forgets_nothing() {
     let _serial = SERIAL.lock().await;
-    let redis = OwnRedis::port();
-    redis.start().await;
+    let redis = OwnRedis::run(true).await;
     let mut setup = Setup::new("redisfull");
     setup.lease = "1s";
     let mut broker = Broker::connect().await;
     setup.declare(&mut broker).await;
     let (messages, expected) = workload(6_000, 0.0);
     broker.publish_all(&setup.queue, &messages).await;
-    let path = std::env::temp_dir().join(format!("{}.toml", setup.name));
-    std::fs::write(&path, setup.toml().replace(REDIS_URL, &redis.url())).expect("config");
-    let proxy = Child::spawn(&["run", "-c", path.to_str().expect("utf-8 path")]);
+    let path = write_config(&setup, "", &setup.toml().replace(REDIS_URL, &redis.url()));
+    let proxy = Child::start(&["run", "-c", &path]).await;
 
     wait_downstream(&broker, &setup.out, expected.len() as u32 / 4).await;
     assert!(redis.cmd(&["CONFIG", "SET", "maxmemory", "1"]).await);
     let full_at = std::time::Instant::now();
     wait_for("writes refused for three leases", LONG, || async {
-        let errors = setup.metric("dedupd_store_errors_total").await;
+        let errors = setup.metric(proxy.port, "dedupd_store_errors_total").await;
         (errors > 0.0 && full_at.elapsed() > Duration::from_secs(3)).then_some(())
     })
     .await;
     assert!(redis.cmd(&["CONFIG", "SET", "maxmemory", "0"]).await);
-    wait_drained(&broker, &setup, setup.metrics_port).await;
+    wait_drained(&broker, &setup, proxy.port).await;
 
     let copies: Vec<_> = expected.iter().map(|id| message(id)).collect();
     broker.publish_all(&setup.queue, &copies).await;
     setup
-        .wait_settled((messages.len() + copies.len()) as u64, LONG)
+        .wait_settled(proxy.port, (messages.len() + copies.len()) as u64, LONG)
         .await;
-    let errors = setup.metric("dedupd_store_errors_total").await;
-    let takeovers = setup.metric("dedupd_takeovers_total").await;
-    let dropped = setup.metric("dedupd_duplicates_total").await;
-    stop(proxy).await;
-    redis.remove().await;
 
-    let t = tally(&broker, &setup, &expected).await;
-    report("redis full (noeviction) for 3 leases", &t, takeovers);
-    println!("FAULT-FIGURES redis full: store_errors={errors} second copies dropped={dropped}");
-    assert_eq!(
-        (t.lost, t.left_upstream, t.dead_lettered, t.duplicates),
-        (0, 0, 0, 0),
-        "{t:?}"
+    let label = "redis full (noeviction) for 3 leases";
+    let t = finish(&broker, &setup, vec![proxy], &expected, label).await;
+    redis.remove().await;
+    println!(
+        "FAULT-FIGURES redis full: store_errors={} second copies dropped={}",
+        t.store_errors, t.dropped
     );
-    assert_eq!(dropped, copies.len() as f64, "every second copy dropped");
-    assert!(errors > 0.0, "the refused writes were noticed");
+    assert_clean(&t, 0);
+    assert_eq!(t.dropped, copies.len() as f64, "every second copy dropped");
+    assert!(t.store_errors > 0.0, "the refused writes were noticed");
     broker.cleanup().await;
 }
 
@@ -980,32 +812,28 @@ async fn downstream_that_keeps_nacking_is_backed_off() {
     let toml = setup
         .toml()
         .replace("backoff_max = \"500ms\"", "backoff_max = \"2s\"");
-    let path = std::env::temp_dir().join(format!("{}.toml", setup.name));
-    std::fs::write(&path, toml).expect("config");
-    let log_path = std::env::temp_dir().join(format!("{}.log", setup.name));
-    let log = std::fs::File::create(&log_path).expect("log file");
-    let proxy = Child::spawn_with_stderr(&["run", "-c", path.to_str().expect("utf-8 path")], log);
+    let path = write_config(&setup, "", &toml);
+    let proxy = Child::start(&["run", "-c", &path]).await;
+    let port = proxy.port;
 
     wait_for("publishes nacked", LONG, || async {
-        let nacked = setup.metric("dedupd_publishes_nacked_total").await;
-        let consumed = setup.metric("dedupd_messages_consumed_total").await;
+        let nacked = setup.metric(port, "dedupd_publishes_nacked_total").await;
+        let consumed = setup.metric(port, "dedupd_messages_consumed_total").await;
         (nacked > 0.0 || consumed > 1000.0).then_some(())
     })
     .await;
-    let before = setup.metric("dedupd_messages_consumed_total").await;
+    let before = setup.metric(port, "dedupd_messages_consumed_total").await;
     // The fault itself lasts five seconds: how many redeliveries it causes meanwhile is the
     // measure (a spinning proxy redelivers thousands per second).
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let redelivered = setup.metric("dedupd_messages_consumed_total").await - before;
-    let nacked = setup.metric("dedupd_publishes_nacked_total").await;
-    let takeovers = setup.metric("dedupd_takeovers_total").await;
+    let redelivered = setup.metric(port, "dedupd_messages_consumed_total").await - before;
+    let nacked = setup.metric(port, "dedupd_publishes_nacked_total").await;
+    let takeovers = setup.metric(port, "dedupd_takeovers_total").await;
 
     let got = broker.receive(&setup.out, messages.len(), LONG).await;
-    wait_drained(&broker, &setup, setup.metrics_port).await;
-    stop(proxy).await;
-    let logged = std::fs::read_to_string(&log_path).expect("log");
+    wait_drained(&broker, &setup, port).await;
+    let logged = proxy.stop().await;
     let nack_lines = logged.lines().filter(|l| l.contains("nacked")).count();
-    let _ = std::fs::remove_file(&log_path);
 
     let ids: Vec<String> = got
         .iter()
@@ -1038,8 +866,7 @@ async fn downstream_that_keeps_nacking_is_backed_off() {
 #[tokio::test]
 async fn evicting_store_is_refused_until_fixed() {
     let _serial = SERIAL.lock().await;
-    let redis = OwnRedis::port();
-    redis.start().await;
+    let redis = OwnRedis::run(true).await;
     assert!(
         redis
             .cmd(&["CONFIG", "SET", "maxmemory-policy", "allkeys-lru"])
@@ -1050,20 +877,14 @@ async fn evicting_store_is_refused_until_fixed() {
     setup.declare(&mut broker).await;
     let (messages, expected) = workload(500, 0.3);
     broker.publish_all(&setup.queue, &messages).await;
-    let path = std::env::temp_dir().join(format!("{}.toml", setup.name));
-    std::fs::write(&path, setup.toml().replace(REDIS_URL, &redis.url())).expect("config");
-    let log_path = std::env::temp_dir().join(format!("{}.log", setup.name));
-    let log = std::fs::File::create(&log_path).expect("log file");
-    let proxy = Child::spawn_with_stderr(&["run", "-c", path.to_str().expect("utf-8 path")], log);
+    let path = write_config(&setup, "", &setup.toml().replace(REDIS_URL, &redis.url()));
+    let proxy = Child::start(&["run", "-c", &path]).await;
 
     wait_for("the refusal logged", LONG, || async {
-        let logged = std::fs::read_to_string(&log_path).unwrap_or_default();
-        logged.contains("allkeys-lru").then_some(())
+        proxy.log().contains("allkeys-lru").then_some(())
     })
     .await;
-    let ready = http_get(setup.metrics_port, "/readyz")
-        .await
-        .map(|(s, _)| s);
+    let ready = status(proxy.port, "/readyz").await;
     assert_eq!(ready, Some(503), "not ready with an evicting store");
     assert_eq!(
         broker.ready(&setup.queue).await,
@@ -1076,21 +897,23 @@ async fn evicting_store_is_refused_until_fixed() {
             .cmd(&["CONFIG", "SET", "maxmemory-policy", "noeviction"])
             .await
     );
-    wait_drained(&broker, &setup, setup.metrics_port).await;
-    stop(proxy).await;
-    redis.remove().await;
-    let logged = std::fs::read_to_string(&log_path).expect("log");
-    let _ = std::fs::remove_file(&log_path);
-    assert!(
-        logged.contains("maxmemory-policy noeviction"),
-        "the log says how to fix it"
-    );
+    wait_for("the log to say how to fix it", LONG, || async {
+        proxy
+            .log()
+            .contains("maxmemory-policy noeviction")
+            .then_some(())
+    })
+    .await;
 
-    let t = tally(&broker, &setup, &expected).await;
-    assert_eq!(
-        (t.lost, t.left_upstream, t.dead_lettered, t.duplicates),
-        (0, 0, 0, 0),
-        "{t:?}"
-    );
+    let t = finish(
+        &broker,
+        &setup,
+        vec![proxy],
+        &expected,
+        "evicting store refused",
+    )
+    .await;
+    redis.remove().await;
+    assert_clean(&t, 0);
     broker.cleanup().await;
 }

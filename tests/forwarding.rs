@@ -116,7 +116,7 @@ async fn forwards_first_seen_in_order_with_30pct_duplicates() {
 
     broker.publish_all(&setup.queue, &messages).await;
     let proxy = InProcess::start(setup.config());
-    setup.wait_settled(3000, SETTLE).await;
+    setup.wait_settled(proxy.port, 3000, SETTLE).await;
 
     let got = broker.drain(&setup.out).await;
     assert_eq!(got.len(), expected.len(), "forwarded count");
@@ -124,12 +124,22 @@ async fn forwards_first_seen_in_order_with_30pct_duplicates() {
         assert_eq!(&got.data, body, "message {i}: body or order differs");
         assert_eq!(&got.properties, props, "message {i}: properties differ");
     }
-    assert_eq!(setup.metric("dedupd_messages_consumed_total").await, 3000.0);
     assert_eq!(
-        setup.metric("dedupd_messages_forwarded_total").await,
+        setup
+            .metric(proxy.port, "dedupd_messages_consumed_total")
+            .await,
+        3000.0
+    );
+    assert_eq!(
+        setup
+            .metric(proxy.port, "dedupd_messages_forwarded_total")
+            .await,
         2100.0
     );
-    assert_eq!(setup.metric("dedupd_duplicates_total").await, 900.0);
+    assert_eq!(
+        setup.metric(proxy.port, "dedupd_duplicates_total").await,
+        900.0
+    );
     assert_eq!(broker.ready(&setup.queue).await, 0, "left upstream");
     assert_eq!(broker.ready(&dlq).await, 0, "dead-lettered");
 
@@ -149,7 +159,7 @@ async fn forwarded_bodies(
     let n = messages.len() as u64;
     broker.publish_all(&setup.queue, &messages).await;
     let proxy = InProcess::start(setup.config());
-    setup.wait_settled(n, SETTLE).await;
+    setup.wait_settled(proxy.port, n, SETTLE).await;
     let bodies = broker
         .drain(&setup.out)
         .await
@@ -194,7 +204,10 @@ async fn key_from_header_of_any_type() {
     ];
     let (bodies, broker, _, proxy) = forwarded_bodies(&setup, messages).await;
     assert_eq!(bodies, ["a", "b", "e"]);
-    assert_eq!(setup.metric("dedupd_duplicates_total").await, 3.0);
+    assert_eq!(
+        setup.metric(proxy.port, "dedupd_duplicates_total").await,
+        3.0
+    );
     finish(&setup, broker, proxy).await;
 }
 
@@ -244,7 +257,7 @@ async fn key_from_json_pointer_and_malformed_json_is_rejected() {
         .collect();
     assert_eq!(dead, [b"not json".to_vec(), br#"{"order":{}}"#.to_vec()]);
     let rejected = metric(
-        setup.metrics_port,
+        proxy.port,
         "dedupd_messages_rejected_total",
         &[("route", &setup.name), ("reason", "missing_key")],
     )
@@ -330,9 +343,17 @@ async fn observe_mode_forwards_everything_and_counts_duplicates() {
     setup.declare(&mut broker).await;
     broker.publish_all(&setup.queue, &messages).await;
     let proxy = InProcess::start(setup.config());
-    setup.wait_settled(5, SETTLE).await;
-    assert_eq!(setup.metric("dedupd_duplicates_total").await, 2.0);
-    assert_eq!(setup.metric("dedupd_messages_forwarded_total").await, 5.0);
+    setup.wait_settled(proxy.port, 5, SETTLE).await;
+    assert_eq!(
+        setup.metric(proxy.port, "dedupd_duplicates_total").await,
+        2.0
+    );
+    assert_eq!(
+        setup
+            .metric(proxy.port, "dedupd_messages_forwarded_total")
+            .await,
+        5.0
+    );
     let bodies: Vec<_> = broker
         .drain(&setup.out)
         .await
@@ -356,7 +377,7 @@ async fn a_restarted_proxy_still_drops_keys_it_forwarded() {
         )
         .await;
     let proxy = InProcess::start(setup.config());
-    setup.wait_settled(2, SETTLE).await;
+    setup.wait_settled(proxy.port, 2, SETTLE).await;
     proxy.stop().await;
 
     broker
@@ -371,7 +392,7 @@ async fn a_restarted_proxy_still_drops_keys_it_forwarded() {
         .await;
     let proxy = InProcess::start(setup.config());
     // Counters are process-wide: the second run continues from 2.
-    setup.wait_settled(5, SETTLE).await;
+    setup.wait_settled(proxy.port, 5, SETTLE).await;
 
     let bodies: Vec<_> = broker
         .drain(&setup.out)
@@ -413,8 +434,10 @@ async fn duplicate_of_a_message_in_flight_elsewhere_is_held_then_dropped_or_forw
     let first = broker.receive(&setup.out, 1, SETTLE).await;
     assert_eq!(first[0].data, b"f");
     wait_for("two deliveries held", SETTLE, || async {
-        let consumed = setup.metric("dedupd_messages_consumed_total").await;
-        let inflight = setup.metric("dedupd_inflight_messages").await;
+        let consumed = setup
+            .metric(proxy.port, "dedupd_messages_consumed_total")
+            .await;
+        let inflight = setup.metric(proxy.port, "dedupd_inflight_messages").await;
         (consumed == 3.0 && inflight == 2.0).then_some(())
     })
     .await;
@@ -424,7 +447,7 @@ async fn duplicate_of_a_message_in_flight_elsewhere_is_held_then_dropped_or_forw
     // The other instance's first copy of "done-later" is confirmed: ours is a duplicate.
     redis_set(&mut redis, &key("done-later"), "1", 60_000).await;
     wait_for("held duplicate acked", SETTLE, || async {
-        (setup.metric("dedupd_duplicates_total").await == 1.0).then_some(())
+        (setup.metric(proxy.port, "dedupd_duplicates_total").await == 1.0).then_some(())
     })
     .await;
 
@@ -436,7 +459,7 @@ async fn duplicate_of_a_message_in_flight_elsewhere_is_held_then_dropped_or_forw
         .expect("release");
     let second = broker.receive(&setup.out, 1, SETTLE).await;
     assert_eq!(second[0].data, b"r");
-    setup.wait_settled(3, SETTLE).await;
+    setup.wait_settled(proxy.port, 3, SETTLE).await;
 
     assert_eq!(broker.ready(&setup.out).await, 0, "nothing forwarded twice");
     assert_eq!(broker.ready(&setup.queue).await, 0);
@@ -473,7 +496,7 @@ async fn forwards_through_a_redis_cluster_store() {
         .collect();
     broker.publish_all(&setup.queue, &messages).await;
     let proxy = InProcess::start(config);
-    setup.wait_settled(600, SETTLE).await;
+    setup.wait_settled(proxy.port, 600, SETTLE).await;
     let bodies: Vec<String> = broker
         .drain(&setup.out)
         .await
@@ -482,7 +505,10 @@ async fn forwards_through_a_redis_cluster_store() {
         .collect();
     let expected: Vec<String> = (0..400).map(|i| i.to_string()).collect();
     assert_eq!(bodies, expected);
-    assert_eq!(setup.metric("dedupd_duplicates_total").await, 200.0);
+    assert_eq!(
+        setup.metric(proxy.port, "dedupd_duplicates_total").await,
+        200.0
+    );
     proxy.stop().await;
     broker.cleanup().await;
     let client =
@@ -507,8 +533,8 @@ async fn metrics_and_health_endpoints() {
         )
         .await;
     let proxy = InProcess::start(setup.config());
-    setup.wait_settled(2, SETTLE).await;
-    let port = setup.metrics_port;
+    setup.wait_settled(proxy.port, 2, SETTLE).await;
+    let port = proxy.port;
     wait_for("ready", SETTLE, || async {
         (http_get(port, "/readyz").await.map(|(s, _)| s) == Some(200)).then_some(())
     })
@@ -570,7 +596,7 @@ async fn holding_does_not_burn_a_quorum_queue_delivery_limit() {
         .await;
     // Held through many rechecks (50 ms doubling to 1 s): about ten over three seconds.
     wait_for("the delivery held", SETTLE, || async {
-        (setup.metric("dedupd_inflight_messages").await == 1.0).then_some(())
+        (setup.metric(proxy.port, "dedupd_inflight_messages").await == 1.0).then_some(())
     })
     .await;
     let watch_until = tokio::time::Instant::now() + Duration::from_secs(3);
@@ -581,7 +607,7 @@ async fn holding_does_not_burn_a_quorum_queue_delivery_limit() {
             "dead-lettered by the delivery limit"
         );
         assert_eq!(
-            setup.metric("dedupd_inflight_messages").await,
+            setup.metric(proxy.port, "dedupd_inflight_messages").await,
             1.0,
             "still held"
         );
@@ -594,7 +620,7 @@ async fn holding_does_not_burn_a_quorum_queue_delivery_limit() {
         .expect("release");
     let got = broker.receive(&setup.out, 1, SETTLE).await;
     assert_eq!(got[0].data, b"h");
-    setup.wait_settled(1, SETTLE).await;
+    setup.wait_settled(proxy.port, 1, SETTLE).await;
     assert_eq!(broker.ready(&dlq).await, 0);
     finish(&setup, broker, proxy).await;
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use common::*;
 use dedupd::telemetry::{Component, Health};
 use lapin::BasicProperties;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Mutex;
 use tokio_util::sync::CancellationToken;
@@ -195,26 +195,6 @@ fn deep_tables(budget: usize) -> (Vec<u8>, usize) {
     (out, levels + 1)
 }
 
-fn spawn_proxy(
-    path: &std::path::Path,
-    envs: &[(&str, &str)],
-    stderr: std::process::Stdio,
-) -> Child {
-    let child = tokio::process::Command::new(
-        std::env::var("DEDUPD_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_dedupd").into()),
-    )
-    .args(["run", "-c", path.to_str().expect("utf-8 path")])
-    .env("RUST_LOG", "info")
-    .envs(envs.iter().copied())
-    .stdin(std::process::Stdio::null())
-    .stdout(std::process::Stdio::null())
-    .stderr(stderr)
-    .kill_on_drop(true)
-    .spawn()
-    .expect("spawn dedupd");
-    Child { child }
-}
-
 /// Panics if the proxy has exited.
 fn assert_alive(proxy: &mut Child) {
     if let Ok(Some(status)) = proxy.child.try_wait() {
@@ -246,19 +226,6 @@ async fn wait_readyz(port: u16) {
     .await
 }
 
-async fn stop(mut proxy: Child) {
-    proxy.signal(15);
-    let status = tokio::time::timeout(Duration::from_secs(15), proxy.child.wait())
-        .await
-        .expect("exits within the grace period after SIGTERM")
-        .expect("wait");
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "exit code after SIGTERM: {status:?}"
-    );
-}
-
 fn ordinary(n: usize) -> Vec<(Vec<u8>, BasicProperties)> {
     (0..n)
         .map(|i| {
@@ -277,8 +244,8 @@ async fn headers_nested_as_deep_as_a_frame_allows_neither_crash_nor_stop_the_rou
     let mut broker = Broker::connect().await;
     let dlq = setup.declare(&mut broker).await;
     let path = setup.write();
-    let mut proxy = spawn_proxy(&path, &[], std::process::Stdio::inherit());
-    wait_readyz(setup.metrics_port).await;
+    let mut proxy = Child::start(&["run", "-c", path.to_str().expect("utf-8 path")]).await;
+    wait_readyz(proxy.port).await;
 
     let mut raw = RawAmqp::connect().await;
     let (arrays, depth) = deep_arrays(header_budget("deep-arrays"));
@@ -295,26 +262,23 @@ async fn headers_nested_as_deep_as_a_frame_allows_neither_crash_nor_stop_the_rou
 
     // Counted, not received: a client library would crash parsing the deep ones here too.
     wait_ready(&broker, &mut proxy, &setup.out, messages.len() as u32).await;
-    setup.wait_settled(2 + messages.len() as u64, LONG).await;
+    setup
+        .wait_settled(proxy.port, 2 + messages.len() as u64, LONG)
+        .await;
     assert_alive(&mut proxy);
-    assert_eq!(
-        http_get(setup.metrics_port, "/readyz")
-            .await
-            .map(|(s, _)| s),
-        Some(200)
-    );
+    assert_eq!(status(proxy.port, "/readyz").await, Some(200));
 
     // The deep ones are refused as unparsable (the pipeline checks amqp::header_depth).
     wait_ready(&broker, &mut proxy, &dlq, 2).await;
     let unparsable = metric(
-        setup.metrics_port,
+        proxy.port,
         "dedupd_messages_rejected_total",
         &[("route", &setup.name), ("reason", "unparsable")],
     )
     .await;
     assert_eq!(unparsable, 2.0);
     assert_eq!(broker.ready(&setup.out).await, messages.len() as u32);
-    stop(proxy).await;
+    proxy.stop().await;
     broker.cleanup().await;
     redis_cleanup(&setup.name).await;
 }
@@ -327,28 +291,15 @@ async fn a_log_reader_that_went_away_stops_neither_routes_nor_signals() {
     let dlq = setup.declare(&mut broker).await;
     let path = setup.write();
     // Debug logs a line per message without a key, so the route itself writes to the pipe.
-    let mut proxy = spawn_proxy(
-        &path,
-        &[("RUST_LOG", "info,dedupd=debug")],
-        std::process::Stdio::piped(),
-    );
-    let stderr = proxy.child.stderr.take().expect("piped stderr");
-    let mut lines = BufReader::new(stderr).lines();
-    let consuming = tokio::time::timeout(LONG, async {
-        while let Ok(Some(line)) = lines.next_line().await {
-            if line.contains("consuming") {
-                return true;
-            }
-        }
-        false
-    });
-    assert!(
-        consuming
-            .await
-            .expect("the route consuming within the deadline"),
-        "dedupd closed its stderr before consuming"
-    );
-    drop(lines); // the reader goes away: every later write to stderr fails with EPIPE
+    // The harness stops reading at the route's "consuming" line and closes the pipe: every
+    // later write to stderr fails with EPIPE.
+    let launch = Launch::new(&["run", "-c", path.to_str().expect("utf-8 path")])
+        .env("RUST_LOG", "info,dedupd=debug")
+        .close_stderr_after("consuming");
+    let mut proxy = Child::launch(launch).await;
+    if let Err(e) = proxy.wait_line("consuming", LONG).await {
+        panic!("the route consuming within the deadline: {e:#}");
+    }
 
     let keyless: Vec<_> = (0..10)
         .map(|i| {
@@ -364,16 +315,11 @@ async fn a_log_reader_that_went_away_stops_neither_routes_nor_signals() {
 
     wait_ready(&broker, &mut proxy, &setup.out, messages.len() as u32).await;
     wait_ready(&broker, &mut proxy, &dlq, keyless.len() as u32).await;
-    let dropped = metric(setup.metrics_port, "dedupd_log_write_errors_total", &[]).await;
+    let dropped = metric(proxy.port, "dedupd_log_write_errors_total", &[]).await;
     // Rejections are logged rate-limited: at least the first one hit the closed pipe.
     assert!(dropped >= 1.0, "log lines dropped and counted: {dropped}");
-    assert_eq!(
-        http_get(setup.metrics_port, "/readyz")
-            .await
-            .map(|(s, _)| s),
-        Some(200)
-    );
-    stop(proxy).await;
+    assert_eq!(status(proxy.port, "/readyz").await, Some(200));
+    proxy.stop().await;
     broker.cleanup().await;
     redis_cleanup(&setup.name).await;
 }
@@ -449,12 +395,15 @@ async fn a_route_task_that_returns_before_shutdown_is_logged_and_holds_readiness
     assert!(health.ready());
 }
 
+/// `run` binds `metrics.listen` and hands the listener to `run_on`, which serves it: the
+/// release on an early error is `run_on`'s, checked here on a listener bound to port 0.
 #[tokio::test]
 async fn run_releases_the_metrics_port_when_the_store_is_unusable() {
     let setup = Setup::new("badstore");
     let mut config = setup.config();
     config.store.url = dedupd::config::StoreUrl::Cluster(Vec::new());
-    let result = dedupd::run(config, CancellationToken::new()).await;
+    let (listener, port) = bind_any();
+    let result = dedupd::run_on(config, listener, CancellationToken::new()).await;
     assert!(
         matches!(result, Err(dedupd::RunError::Store(_))),
         "{result:?}"
@@ -464,7 +413,7 @@ async fn run_releases_the_metrics_port_when_the_store_is_unusable() {
         "the metrics port released",
         Duration::from_secs(5),
         || async {
-            std::net::TcpListener::bind(("127.0.0.1", setup.metrics_port))
+            std::net::TcpListener::bind(("127.0.0.1", port))
                 .ok()
                 .map(|_| ())
         },
@@ -496,7 +445,7 @@ fn large_mappings(pid: u32) -> Vec<(u64, u64)> {
 }
 
 /// Not a check but a measurement (`cargo test --test poison -- --ignored --nocapture`; set
-/// DEDUPD_BIN to measure a release binary): stack resident in each thread of the proxy after a
+/// DEDUPD_TEST_BIN to measure a release binary): stack resident in each thread of the proxy after a
 /// shallow and after the deepest header, per level of nesting. lapin's I/O threads get a
 /// RUST_MIN_STACK of 777 MiB so that their mappings stand out.
 #[tokio::test]
@@ -513,12 +462,10 @@ async fn stack_use_per_nesting_level() {
         setup.declare(&mut broker).await;
         let path = setup.write();
         let min_stack = (IO_STACK_KB << 10).to_string();
-        let mut proxy = spawn_proxy(
-            &path,
-            &[("RUST_MIN_STACK", &min_stack)],
-            std::process::Stdio::inherit(),
-        );
-        wait_readyz(setup.metrics_port).await;
+        let launch = Launch::new(&["run", "-c", path.to_str().expect("utf-8 path")])
+            .env("RUST_MIN_STACK", &min_stack);
+        let mut proxy = Child::launch(launch).await;
+        wait_readyz(proxy.port).await;
         let pid = proxy.child.id().expect("running");
         let mut raw = RawAmqp::connect().await;
         let mut before = Vec::new();
@@ -534,7 +481,7 @@ async fn stack_use_per_nesting_level() {
         ] {
             let (headers, depth) = build(budget);
             raw.publish(&setup.queue, &headers, id, b"x").await;
-            setup.wait_settled(n, LONG).await;
+            setup.wait_settled(proxy.port, n, LONG).await;
             assert_alive(&mut proxy);
             depths.push(depth);
             let now = large_mappings(pid);
@@ -559,7 +506,7 @@ async fn stack_use_per_nesting_level() {
             }
         }
         raw.close().await;
-        stop(proxy).await;
+        proxy.stop().await;
         broker.cleanup().await;
         redis_cleanup(&setup.name).await;
     }

@@ -7,13 +7,16 @@
 //! URLs (comma-separated), e.g. three `--cluster-enabled yes` servers joined with
 //! `redis-cli --cluster create ... --cluster-replicas 0`.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use common::{OwnRedis, REDIS_URL};
 
 use dedupd::config::{StoreConfig, StoreKind, StoreUrl};
 use dedupd::store::{ClaimOutcome, CommitOutcome, KeyState, Owner, Store, StoreError};
 
-const REDIS_URL: &str = "redis://127.0.0.1:6379/0";
 const LEASE: Duration = Duration::from_secs(30);
 const WINDOW: Duration = Duration::from_secs(60);
 /// How long an expiry test may wait for a 200 ms TTL to run out, with room for a slow CI box.
@@ -701,38 +704,6 @@ async fn redis_tls_settings_need_rediss() {
     ));
 }
 
-/// A throwaway redis-server of our own on a free port, killed when dropped.
-struct OwnRedis {
-    child: tokio::process::Child,
-}
-
-impl OwnRedis {
-    /// `None` when there is no `redis-server` binary to run.
-    fn start(port: u16) -> Option<OwnRedis> {
-        let spawned = tokio::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .spawn();
-        match spawned {
-            Ok(child) => Some(OwnRedis { child }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
-            Err(e) => panic!("redis-server: {e}"),
-        }
-    }
-
-    async fn stop(mut self) {
-        self.child.kill().await.expect("kill our redis-server");
-    }
-}
-
-fn free_port() -> u16 {
-    let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    probe.local_addr().unwrap().port()
-}
-
 /// Polls a claim of `key` until the store answers, within a deadline.
 async fn claim_when_up(store: &Store, key: &str, by: &Owner) -> ClaimOutcome {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -750,28 +721,26 @@ async fn claim_when_up(store: &Store, key: &str, by: &Owner) -> ClaimOutcome {
 /// handle recovers each time without being reopened.
 #[tokio::test]
 async fn redis_comes_up_later_and_restarts() {
-    let port = free_port();
-    let cfg = store_config(
-        StoreKind::Redis,
-        &format!("redis://127.0.0.1:{port}/0"),
-        Duration::from_secs(1),
-    );
+    // Not started until the store is open: its port is reserved (and cannot change later).
+    let mut server = OwnRedis::reserve(false);
+    let cfg = store_config(StoreKind::Redis, &server.url(), Duration::from_secs(1));
     let store = Store::open(&cfg).await.expect("open without a server");
     let a = owner("inst-a", 1);
     assert!(store.ping().await.is_err());
 
-    let Some(server) = OwnRedis::start(port) else {
+    if !OwnRedis::installed() {
         eprintln!("SKIPPED: no redis-server binary to start");
         return;
-    };
+    }
+    server.start().await;
     assert_eq!(
         claim_when_up(&store, "dedupd-test:k1", &a).await,
         ClaimOutcome::Claimed
     );
-    server.stop().await;
+    server.kill().await;
     assert!(store.ping().await.is_err());
 
-    let server = OwnRedis::start(port).expect("redis-server ran a moment ago");
+    server.start().await;
     // A fresh server: no data (persistence off) and no scripts cached.
     assert_eq!(
         claim_when_up(&store, "dedupd-test:k2", &a).await,
@@ -784,7 +753,7 @@ async fn redis_comes_up_later_and_restarts() {
             .unwrap(),
         [CommitOutcome::Committed]
     );
-    server.stop().await;
+    server.kill().await;
 }
 
 /// NOSCRIPT on a cluster: the per-key calls reload the script on every primary and go on.
@@ -856,20 +825,15 @@ async fn cluster_unreachable_fails_fast_and_open_does_not() {
 /// policy but `noeviction` on the server, and on every primary of a cluster.
 #[tokio::test]
 async fn eviction_policy_is_reported() {
-    let port = free_port();
-    let server = OwnRedis::start(port).expect("redis-server");
-    let cfg = store_config(
-        StoreKind::Redis,
-        &format!("redis://127.0.0.1:{port}/0"),
-        Duration::from_secs(1),
-    );
+    let mut server = OwnRedis::run(false).await;
+    let cfg = store_config(StoreKind::Redis, &server.url(), Duration::from_secs(1));
     let store = Store::open(&cfg).await.expect("open");
     let deadline = Instant::now() + Duration::from_secs(10);
     while store.ping().await.is_err() {
         assert!(Instant::now() < deadline, "own redis-server never answered");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let client = ::redis::Client::open(format!("redis://127.0.0.1:{port}/0")).unwrap();
+    let client = ::redis::Client::open(server.url()).unwrap();
     let mut conn = client.get_multiplexed_async_connection().await.unwrap();
     for (policy, expected) in [
         ("noeviction", None),
@@ -898,7 +862,7 @@ async fn eviction_policy_is_reported() {
             .unwrap(),
         None
     );
-    server.stop().await;
+    server.kill().await;
 
     // The throwaway cluster runs with the default policy (noeviction) on every primary.
     if let Some(ctx) = cluster_ctx("eviction").await {

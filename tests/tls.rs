@@ -311,6 +311,17 @@ impl Proxy {
         Proxy { child, lines }
     }
 
+    /// The metrics port it bound (`listen = "127.0.0.1:0"`), from its `dedupd starting` line.
+    async fn port(&self) -> u16 {
+        wait_for("the dedupd starting line", SETTLE, || async {
+            self.lines_with("dedupd starting")
+                .iter()
+                .find_map(|l| common::harness::metrics_addr(l))
+                .map(|addr| addr.port())
+        })
+        .await
+    }
+
     /// Captured log lines containing `needle`.
     fn lines_with(&self, needle: &str) -> Vec<String> {
         let lines = self.lines.lock().unwrap();
@@ -406,7 +417,8 @@ async fn forwards_first_seen(setup: &Setup, broker: &mut Broker, toml: &str, dir
     let path = dir.join("proxy.toml");
     std::fs::write(&path, toml).expect("write config");
     let proxy = Proxy::spawn(&path);
-    setup.wait_settled(60, SETTLE).await;
+    let port = proxy.port().await;
+    setup.wait_settled(port, 60, SETTLE).await;
 
     let got: Vec<String> = broker
         .drain(&setup.out)
@@ -415,12 +427,15 @@ async fn forwards_first_seen(setup: &Setup, broker: &mut Broker, toml: &str, dir
         .map(|d| String::from_utf8_lossy(&d.data).into_owned())
         .collect();
     assert_eq!(got, expected, "exactly the first-seen messages, in order");
-    assert_eq!(setup.metric("dedupd_messages_forwarded_total").await, 40.0);
-    assert_eq!(setup.metric("dedupd_duplicates_total").await, 20.0);
+    assert_eq!(
+        setup.metric(port, "dedupd_messages_forwarded_total").await,
+        40.0
+    );
+    assert_eq!(setup.metric(port, "dedupd_duplicates_total").await, 20.0);
     assert_eq!(broker.ready(&setup.queue).await, 0, "left upstream");
     assert_eq!(broker.ready(&dlq).await, 0, "dead-lettered");
     assert_eq!(
-        http_get(setup.metrics_port, "/readyz").await.map(|r| r.0),
+        http_get(port, "/readyz").await.map(|r| r.0),
         Some(200),
         "ready while connected over TLS"
     );
@@ -442,22 +457,21 @@ async fn refused(proxy: &Proxy, n: usize) -> Vec<String> {
 
 /// The proxy is up but the route is not: nothing consumed, nothing forwarded, `/readyz` 503,
 /// `dedupd_up{component="upstream"}` 0, the messages still in the upstream queue.
-async fn nothing_consumed(setup: &Setup, broker: &Broker, published: u32) {
+async fn nothing_consumed(proxy: &Proxy, setup: &Setup, broker: &Broker, published: u32) {
+    let port = proxy.port().await;
     assert_eq!(
-        http_get(setup.metrics_port, "/readyz").await.map(|r| r.0),
+        http_get(port, "/readyz").await.map(|r| r.0),
         Some(503),
         "/readyz while refused"
     );
     assert_eq!(
-        metric(
-            setup.metrics_port,
-            "dedupd_up",
-            &[("component", "upstream")]
-        )
-        .await,
+        metric(port, "dedupd_up", &[("component", "upstream")]).await,
         0.0
     );
-    assert_eq!(setup.metric("dedupd_messages_consumed_total").await, 0.0);
+    assert_eq!(
+        setup.metric(port, "dedupd_messages_consumed_total").await,
+        0.0
+    );
     assert_eq!(broker.ready(&setup.queue).await, published, "left upstream");
     assert_eq!(broker.ready(&setup.out).await, 0, "forwarded");
 }
@@ -567,7 +581,7 @@ async fn mutual_tls_without_a_client_certificate_is_refused() {
         "terminator:\n{}",
         tls.log()
     );
-    nothing_consumed(&setup, &broker, 7).await;
+    nothing_consumed(&proxy, &setup, &broker, 7).await;
 
     proxy.stop().await;
     broker.cleanup().await;
@@ -610,7 +624,7 @@ async fn a_wrong_ca_file_is_refused() {
         "terminator:\n{}",
         tls.log()
     );
-    nothing_consumed(&setup, &broker, 7).await;
+    nothing_consumed(&proxy, &setup, &broker, 7).await;
 
     proxy.stop().await;
     broker.cleanup().await;

@@ -1,26 +1,28 @@
-//! Test harness shared by the integration tests: unique names, a broker client to set up queues,
-//! publish and drain, a proxy runner (in-process through `dedupd::run`, or the built binary as a
-//! child process), metrics scraping, polling with deadlines, and clean-up.
+//! Test harness of the integration tests: the shared one (`harness.rs`, also used by the
+//! benchmark) plus what only tests need, panicking where the shared one returns errors: unique
+//! names, a broker client to set up queues, publish and drain, a route's config, the proxy
+//! in-process (`dedupd::run_on` on a listener bound to port 0) or as a child process (its
+//! metrics port read from its log), throwaway redis-servers, metrics, polling with deadlines,
+//! and clean-up.
 #![allow(dead_code)]
 
-use std::collections::HashMap;
+pub mod harness;
+
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::Duration;
 
 use futures::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions,
-    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions};
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use lapin::BasicProperties;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-pub const AMQP_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
-pub const REDIS_URL: &str = "redis://127.0.0.1:6379/0";
+pub use harness::{binary, Launch, Proxy, Scrape, AMQP_URL, REDIS_URL};
+
+/// How long a child process may take to log its metrics address.
+const STARTUP: Duration = Duration::from_secs(60);
 
 /// A unique, readable name for one test run: `t-{test}-{random}`.
 pub fn unique(test: &str) -> String {
@@ -33,19 +35,21 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
 {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        if tokio::time::Instant::now() > deadline {
-            panic!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    harness::poll_until(what, timeout, || {
+        let fut = check();
+        async move { Ok(fut.await) }
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"))
 }
 
-/// A free local TCP port (bound and released; good enough for tests on one machine).
+/// A local TCP port that was free a moment ago: bound to port 0, then released.
+///
+/// Only for servers that cannot be handed a bound socket nor pick a port and say which:
+/// `redis-server --port 0` turns TCP off instead. Another process may take the port between
+/// the release and the server's bind; [`OwnRedis::run`] notices (its server exits, or another
+/// one answers) and tries a second port. dedupd itself never gets a port from here: in-process
+/// it is handed a bound listener, as a child process it binds port 0 and logs the address.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -53,42 +57,48 @@ pub fn free_port() -> u16 {
         .expect("a free port")
 }
 
-/// The broker side of a test: one connection and a confirm-mode channel.
+/// `rabbitmqctl -q args…`, which must succeed.
+pub async fn rabbitmqctl(args: &[&str]) {
+    let all: Vec<&str> = std::iter::once("-q").chain(args.iter().copied()).collect();
+    if let Err(e) = harness::command("rabbitmqctl", &all).await {
+        panic!("rabbitmqctl {args:?}: {e:#}");
+    }
+}
+
+/// The broker side of a test: one connection and a confirm-mode channel (the shared
+/// [`harness::Broker`], which it derefs to), and the queues to delete at the end.
 pub struct Broker {
-    pub conn: Connection,
-    pub ch: Channel,
+    base: harness::Broker,
     queues: Vec<String>,
+}
+
+impl std::ops::Deref for Broker {
+    type Target = harness::Broker;
+    fn deref(&self) -> &harness::Broker {
+        &self.base
+    }
 }
 
 impl Broker {
     pub async fn connect() -> Broker {
-        let conn = Connection::connect(AMQP_URL, ConnectionProperties::default())
+        let base = harness::Broker::connect("dedupd-test")
             .await
-            .expect("RabbitMQ on 127.0.0.1:5672 (see README: tests need it)");
-        let ch = conn.create_channel().await.expect("channel");
-        ch.confirm_select(ConfirmSelectOptions::default())
-            .await
-            .expect("confirm mode");
+            .unwrap_or_else(|e| {
+                panic!("RabbitMQ on 127.0.0.1:5672 (see README: tests need it): {e:#}")
+            });
+        base.confirms().await.expect("confirm mode");
         Broker {
-            conn,
-            ch,
+            base,
             queues: Vec::new(),
         }
     }
 
     /// Declares a durable queue (deleted by `cleanup`), with `args`.
     pub async fn queue(&mut self, name: &str, args: FieldTable) {
-        self.ch
-            .queue_declare(
-                name.into(),
-                QueueDeclareOptions {
-                    durable: true,
-                    ..Default::default()
-                },
-                args,
-            )
+        self.base
+            .declare_with(name, args)
             .await
-            .unwrap_or_else(|e| panic!("declare {name}: {e}"));
+            .unwrap_or_else(|e| panic!("declare {name}: {e:#}"));
         self.queues.push(name.to_owned());
     }
 
@@ -141,22 +151,14 @@ impl Broker {
         }
     }
 
-    /// Ready messages in `queue` (not counting unacked ones).
+    /// Ready messages in `queue` (not counting unacked ones), on a channel of its own.
     pub async fn ready(&self, queue: &str) -> u32 {
-        let ch = self.conn.create_channel().await.expect("channel");
-        let q = ch
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
+        let ch = self.channel().await.expect("channel");
+        let count = harness::count_on(&ch, queue)
             .await
-            .expect("passive declare");
+            .unwrap_or_else(|e| panic!("passive declare: {e:#}"));
         let _ = ch.close(200, "".into()).await;
-        q.message_count()
+        count.messages
     }
 
     /// Takes every message now in `queue` (acking them), in queue order.
@@ -184,7 +186,7 @@ impl Broker {
         n: usize,
         timeout: Duration,
     ) -> Vec<lapin::message::Delivery> {
-        let ch = self.conn.create_channel().await.expect("channel");
+        let ch = self.channel().await.expect("channel");
         let mut consumer = ch
             .basic_consume(
                 queue.into(),
@@ -216,12 +218,9 @@ impl Broker {
     /// Deletes every queue this broker declared.
     pub async fn cleanup(&self) {
         for q in &self.queues {
-            let _ = self
-                .ch
-                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                .await;
+            let _ = self.base.delete(q).await;
         }
-        let _ = self.conn.close(200, "".into()).await;
+        self.base.close().await;
     }
 }
 
@@ -252,13 +251,12 @@ pub struct Setup {
     pub mode: &'static str,
     pub window: &'static str,
     pub lease: &'static str,
-    pub metrics_port: u16,
     pub extra: String,
 }
 
 impl Setup {
     /// A route `{name}` from `{name}.in` to `{name}.out` through the default exchange,
-    /// Redis store with key prefix `{name}`.
+    /// Redis store with key prefix `{name}`, metrics on port 0 (the proxy picks one).
     pub fn new(test: &str) -> Setup {
         let name = unique(test);
         Setup {
@@ -271,7 +269,6 @@ impl Setup {
             mode: "enforce",
             window: "1h",
             lease: "5s",
-            metrics_port: free_port(),
             extra: String::new(),
         }
     }
@@ -290,7 +287,7 @@ key_prefix = "{name}"
 lease = "{lease}"
 
 [metrics]
-listen = "127.0.0.1:{port}"
+listen = "127.0.0.1:0"
 
 [tuning]
 batch_size = 50
@@ -310,7 +307,6 @@ mode = "{mode}"
             kind = self.store_kind,
             name = self.name,
             lease = self.lease,
-            port = self.metrics_port,
             queue = self.queue,
             out = self.out,
             key = self.key,
@@ -339,19 +335,19 @@ mode = "{mode}"
         path
     }
 
-    /// A metric's value for this route (0 if absent), from the proxy's endpoint.
-    pub async fn metric(&self, name: &str) -> f64 {
-        metric(self.metrics_port, name, &[("route", &self.name)]).await
+    /// A metric's value for this route (0 if absent), from the proxy whose endpoint is `port`.
+    pub async fn metric(&self, port: u16, name: &str) -> f64 {
+        metric(port, name, &[("route", &self.name)]).await
     }
 
-    /// Waits until the proxy consumed `n` and nothing is in flight.
-    pub async fn wait_settled(&self, n: u64, timeout: Duration) {
+    /// Waits until the proxy on `port` consumed `n` and nothing is in flight.
+    pub async fn wait_settled(&self, port: u16, n: u64, timeout: Duration) {
         wait_for(
             &format!("{} consumed {n} and settled", self.name),
             timeout,
             || async {
-                let consumed = self.metric("dedupd_messages_consumed_total").await;
-                let inflight = self.metric("dedupd_inflight_messages").await;
+                let consumed = self.metric(port, "dedupd_messages_consumed_total").await;
+                let inflight = self.metric(port, "dedupd_inflight_messages").await;
                 (consumed as u64 >= n && inflight == 0.0).then_some(())
             },
         )
@@ -359,20 +355,38 @@ mode = "{mode}"
     }
 }
 
-/// The proxy running in this process through `dedupd::run`.
+/// The proxy running in this process through `dedupd::run_on`, its metrics endpoint on a
+/// listener bound to port 0.
 pub struct InProcess {
+    pub port: u16,
     pub shutdown: CancellationToken,
     pub task: JoinHandle<()>,
 }
 
+/// A listener on 127.0.0.1, port 0 (the system picks a free one): (listener, its port).
+pub fn bind_any() -> (tokio::net::TcpListener, u16) {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    listener.set_nonblocking(true).expect("non-blocking");
+    let port = listener.local_addr().expect("bound address").port();
+    let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
+    (listener, port)
+}
+
 impl InProcess {
     pub fn start(config: dedupd::config::Config) -> InProcess {
+        let (listener, port) = bind_any();
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
         let task = tokio::spawn(async move {
-            dedupd::run(config, token).await.expect("dedupd::run");
+            dedupd::run_on(config, listener, token)
+                .await
+                .expect("dedupd::run_on");
         });
-        InProcess { shutdown, task }
+        InProcess {
+            port,
+            shutdown,
+            task,
+        }
     }
 
     pub async fn stop(self) {
@@ -384,46 +398,66 @@ impl InProcess {
     }
 }
 
-/// The built binary as a child process.
+/// The built binary as a child process (the shared [`Proxy`], which it derefs to), with the
+/// port its metrics endpoint bound.
 pub struct Child {
-    pub child: tokio::process::Child,
+    pub proxy: Proxy,
+    pub port: u16,
+}
+
+impl std::ops::Deref for Child {
+    type Target = Proxy;
+    fn deref(&self) -> &Proxy {
+        &self.proxy
+    }
+}
+
+impl std::ops::DerefMut for Child {
+    fn deref_mut(&mut self) -> &mut Proxy {
+        &mut self.proxy
+    }
 }
 
 impl Child {
-    pub fn spawn(args: &[&str]) -> Child {
-        Self::spawn_with_stderr(args, Stdio::inherit())
+    /// Runs `dedupd args…` (a `run` command) and waits for its metrics address.
+    pub async fn start(args: &[&str]) -> Child {
+        Self::launch(Launch::new(args)).await
     }
 
-    /// Like `spawn`, with the child's log lines (stderr) going to `stderr`.
-    pub fn spawn_with_stderr(args: &[&str], stderr: impl Into<Stdio>) -> Child {
-        let child = tokio::process::Command::new(binary())
-            .args(args)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(stderr)
-            .kill_on_drop(true)
-            .spawn()
-            .expect("spawn dedupd");
-        Child { child }
+    /// Like `start`, for a [`Launch`] with other settings.
+    pub async fn launch(launch: Launch) -> Child {
+        let mut proxy = launch.spawn().unwrap_or_else(|e| panic!("{e:#}"));
+        let port = proxy
+            .metrics_port(STARTUP)
+            .await
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        Child { proxy, port }
     }
 
     pub fn signal(&self, sig: i32) {
-        let pid = self.child.id().expect("running") as i32;
-        // SAFETY-free: kill(1) through the shell keeps tests free of libc.
-        let status = std::process::Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(pid.to_string())
-            .status()
-            .expect("kill");
-        assert!(status.success());
+        self.proxy.signal(sig).unwrap_or_else(|e| panic!("{e:#}"));
     }
-}
 
-/// The binary under test: this build's, or `DEDUPD_TEST_BIN` (to measure another build, e.g.
-/// an older release, with the same tests).
-pub fn binary() -> String {
-    std::env::var("DEDUPD_TEST_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_dedupd").to_owned())
+    /// SIGTERM: the process exits with 0 within 15 s. Returns its whole log.
+    pub async fn stop(mut self) -> String {
+        self.signal(15);
+        let status = tokio::time::timeout(Duration::from_secs(15), self.proxy.child.wait())
+            .await
+            .expect("exits within the grace period after SIGTERM")
+            .expect("wait");
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "exit code after SIGTERM: {status:?}"
+        );
+        let lines = self.proxy.log_closed(Duration::from_secs(5)).await;
+        lines.map(|l| l.join("\n")).unwrap_or_else(|_| self.log())
+    }
+
+    /// Every log line so far, one a line.
+    pub fn log(&self) -> String {
+        self.proxy.lines().join("\n")
+    }
 }
 
 /// Runs the binary to completion with `args`: (exit code, stdout, stderr).
@@ -441,19 +475,14 @@ pub async fn run_binary(args: &[&str], envs: &[(&str, &str)]) -> (i32, String, S
     )
 }
 
-/// GET `path` on 127.0.0.1:`port`: (status, body). `None` if nothing listens.
+/// GET `path` on 127.0.0.1:`port`: (status, body). `None` if nothing answers.
 pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    let req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-    stream.write_all(req.as_bytes()).await.ok()?;
-    let mut buf = Vec::new();
-    stream.read_to_end(&mut buf).await.ok()?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text.split_whitespace().nth(1)?.parse().ok()?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
-    Some((status, body))
+    harness::http_get(port, path).await.ok()
+}
+
+/// The status of GET `path` on 127.0.0.1:`port`, `None` if nothing answers.
+pub async fn status(port: u16, path: &str) -> Option<u16> {
+    http_get(port, path).await.map(|(s, _)| s)
 }
 
 /// The value of the first sample of `name` whose labels include `labels` (0 if none).
@@ -465,28 +494,7 @@ pub async fn metric(port: u16, name: &str, labels: &[(&str, &str)]) -> f64 {
 }
 
 pub fn parse_metric(body: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
-    body.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (metric, label_text) = match series.split_once('{') {
-                Some((m, rest)) => (m, rest.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            if metric != name {
-                return None;
-            }
-            let have: HashMap<&str, &str> = label_text
-                .split(',')
-                .filter_map(|kv| kv.split_once('='))
-                .map(|(k, v)| (k, v.trim_matches('"')))
-                .collect();
-            labels
-                .iter()
-                .all(|(k, v)| have.get(k) == Some(v))
-                .then(|| value.parse().ok())?
-        })
-        .next()
+    Scrape::parse(body).first(name, labels)
 }
 
 /// A connection to the test Redis.
@@ -564,5 +572,156 @@ impl Relay {
 
     pub fn pause(&self, paused: bool) {
         self.paused.send_replace(paused);
+    }
+}
+
+/// A throwaway redis-server of the test's own (a child process, killed if the test ends
+/// without stopping it), so Redis faults touch nobody else. `persist`: AOF, fsync always, in
+/// a folder of its own, so keys survive a restart (as in production, see deploy/redis.conf);
+/// otherwise a restart starts empty.
+pub struct OwnRedis {
+    pub port: u16,
+    persist: bool,
+    child: Option<tokio::process::Child>,
+}
+
+impl OwnRedis {
+    /// Whether a `redis-server` binary can be run here.
+    pub fn installed() -> bool {
+        std::process::Command::new("redis-server")
+            .arg("--version")
+            .output()
+            .is_ok()
+    }
+
+    /// A server not started yet, on a port that was free a moment ago ([`free_port`]): for
+    /// tests that give the proxy its URL before it runs.
+    pub fn reserve(persist: bool) -> OwnRedis {
+        OwnRedis {
+            port: free_port(),
+            persist,
+            child: None,
+        }
+    }
+
+    /// A running server on a free port; if another process took the port before the server
+    /// bound it, a second port is tried.
+    pub async fn run(persist: bool) -> OwnRedis {
+        let mut redis = OwnRedis::reserve(persist);
+        if let Err(e) = redis.try_start().await {
+            eprintln!(
+                "own redis-server on port {}: {e:#}; another port",
+                redis.port
+            );
+            redis = OwnRedis::reserve(persist);
+            redis.start().await;
+        }
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    fn dir(&self) -> PathBuf {
+        std::env::temp_dir().join(format!("dedupd-test-redis-{}", self.port))
+    }
+
+    /// Starts the server on its port (again, after `stop` or `kill`).
+    pub async fn start(&mut self) {
+        if let Err(e) = self.try_start().await {
+            panic!("own redis-server on port {}: {e:#}", self.port);
+        }
+    }
+
+    async fn try_start(&mut self) -> anyhow::Result<()> {
+        let port = self.port.to_string();
+        let mut cmd = tokio::process::Command::new("redis-server");
+        cmd.args(["--port", &port, "--bind", "127.0.0.1", "--save", ""]);
+        if self.persist {
+            let dir = self.dir();
+            std::fs::create_dir_all(&dir)?;
+            cmd.args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
+                .arg(dir);
+        } else {
+            cmd.args(["--appendonly", "no"]);
+        }
+        let child = cmd
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()?;
+        let pid = child.id().unwrap_or_default();
+        self.child = Some(child);
+        // Answering, and as this process: another server on a raced port would answer too.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                anyhow::bail!("redis-server exited at start ({status}): port taken?");
+            }
+            if let Some(info) = self.output(&["INFO", "server"]).await {
+                let ours = info
+                    .lines()
+                    .any(|l| l.trim() == format!("process_id:{pid}"));
+                if !ours {
+                    anyhow::bail!("another server answers on port {}", self.port);
+                }
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                anyhow::bail!(
+                    "own redis-server on port {} not answering after 20s",
+                    self.port
+                );
+            }
+            tokio::time::sleep(harness::POLL).await;
+        }
+    }
+
+    /// `redis-cli -p PORT args…`: its output, if it succeeded.
+    async fn output(&self, args: &[&str]) -> Option<String> {
+        let out = tokio::process::Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .await
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs a command; whether it succeeded (ERR replies count as failures).
+    pub async fn cmd(&self, args: &[&str]) -> bool {
+        self.output(args).await.is_some_and(|o| !o.contains("ERR"))
+    }
+
+    /// SHUTDOWN NOSAVE (the AOF, if any, is on disk), and waits until the process is gone.
+    pub async fn stop(&mut self) {
+        let _ = self.cmd(&["SHUTDOWN", "NOSAVE"]).await;
+        if let Some(mut child) = self.child.take() {
+            let exited = tokio::time::timeout(Duration::from_secs(20), child.wait()).await;
+            if exited.is_err() {
+                let _ = child.kill().await;
+                panic!("own redis-server on port {} ignored SHUTDOWN", self.port);
+            }
+        }
+    }
+
+    /// SIGKILL, and waits until the process is gone.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().await.expect("kill our redis-server");
+        }
+    }
+
+    /// Stops the server and deletes its folder.
+    pub async fn remove(mut self) {
+        self.stop().await;
+        let _ = std::fs::remove_dir_all(self.dir());
     }
 }
