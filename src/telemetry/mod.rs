@@ -1,11 +1,12 @@
 //! Telemetry in one place: the metric names (the only place they are spelled), the handles a
 //! route resolves once ([`RouteMetrics`]), the Prometheus recorder, readiness ([`health`]: what
 //! `/readyz` and `dedupd_up` report), the HTTP endpoint ([`http`]: `/metrics`, `/healthz`,
-//! `/readyz`) and the store size sampler ([`sizing`]).
+//! `/readyz`, and the status page of [`status`] at `/`) and the store size sampler ([`sizing`]).
 
 mod health;
 mod http;
 pub mod sizing;
+pub mod status;
 
 use std::sync::OnceLock;
 
