@@ -17,8 +17,9 @@ use own_redis::OwnRedis;
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
 
-/// The `[store]` of a minimal valid configuration.
-fn store_config(kind: &str, url: &str, prefix: &str) -> StoreConfig {
+/// The `[store]` of a minimal valid configuration; `url` is TOML (a string, or a list for a
+/// cluster).
+fn store_config_toml(kind: &str, url: &str, prefix: &str) -> StoreConfig {
     let toml = format!(
         r#"
 [upstream]
@@ -26,7 +27,7 @@ url = "amqp://guest:guest@127.0.0.1:5672/%2f"
 
 [store]
 kind = "{kind}"
-url = "{url}"
+url = {url}
 key_prefix = "{prefix}"
 timeout = "500ms"
 
@@ -39,6 +40,10 @@ routing_key = "out"
     Config::from_toml(&toml, std::path::Path::new("sizing.toml"))
         .unwrap_or_else(|e| panic!("test config: {e}"))
         .store
+}
+
+fn store_config(kind: &str, url: &str, prefix: &str) -> StoreConfig {
+    store_config_toml(kind, &format!("{url:?}"), prefix)
 }
 
 fn unique(what: &str) -> String {
@@ -224,6 +229,106 @@ async fn sampler_sets_the_gauges_and_keeps_them_when_a_sample_fails() {
     assert_eq!(metric(&body, STORE_KEYS, &[("route", &route)]), Some(42.0));
     let errors_after = metric(&body, STORE_SAMPLE_ERRORS, &[]).unwrap_or(0.0);
     assert!(errors_after > errors_before, "the failed sample is counted");
+}
+
+/// Seed URLs of a Redis Cluster, comma-separated, as for `tests/store.rs`; `scripts/test.sh`
+/// starts one and sets it.
+const CLUSTER_ENV: &str = "DEDUPD_TEST_REDIS_CLUSTER";
+
+/// In a cluster, `DBSIZE` and `used_memory` are summed over the primaries and `RANDOMKEY`
+/// answers come from any of them. Other tests share the cluster, so the expected share is taken
+/// from `DBSIZE` read around the sample.
+#[tokio::test]
+async fn cluster_counts_are_within_the_stated_error_and_memory_is_summed() {
+    let Ok(urls) = std::env::var(CLUSTER_ENV) else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{CLUSTER_ENV} is not set: run the tests with scripts/test.sh"
+        );
+        eprintln!("SKIPPED: set {CLUSTER_ENV} to run against a Redis Cluster");
+        return;
+    };
+    let urls: Vec<String> = urls.split(',').map(|u| u.trim().to_owned()).collect();
+    let prefix = unique("sizing-cluster");
+    let store = Store::open(&store_config_toml("redis", &format!("{urls:?}"), &prefix))
+        .await
+        .expect("cluster store");
+    let routes = vec!["orders".to_owned()];
+    // Five minutes: should the clean-up below not run, the keys go away by themselves.
+    remember(&store, &prefix, "orders", 3000, Duration::from_secs(300)).await;
+
+    let result = futures::FutureExt::catch_unwind(std::panic::AssertUnwindSafe(async {
+        let client = redis::cluster::ClusterClient::new(urls.clone()).expect("urls");
+        let conn = client.get_async_connection().await.expect("cluster");
+        let dbsize = |mut conn: redis::cluster_async::ClusterConnection| async move {
+            redis::cmd("DBSIZE")
+                .query_async::<u64>(&mut conn)
+                .await
+                .expect("DBSIZE")
+        };
+        let before = dbsize(conn.clone()).await;
+        let size = store.size(&prefix, &routes).await.expect("size");
+        let after = dbsize(conn.clone()).await;
+        let total = ((before + after) / 2) as f64;
+        let p = (3000.0 / total).min(1.0);
+        let sigma = total * (p * (1.0 - p) / SIZE_SAMPLES as f64).sqrt();
+        let slack = before.abs_diff(after) as f64;
+        println!(
+            "estimate {} of 3000 among {before}..{after} keys",
+            size.keys[0]
+        );
+        assert!(
+            (size.keys[0] as f64 - 3000.0).abs() <= 4.0 * sigma + slack + 1.0,
+            "estimate {} for 3000 keys among about {total}: more than 4σ = {} off",
+            size.keys[0],
+            4.0 * sigma
+        );
+        let mut primaries = 0u64;
+        for url in &urls {
+            let info: String = redis::cmd("INFO")
+                .arg("memory")
+                .query_async(
+                    &mut redis::Client::open(url.as_str())
+                        .expect("url")
+                        .get_multiplexed_async_connection()
+                        .await
+                        .expect("node"),
+                )
+                .await
+                .expect("INFO");
+            primaries += info
+                .lines()
+                .find_map(|l| l.trim_end().strip_prefix("used_memory:"))
+                .and_then(|n| n.parse::<u64>().ok())
+                .expect("used_memory");
+        }
+        // Summed over the primaries (the seed URLs here), within what moved meanwhile.
+        let off = size.memory_bytes.abs_diff(primaries) as f64 / primaries as f64;
+        assert!(
+            off < 0.2,
+            "dedupd_store_memory_bytes {} vs the primaries' sum {primaries}",
+            size.memory_bytes
+        );
+    }))
+    .await;
+    // Clean up: release does not delete done keys, forget does, one key at a time.
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}:*"))
+        .query_async(
+            &mut redis::cluster::ClusterClient::new(urls)
+                .expect("urls")
+                .get_async_connection()
+                .await
+                .expect("cluster"),
+        )
+        .await
+        .unwrap_or_default();
+    for key in keys {
+        let _ = store.forget(&key).await;
+    }
+    if let Err(panic) = result {
+        std::panic::resume_unwind(panic);
+    }
 }
 
 /// Resident set size of this process, in bytes.
