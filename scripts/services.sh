@@ -5,24 +5,28 @@ set -euo pipefail
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
-if ! command -v redis-server >/dev/null || ! command -v rabbitmq-server >/dev/null; then
+# What the proxy and the tests need, installed from Debian's packages in one go when missing:
+# the broker and Redis; openssl and socat for the TLS tests (a throwaway PKI, a TLS terminator in
+# front of the broker); prometheus (with promtool) for the deploy tests, without recommends (no
+# node exporter); chromium for the status page tests.
+missing=()
+command -v rabbitmq-server >/dev/null || missing+=(rabbitmq-server)
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v openssl >/dev/null || missing+=(openssl)
+command -v socat >/dev/null || missing+=(socat)
+command -v chromium >/dev/null || missing+=(chromium)
+lean=()
+{ command -v promtool >/dev/null && command -v prometheus >/dev/null; } || lean+=(prometheus)
+if [ "${#missing[@]}" -gt 0 ] || [ "${#lean[@]}" -gt 0 ]; then
+  echo "installing ${missing[*]} ${lean[*]}" >&2
   as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server rabbitmq-server
-fi
-
-# The TLS tests (tests/tls.rs) make a throwaway PKI with openssl and put socat in front of the
-# broker as a TLS terminator.
-if ! command -v socat >/dev/null || ! command -v openssl >/dev/null; then
-  as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq socat openssl >/dev/null
-fi
-
-# The deploy tests (tests/deploy.rs) check the alert rules with promtool and run a real
-# Prometheus against a live dedupd. Without recommends: no node exporter.
-if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then
-  as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    prometheus >/dev/null
+  if [ "${#missing[@]}" -gt 0 ]; then
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+  fi
+  if [ "${#lean[@]}" -gt 0 ]; then
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      "${lean[@]}" >/dev/null
+  fi
 fi
 
 if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then

@@ -104,6 +104,15 @@ pub async fn run_on(
         "dedupd starting"
     );
 
+    // The store size gauges are sampled beside the routes, never on their path.
+    let sampler = tokio::spawn(telemetry::sizing::run(
+        store.clone(),
+        config.store.key_prefix.clone(),
+        config.routes.keys().cloned().collect(),
+        telemetry::sizing::SAMPLE_EVERY,
+        shutdown.clone(),
+    ));
+
     let tracker = TaskTracker::new();
     for ((name, route), (upstream_up, downstream_up)) in config.routes.iter().zip(route_flags) {
         let ctx = RouteCtx {
@@ -151,6 +160,8 @@ pub async fn run_on(
     }
     http_stop.cancel();
     let _ = http.await;
+    // It ends as soon as `shutdown` is cancelled, even mid-sample.
+    let _ = sampler.await;
     tracing::info!("dedupd stopped");
     Ok(())
 }

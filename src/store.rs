@@ -39,6 +39,27 @@
 //! The Redis backend loads the scripts once (EVALSHA) and reloads them when the server answers
 //! NOSCRIPT (a restarted or flushed server); the memory backend runs the same decisions under
 //! a per-key lock. Both are exercised by one shared test suite (`tests/store.rs`).
+//!
+//! # How big it is
+//!
+//! [`Store::size`] answers how many keys each route has in the store and how much memory the
+//! store uses, for the `dedupd_store_keys{route}` and `dedupd_store_memory_bytes` gauges. It is
+//! called by a background sampler every 15 s (`telemetry::sizing`), never on the hot path, and
+//! costs a bounded amount whatever the store holds:
+//!
+//! - Redis: `DBSIZE` (O(1); summed over a cluster's primaries) times each route's share of
+//!   [`SIZE_SAMPLES`] `RANDOMKEY` replies (O(1) each), and `used_memory` from `INFO memory`
+//!   (summed over primaries); one pipelined round trip on a single server. The key counts are
+//!   an **estimate**: for a route whose keys are a share `p` of the database, the standard error
+//!   is `DBSIZE × sqrt(p(1−p)/512)`, at most 2.2% of `DBSIZE` (p = ½), and zero when the
+//!   database holds only that route's keys (p = 1, the usual deployment: one Redis or one
+//!   database per dedupd). `DBSIZE` also counts keys that expired but were not reclaimed yet
+//!   (Redis' active expiry keeps those to a few percent), which `RANDOMKEY` skips. In a cluster
+//!   each `RANDOMKEY` answer comes from one primary: keys spread over primaries by hash slot, so
+//!   each primary holds the same mix of routes, unless `key_prefix` contains a `{hash tag}`.
+//! - memory: exact counts of unexpired keys, and an estimate of the map's memory (table slots
+//!   plus the heap blocks of keys and owner tokens), from one pass over the map with each
+//!   shard's read lock held in turn: O(keys), like the sweeper's pass every 5 s.
 
 mod memory;
 mod redis;
@@ -149,6 +170,24 @@ pub enum KeyState {
         /// Remaining window.
         window_left: Duration,
     },
+}
+
+/// Random keys a Redis size sample draws to estimate each route's share of `DBSIZE`: 512
+/// `RANDOMKEY`s every 15 s cost Redis well under a millisecond, and bound the standard error of
+/// a route's estimate to 2.2% of `DBSIZE`.
+pub const SIZE_SAMPLES: usize = 512;
+
+/// What [`Store::size`] found.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StoreSize {
+    /// Keys held per route (in flight and done), in the order of the routes asked about: exact
+    /// for the memory store, an estimate for Redis (see the module docs).
+    pub keys: Vec<u64>,
+    /// Whether `keys` are exact counts rather than estimates.
+    pub exact: bool,
+    /// The store's memory use: Redis `used_memory` (all its data, not only dedupd's), or the
+    /// memory store's estimate of its map.
+    pub memory_bytes: u64,
 }
 
 /// A store operation that did not complete. The batch's outcome is unknown.
@@ -291,6 +330,18 @@ impl Store {
         }
     }
 
+    /// How many keys each of `routes` has under `prefix`, and the store's memory use (see the
+    /// module docs for the cost and the error of the estimate). For the background sampler.
+    pub async fn size(&self, prefix: &str, routes: &[String]) -> Result<StoreSize, StoreError> {
+        let started = Instant::now();
+        let result = match self {
+            Store::Memory(m) => Ok(m.size(prefix, routes)),
+            Store::Redis(r) => r.size(prefix, routes).await,
+        };
+        record("size", started);
+        result
+    }
+
     /// What the store is, for log lines: the kind and the URL without its password.
     pub fn label(&self) -> String {
         match self {
@@ -322,6 +373,29 @@ fn record(op: &'static str, started: Instant) {
 /// be meaningless anyway, so the floor is 1 ms.
 fn px_millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+/// Which of `routes` the store key `key` (`{prefix}:{route}:{id}`) belongs to. Route names
+/// cannot contain `:` (config validation), so the route is exactly the text between the
+/// prefix's `:` and the next one, whatever the prefix and the id contain.
+fn route_index(
+    key: &[u8],
+    prefix: &str,
+    routes: &std::collections::HashMap<&str, usize>,
+) -> Option<usize> {
+    let rest = key.strip_prefix(prefix.as_bytes())?.strip_prefix(b":")?;
+    let end = rest.iter().position(|&b| b == b':')?;
+    let route = std::str::from_utf8(&rest[..end]).ok()?;
+    routes.get(route).copied()
+}
+
+/// `routes` by name, for [`route_index`].
+fn route_lookup(routes: &[String]) -> std::collections::HashMap<&str, usize> {
+    routes
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.as_str(), i))
+        .collect()
 }
 
 /// Whether `stored` is a token of `owner`'s process with an epoch older than `owner`'s.

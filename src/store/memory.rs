@@ -13,7 +13,10 @@ use std::time::{Duration, Instant};
 use dashmap::mapref::entry::Entry as MapEntry;
 use dashmap::DashMap;
 
-use super::{is_older_epoch_of, ClaimOutcome, CommitOutcome, KeyState, Owner};
+use super::{
+    is_older_epoch_of, route_index, route_lookup, ClaimOutcome, CommitOutcome, KeyState, Owner,
+    StoreSize,
+};
 
 /// How often expired entries are swept. Lazy expiry keeps reads exact in between; this only
 /// bounds how long dead entries hold memory.
@@ -197,6 +200,50 @@ impl MemoryStore {
             .remove(key)
             .is_some_and(|(_, e)| e.expires_at > now)
     }
+}
+
+impl MemoryStore {
+    /// See `Store::size`: exact counts of unexpired keys per route, and an estimate of the
+    /// memory the map holds, in one pass over the map (each shard's read lock held in turn, so a
+    /// claim on that shard waits for that shard's part of the pass, as for the sweeper's).
+    pub fn size(&self, prefix: &str, routes: &[String]) -> StoreSize {
+        let lookup = route_lookup(routes);
+        let mut keys = vec![0u64; routes.len()];
+        let mut heap = 0u64;
+        let now = Instant::now();
+        for item in self.inner.map.iter() {
+            let (key, entry) = item.pair();
+            heap += heap_block(key.capacity());
+            if let Value::InFlight(token) = &entry.value {
+                heap += heap_block(token.capacity());
+            }
+            if entry.expires_at <= now {
+                continue;
+            }
+            if let Some(i) = route_index(key.as_bytes(), prefix, &lookup) {
+                keys[i] += 1;
+            }
+        }
+        // hashbrown keeps at most 7/8 of its slots full and one control byte per slot; the
+        // reported capacity is that 7/8.
+        let slots = self.inner.map.capacity() as u64 * 8 / 7;
+        let slot_bytes = (std::mem::size_of::<(String, Entry)>() + 1) as u64;
+        StoreSize {
+            keys,
+            exact: true,
+            memory_bytes: slots * slot_bytes + heap,
+        }
+    }
+}
+
+/// The bytes glibc's malloc takes for an allocation of `len` bytes (none for an empty
+/// `String`): an 8-byte header, rounded up to 16, at least 32.
+fn heap_block(len: usize) -> u64 {
+    if len == 0 {
+        return 0;
+    }
+    let len = len as u64;
+    ((len + 8).div_ceil(16) * 16).max(32)
 }
 
 impl Entry {

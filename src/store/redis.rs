@@ -68,7 +68,10 @@ use ::redis::{
     Script, ServerErrorKind, TlsCertificates, Value,
 };
 
-use super::{px_millis, ClaimOutcome, CommitOutcome, KeyState, Owner, StoreError};
+use super::{
+    px_millis, route_index, route_lookup, ClaimOutcome, CommitOutcome, KeyState, Owner, StoreError,
+    StoreSize, SIZE_SAMPLES,
+};
 use crate::config::{StoreConfig, StoreUrl, Tls};
 
 /// KEYS: the batch; ARGV: token, lease ms, instance prefix, our epoch. Two values per key:
@@ -400,6 +403,101 @@ impl RedisStore {
         .await
     }
 
+    /// See `Store::size` (and the parent module for the estimate): one pipeline of `DBSIZE`,
+    /// `INFO memory` and [`SIZE_SAMPLES`] `RANDOMKEY`s on a single server. In a cluster,
+    /// `DBSIZE` and `INFO` go to every primary (summed), and each `RANDOMKEY` is answered by one
+    /// primary; they are sent concurrently, so it is still about one round trip of wall time.
+    pub async fn size(&self, prefix: &str, routes: &[String]) -> Result<StoreSize, StoreError> {
+        let lookup = route_lookup(routes);
+        let (dbsize, memory_bytes, samples) = self
+            .bounded(|mut conn| async move {
+                match &mut conn {
+                    Conn::Single(c) => {
+                        let mut pipe = Pipeline::new();
+                        pipe.cmd("DBSIZE").cmd("INFO").arg("memory");
+                        for _ in 0..SIZE_SAMPLES {
+                            pipe.cmd("RANDOMKEY");
+                        }
+                        let mut replies: Vec<Value> = pipe.query_async(c).await?;
+                        if replies.len() != 2 + SIZE_SAMPLES {
+                            return Err(unexpected(format!(
+                                "{} replies to a pipeline of {}",
+                                replies.len(),
+                                2 + SIZE_SAMPLES
+                            )));
+                        }
+                        let samples = replies.split_off(2);
+                        let dbsize = parse_int(&replies[0])?;
+                        let memory = used_memory(&replies[1])?;
+                        Ok((dbsize, memory, samples))
+                    }
+                    Conn::Cluster(c) => {
+                        use ::redis::cluster_routing::{
+                            AggregateOp, MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo,
+                        };
+                        let all = |policy| {
+                            RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, policy))
+                        };
+                        let dbsize = c
+                            .route_command(
+                                ::redis::cmd("DBSIZE"),
+                                all(Some(ResponsePolicy::Aggregate(AggregateOp::Sum))),
+                            )
+                            .await?;
+                        // No policy: a map of each primary's answer, summed by `used_memory`.
+                        let mut info = ::redis::cmd("INFO");
+                        info.arg("memory");
+                        let info = c.route_command(info, all(None)).await?;
+                        let samples =
+                            futures::future::join_all((0..SIZE_SAMPLES).map(|_| {
+                                let mut c = c.clone();
+                                async move {
+                                    ::redis::cmd("RANDOMKEY").query_async::<Value>(&mut c).await
+                                }
+                            }))
+                            .await
+                            .into_iter()
+                            .collect::<RedisResult<Vec<Value>>>()?;
+                        Ok((parse_int(&dbsize)?, used_memory(&info)?, samples))
+                    }
+                }
+            })
+            .await?;
+        let mut hits = vec![0u64; routes.len()];
+        let mut drawn = 0u64;
+        for sample in &samples {
+            let key: &[u8] = match sample {
+                Value::BulkString(key) => key,
+                Value::SimpleString(key) => key.as_bytes(),
+                // An empty database (or an empty primary).
+                Value::Nil => continue,
+                other => {
+                    return Err(StoreError::Redis(unexpected(format!(
+                        "RANDOMKEY returned {other:?}"
+                    ))))
+                }
+            };
+            drawn += 1;
+            if let Some(i) = route_index(key, prefix, &lookup) {
+                hits[i] += 1;
+            }
+        }
+        let dbsize = u64::try_from(dbsize).unwrap_or(0);
+        let keys = hits
+            .iter()
+            .map(|&h| match drawn {
+                0 => 0,
+                // Rounded to the nearest key; exact when every sample is this route's.
+                n => (dbsize as f64 * h as f64 / n as f64).round() as u64,
+            })
+            .collect();
+        Ok(StoreSize {
+            keys,
+            exact: false,
+            memory_bytes,
+        })
+    }
+
     /// The URL(s) without passwords.
     pub fn label(&self) -> String {
         self.inner.label.clone()
@@ -676,6 +774,26 @@ fn parse_claim(reply: Vec<Value>) -> RedisResult<ClaimOutcome> {
         },
         other => return Err(unexpected(format!("claim script returned {other}"))),
     })
+}
+
+/// `used_memory` from an `INFO memory` reply; summed over the primaries for a cluster's map of
+/// answers (one per primary).
+fn used_memory(reply: &Value) -> RedisResult<u64> {
+    let text = match reply {
+        Value::BulkString(b) => String::from_utf8_lossy(b),
+        Value::VerbatimString { text, .. } => text.as_str().into(),
+        Value::SimpleString(s) => s.as_str().into(),
+        Value::Map(answers) => {
+            return answers
+                .iter()
+                .try_fold(0u64, |sum, (_, answer)| Ok(sum + used_memory(answer)?))
+        }
+        other => return Err(unexpected(format!("INFO returned {other:?}"))),
+    };
+    text.lines()
+        .find_map(|line| line.trim_end().strip_prefix("used_memory:"))
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| unexpected("INFO memory has no used_memory".into()))
 }
 
 fn parse_int(reply: &Value) -> RedisResult<i64> {

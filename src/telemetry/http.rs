@@ -1,10 +1,10 @@
 //! The HTTP endpoint on `metrics.listen`: `/metrics` (Prometheus text), `/healthz` (the process
-//! runs) and `/readyz` (every component connected).
+//! runs), `/readyz` (every component connected) and `/`, the status page (see [`super::status`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::routing::get;
 use axum::Router;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -23,6 +23,28 @@ pub enum ServeError {
         /// Why.
         source: std::io::Error,
     },
+}
+
+/// The status page: constant HTML; no caching, so a new version of dedupd serves its own page.
+async fn status_page() -> impl axum::response::IntoResponse {
+    (
+        [
+            (
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/html; charset=utf-8"),
+            ),
+            (header::CACHE_CONTROL, HeaderValue::from_static("no-store")),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static(super::status::CONTENT_SECURITY_POLICY),
+            ),
+            (
+                header::X_CONTENT_TYPE_OPTIONS,
+                HeaderValue::from_static("nosniff"),
+            ),
+        ],
+        super::status::page(),
+    )
 }
 
 /// Binds `listen` (port 0 picks a free port; the caller reads it from the listener).
@@ -60,6 +82,7 @@ pub fn serve(
         }
     });
     let app = Router::new()
+        .route("/", get(status_page))
         .route(
             "/metrics",
             get(move || {

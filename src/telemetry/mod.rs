@@ -1,10 +1,12 @@
 //! Telemetry in one place: the metric names (the only place they are spelled), the handles a
 //! route resolves once ([`RouteMetrics`]), the Prometheus recorder, readiness ([`health`]: what
-//! `/readyz` and `dedupd_up` report) and the HTTP endpoint ([`http`]: `/metrics`, `/healthz`,
-//! `/readyz`).
+//! `/readyz` and `dedupd_up` report), the HTTP endpoint ([`http`]: `/metrics`, `/healthz`,
+//! `/readyz`, and the status page of [`status`] at `/`) and the store size sampler ([`sizing`]).
 
 mod health;
 mod http;
+pub mod sizing;
+pub mod status;
 
 use std::sync::OnceLock;
 
@@ -42,6 +44,13 @@ pub const BUILD_INFO: &str = "dedupd_build_info";
 pub const ROUTE_FAILURES: &str = "dedupd_route_failures_total";
 /// Log lines that could not be written (stderr closed or full) and were dropped.
 pub const LOG_WRITE_ERRORS: &str = "dedupd_log_write_errors_total";
+/// Keys the store holds, per route: sampled in the background, an estimate on Redis.
+pub const STORE_KEYS: &str = "dedupd_store_keys";
+/// The store's own memory use in bytes: Redis `used_memory` (summed over a cluster's
+/// primaries), or the memory store's estimate of its map.
+pub const STORE_MEMORY: &str = "dedupd_store_memory_bytes";
+/// Store size samples that failed (the two gauges above then keep their last values).
+pub const STORE_SAMPLE_ERRORS: &str = "dedupd_store_sample_errors_total";
 
 /// `reason` label values of [`REJECTED`].
 pub mod reason {
@@ -155,4 +164,17 @@ fn describe() {
     describe_gauge!(INFLIGHT, "Deliveries received and not yet settled");
     describe_gauge!(UP, "1 while the component is connected");
     describe_gauge!(BUILD_INFO, "Build information");
+    describe_gauge!(
+        STORE_KEYS,
+        "Keys the store holds for the route, sampled every 15 s (an estimate on Redis)"
+    );
+    describe_gauge!(
+        STORE_MEMORY,
+        Unit::Bytes,
+        "The store's memory use (Redis used_memory, or the memory store's estimate)"
+    );
+    describe_counter!(
+        STORE_SAMPLE_ERRORS,
+        "Store size samples that failed; the size gauges keep their last values"
+    );
 }
