@@ -6,7 +6,9 @@
 //!
 //! # Layout
 //!
-//! - [`config`]: the file: schema and defaults, `${VAR}` interpolation, `validate()`.
+//! - [`config`]: the file: `schema` (types and defaults), `interpolate` (`${VAR}`), `validate`
+//!   (the rules and their messages), `secret` (URLs and values that cannot be printed by
+//!   accident, and the scrubbing of passwords from log lines).
 //! - [`pipeline`]: one route's forwarding: [`pipeline`]'s `intake` (receive, key, **claim**,
 //!   publish), `settle` (confirms, **commit**/release, ack, lease renewal), `holds` (held
 //!   duplicates), `fate` (the decision rules, pure and unit-tested).
@@ -16,7 +18,8 @@
 //! - [`keys`]: a message's dedup key (message_id, header, body hash, JSON pointer) and its
 //!   store key.
 //! - [`amqp`]: broker connections (TLS, deadlines, `frame_max`), channel settings, header depth.
-//! - [`telemetry`]: metric names, per-route metric handles, readiness, the HTTP endpoint.
+//! - [`telemetry`]: metric names, per-route metric handles, readiness (`health`), the HTTP
+//!   endpoint (`http`), the status page at `/` (`status`), the store size sampler (`sizing`).
 //! - [`throttle`]: rate limits for log lines a fault repeats.
 //! - [`backoff`]: capped exponential backoff.
 //! - [`shutdown`]: SIGTERM/SIGINT to a cancellation token, SIGHUP to reloads.
