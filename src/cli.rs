@@ -89,6 +89,10 @@ pub enum Command {
         #[command(flatten)]
         key: KeyArg,
     },
+    /// Try dedupd in a minute: publish messages with duplicates through a throwaway route on
+    /// the local broker, run the proxy on it, show what it forwarded and dropped, clean up.
+    /// Needs no config file.
+    Demo(crate::demo::DemoArgs),
 }
 
 /// Which key of a route `inspect` and `forget` act on: KEY or exactly one of the options, in
@@ -130,6 +134,8 @@ impl Command {
             | Command::Check { config: c, .. }
             | Command::Inspect { config: c, .. }
             | Command::Forget { config: c, .. } => &c.config,
+            // Reads no file: `main` runs the demo before loading one.
+            Command::Demo(_) => std::path::Path::new(""),
         }
     }
 }
@@ -148,6 +154,7 @@ pub async fn execute(command: &Command, config: &Config) -> ExitCode {
             }
         }
         Command::Declare(_) => ExitCode::from(declare(config).await),
+        Command::Demo(args) => crate::demo::run(args).await,
         Command::Inspect { key, .. } => {
             with_key(config, key, |store, key| async move {
                 let state = store.inspect(&key).await?;

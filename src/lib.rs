@@ -24,11 +24,13 @@
 //! - [`backoff`]: capped exponential backoff.
 //! - [`shutdown`]: SIGTERM/SIGINT to a cancellation token, SIGHUP to reloads.
 //! - [`cli`]: the commands besides `run` (`check`, `inspect`, `forget`, `declare`).
+//! - [`demo`]: `dedupd demo`, a throwaway route with the proxy in-process, for a first look.
 
 pub mod amqp;
 pub mod backoff;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod keys;
 pub mod pipeline;
 pub mod shutdown;

@@ -47,6 +47,10 @@ fn main() -> ExitCode {
 
 fn dedupd_main() -> ExitCode {
     let cli = Cli::parse();
+    // `demo` reads no config file and logs around its progress bar: it sets itself up.
+    if let Command::Demo(args) = &cli.command {
+        return dedupd::demo::main(args, cli.log_format);
+    }
     init_tracing(cli.log_format);
 
     let path = cli.command.config_path();
