@@ -118,6 +118,16 @@ pub async fn run_on(
         shutdown.clone(),
     ));
 
+    // The store's own upkeep (Redis: upgrade check and sweeper), also beside the routes.
+    let upkeep = TaskTracker::new();
+    let windows: Vec<(String, std::time::Duration)> = config
+        .routes
+        .iter()
+        .map(|(name, route)| (name.clone(), route.window))
+        .collect();
+    store.start_upkeep(&windows, &upkeep, &shutdown);
+    upkeep.close();
+
     let tracker = TaskTracker::new();
     for ((name, route), (upstream_up, downstream_up)) in config.routes.iter().zip(route_flags) {
         let ctx = RouteCtx {
@@ -167,6 +177,7 @@ pub async fn run_on(
     let _ = http.await;
     // It ends as soon as `shutdown` is cancelled, even mid-sample.
     let _ = sampler.await;
+    upkeep.wait().await;
     tracing::info!("dedupd stopped");
     Ok(())
 }

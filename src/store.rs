@@ -61,6 +61,7 @@
 //!   plus the heap blocks of keys and owner tokens), from one pass over the map with each
 //!   shard's read lock held in turn: O(keys), like the sweeper's pass every 5 s.
 
+pub mod layout;
 mod memory;
 mod redis;
 pub mod watched;
@@ -340,6 +341,28 @@ impl Store {
         };
         record("size", started);
         result
+    }
+
+    /// Starts the store's background upkeep for each `(route, window)` on `tracker`, until
+    /// `shutdown`: on Redis, the upgrade check and the sweeper of each route's tables; the
+    /// memory store sweeps by itself.
+    pub fn start_upkeep(
+        &self,
+        routes: &[(String, Duration)],
+        tracker: &tokio_util::task::TaskTracker,
+        shutdown: &tokio_util::sync::CancellationToken,
+    ) {
+        if let Store::Redis(r) = self {
+            r.start_upkeep(routes, tracker, shutdown);
+        }
+    }
+
+    /// Commands sent to Redis so far (a script call counts as one); 0 for the memory store.
+    pub fn commands_sent(&self) -> u64 {
+        match self {
+            Store::Memory(_) => 0,
+            Store::Redis(r) => r.commands_sent(),
+        }
     }
 
     /// What the store is, for log lines: the kind and the URL without its password.

@@ -365,6 +365,17 @@ fn store(s: &StoreConfig) -> Result<(), ConfigError> {
             ),
         ));
     }
+    if s.key_prefix.contains(['{', '}']) {
+        return Err(invalid(
+            "store.key_prefix",
+            format!(
+                "{:?} contains a brace: dedupd places its own {{hash tags}} after the prefix so \
+                 a route's keys spread over a cluster's masters, and a tag in the prefix would \
+                 pin them all to one; remove the braces",
+                s.key_prefix
+            ),
+        ));
+    }
     check_duration(
         "store.lease",
         s.lease,
@@ -630,6 +641,12 @@ mod tests {
             "key_prefix = \"a b\"",
             "store.key_prefix",
             "whitespace",
+        );
+        refused(
+            kind,
+            "key_prefix = \"{dedupd}\"",
+            "store.key_prefix",
+            "brace",
         );
         refused(
             kind,

@@ -44,13 +44,17 @@ pub const BUILD_INFO: &str = "dedupd_build_info";
 pub const ROUTE_FAILURES: &str = "dedupd_route_failures_total";
 /// Log lines that could not be written (stderr closed or full) and were dropped.
 pub const LOG_WRITE_ERRORS: &str = "dedupd_log_write_errors_total";
-/// Keys the store holds, per route: sampled in the background, an estimate on Redis.
+/// Keys the store remembers, per route: sampled in the background.
 pub const STORE_KEYS: &str = "dedupd_store_keys";
 /// The store's own memory use in bytes: Redis `used_memory` (summed over a cluster's
 /// primaries), or the memory store's estimate of its map.
 pub const STORE_MEMORY: &str = "dedupd_store_memory_bytes";
 /// Store size samples that failed (the two gauges above then keep their last values).
 pub const STORE_SAMPLE_ERRORS: &str = "dedupd_store_sample_errors_total";
+/// Commands sent to Redis (a script call is one), for sizing Redis and checking batching.
+pub const STORE_COMMANDS: &str = "dedupd_store_commands_total";
+/// Remembered keys deleted by the Redis sweeper after their window ended.
+pub const STORE_SWEPT: &str = "dedupd_store_swept_keys_total";
 
 /// `reason` label values of [`REJECTED`].
 pub mod reason {
@@ -166,12 +170,20 @@ fn describe() {
     describe_gauge!(BUILD_INFO, "Build information");
     describe_gauge!(
         STORE_KEYS,
-        "Keys the store holds for the route, sampled every 15 s (an estimate on Redis)"
+        "Keys the store remembers for the route, sampled every 15 s"
     );
     describe_gauge!(
         STORE_MEMORY,
         Unit::Bytes,
         "The store's memory use (Redis used_memory, or the memory store's estimate)"
+    );
+    describe_counter!(
+        STORE_COMMANDS,
+        "Commands sent to Redis; a script call counts as one"
+    );
+    describe_counter!(
+        STORE_SWEPT,
+        "Remembered keys the Redis sweeper deleted after their window ended"
     );
     describe_counter!(
         STORE_SAMPLE_ERRORS,

@@ -1,5 +1,7 @@
-//! Redis and Redis Cluster backend of the store: the Lua scripts of the claim protocol (see the
-//! parent module for what they decide and why), how a batch is sent, and the connection's life.
+//! Redis and Redis Cluster backend of the store: the connection's life, and the operations
+//! on the compact key layout (`store::layout` says where a key lives, `scripts` what each
+//! step decides, `calls` how a batch becomes script calls, `upkeep` the sweeper and the
+//! upgrade check).
 //!
 //! # Connection
 //!
@@ -28,35 +30,26 @@
 //! operation connects anew. A generation number makes concurrent failures swap only once.
 //! Operations still running on the old connection finish on it; it closes when they drop it.
 //!
-//! # Batches
+//! # What a batch costs
 //!
-//! Each script takes a whole batch of keys (`KEYS`) and loops over them, so on a single node a
-//! batch of claims (or commits, or releases) is one EVALSHA: one command and one round trip,
-//! however many keys. The script is atomic and handles keys in order, so a key repeated in a
-//! batch sees its earlier claim. A batch of a few hundred keys keeps Redis busy for well under
-//! a millisecond.
-//!
-//! Cluster: a script may only touch keys of one slot, and redis-rs 1.8 does not split a
-//! pipeline across nodes either (it routes the whole pipeline by its first key, see
-//! `route_for_pipeline` in `cluster_handling/async_connection/routing.rs`). So each key is its
-//! own call of the same script, all issued concurrently over the multiplexed cluster
-//! connection: still about one round trip of wall time, but one command per key. Calls for a
-//! repeated key run one after the other, so it still sees its earlier claim.
-//!
-//! # Scripts
-//!
-//! Scripts are called with EVALSHA, so a call carries a 40-byte hash rather than the script
-//! text. Redis answers NOSCRIPT when its script cache is empty (restart, failover, `SCRIPT
-//! FLUSH`); the call is then sent again once after a `SCRIPT LOAD` (to every primary in a
-//! cluster). A call that got NOSCRIPT did not run, so resending it is safe.
+//! Single server: one `EVALSHA` per batch of claims (or commits, releases, renewals), however
+//! many keys. Cluster: one per table the batch touches, at most [`layout::GROUPS`] (six), sent
+//! concurrently; plus, only while keys of the 0.1 layout may exist, one probe per claimed key
+//! (see `upkeep`). Scripts are called by hash; a server that lost its script cache answers
+//! NOSCRIPT and the call is sent again after a `SCRIPT LOAD`.
 //!
 //! # TLS
 //!
 //! `rediss://` uses the webpki roots, or `store.tls.ca_file` when given; `cert_file` and
 //! `key_file` add a client certificate (mutual TLS). They are read once, at open.
 
+mod calls;
+mod scripts;
+mod upkeep;
+
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -67,100 +60,15 @@ use ::redis::{
     Client, ClientTlsConfig, Cmd, ErrorKind, Pipeline, RedisError, RedisFuture, RedisResult,
     Script, ServerErrorKind, TlsCertificates, Value,
 };
+use tokio_util::sync::CancellationToken;
 
-use super::{
-    px_millis, route_index, route_lookup, ClaimOutcome, CommitOutcome, KeyState, Owner, StoreError,
-    StoreSize, SIZE_SAMPLES,
-};
+use super::layout::{self, Tables};
+use super::{px_millis, ClaimOutcome, CommitOutcome, KeyState, Owner, StoreError, StoreSize};
 use crate::config::{StoreConfig, StoreUrl, Tls};
 
-/// KEYS: the batch; ARGV: token, lease ms, instance prefix, our epoch. Two values per key:
-/// {0, 0} claimed, {1, 0} done, {2, 0} ours, {3, 0} taken over, {4, pttl} in flight elsewhere.
-/// Keys are handled in order, so a key repeated in the batch sees its earlier claim.
-const CLAIM_LUA: &str = r"
-local token, lease, prefix, ours = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local out = {}
-for i, key in ipairs(KEYS) do
-  local v = redis.call('GET', key)
-  local code, pttl = 4, 0
-  if not v then
-    redis.call('SET', key, token, 'PX', lease)
-    code = 0
-  elseif v == '1' then
-    code = 1
-  elseif v == token then
-    redis.call('PEXPIRE', key, lease)
-    code = 2
-  else
-    if string.sub(v, 1, #prefix) == prefix then
-      -- Epochs are decimal u64: compare by length, then by digits (exact, unlike Lua numbers).
-      local theirs = string.sub(v, #prefix + 1)
-      if string.match(theirs, '^%d+$') then
-        theirs = (string.gsub(theirs, '^0+(%d)', '%1'))
-        if #theirs < #ours or (#theirs == #ours and theirs < ours) then
-          redis.call('SET', key, token, 'PX', lease)
-          code = 3
-        end
-      end
-    end
-    if code == 4 then
-      pttl = redis.call('PTTL', key)
-    end
-  end
-  out[2 * i - 1] = code
-  out[2 * i] = pttl
-end
-return out
-";
-
-/// KEYS: the batch; ARGV: token, window ms. Per key: 0 committed (ours), 1 restored (absent),
-/// 2 done already (left alone), 3 overrode another owner's claim. See `CommitOutcome`.
-const COMMIT_LUA: &str = r"
-local out = {}
-for i, key in ipairs(KEYS) do
-  local v = redis.call('GET', key)
-  if v == '1' then
-    out[i] = 2
-  else
-    redis.call('SET', key, '1', 'PX', ARGV[2])
-    if v == ARGV[1] then
-      out[i] = 0
-    elseif not v then
-      out[i] = 1
-    else
-      out[i] = 3
-    end
-  end
-end
-return out
-";
-
-/// KEYS: the batch; ARGV: token, lease ms. Per key: 1 if the lease was extended, 0 if the key
-/// no longer carries the token. PEXPIRE is not refused by a full Redis (noeviction), SET is.
-const RENEW_LUA: &str = r"
-local out = {}
-for i, key in ipairs(KEYS) do
-  if redis.call('GET', key) == ARGV[1] then
-    out[i] = redis.call('PEXPIRE', key, ARGV[2])
-  else
-    out[i] = 0
-  end
-end
-return out
-";
-
-/// KEYS: the batch; ARGV: token. Per key: 1 if deleted, 0 if no longer ours.
-const RELEASE_LUA: &str = r"
-local out = {}
-for i, key in ipairs(KEYS) do
-  if redis.call('GET', key) == ARGV[1] then
-    out[i] = redis.call('DEL', key)
-  else
-    out[i] = 0
-  end
-end
-return out
-";
+/// A table is split when it holds more than this many remembered keys per shard on average
+/// (see `scripts`): shards then stay well under the 128 fields of a listpack.
+const SPLIT_ALPHA: u32 = 40;
 
 /// The Redis store. Cloning shares the connection.
 #[derive(Clone)]
@@ -172,12 +80,55 @@ struct Inner {
     target: Target,
     timeout: Duration,
     slot: Mutex<Slot>,
+    scripts: Scripts,
+    /// `store.key_prefix`.
+    prefix: String,
+    /// Each route's table names, derived once.
+    tables: Mutex<HashMap<String, Arc<Tables>>>,
+    /// Per route, until when keys of the 0.1 layout may exist (see [`Legacy`]).
+    legacy: Mutex<HashMap<String, Legacy>>,
+    /// Commands sent, for `dedupd_store_commands_total`.
+    commands: AtomicU64,
+    /// The URL(s) without passwords, for log lines.
+    label: String,
+}
+
+/// The loaded scripts (see `scripts.rs`).
+struct Scripts {
     claim: Script,
     commit: Script,
     release: Script,
     renew: Script,
-    /// The URL(s) without passwords, for log lines.
-    label: String,
+    inspect: Script,
+    forget: Script,
+    sweep: Script,
+    legacy_probe: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        let load = |body| Script::new(&scripts::source(body));
+        Scripts {
+            claim: load(scripts::CLAIM_LUA),
+            commit: load(scripts::COMMIT_LUA),
+            release: load(scripts::RELEASE_LUA),
+            renew: load(scripts::RENEW_LUA),
+            inspect: load(scripts::INSPECT_LUA),
+            forget: load(scripts::FORGET_LUA),
+            sweep: load(scripts::SWEEP_LUA),
+            legacy_probe: load(scripts::LEGACY_PROBE_LUA),
+        }
+    }
+}
+
+/// Whether a route's keys may still exist in the 0.1 layout. Until the upgrade check
+/// (`upkeep.rs`) has answered, they may.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Legacy {
+    /// Not checked yet: read the 0.1 name of every key claimed.
+    Unknown,
+    /// The last such key expires at this Unix time in ms (0: there were none).
+    Until(u64),
 }
 
 /// What to connect to; builds a fresh lazy connection on demand.
@@ -272,10 +223,11 @@ impl RedisStore {
                     generation: 0,
                     conn,
                 }),
-                claim: Script::new(CLAIM_LUA),
-                commit: Script::new(COMMIT_LUA),
-                release: Script::new(RELEASE_LUA),
-                renew: Script::new(RENEW_LUA),
+                scripts: Scripts::new(),
+                prefix: cfg.key_prefix.clone(),
+                tables: Mutex::new(HashMap::new()),
+                legacy: Mutex::new(HashMap::new()),
+                commands: AtomicU64::new(0),
                 label,
             }),
         })
@@ -288,16 +240,58 @@ impl RedisStore {
         owner: &Owner,
         lease: Duration,
     ) -> Result<Vec<ClaimOutcome>, StoreError> {
-        let args = [
+        let placed = self.place(keys, true);
+        let head = [
             owner.token().to_owned(),
             px_millis(lease).to_string(),
             owner.instance_prefix(),
             owner.epoch().to_string(),
         ];
-        let script = &self.inner.claim;
+        let scripts = &self.inner.scripts;
         self.bounded(move |mut conn| async move {
-            let replies = eval_batch(&mut conn, script, keys, &args, 2).await?;
-            replies.into_iter().map(parse_claim).collect()
+            let mut outcomes: Vec<Option<ClaimOutcome>> = vec![None; keys.len()];
+            let mut placed = placed;
+            // On a cluster a key's 0.1 name is in another slot than its table: probe it first,
+            // on its own (only while the route may still have such keys).
+            if matches!(conn, Conn::Cluster(_)) {
+                let probes = placed.iter().enumerate().filter_map(|(i, p)| {
+                    let name = p.legacy.clone()?;
+                    let mut conn = conn.clone();
+                    Some(async move {
+                        let cmd = calls::evalsha(&scripts.legacy_probe, &[&name], &[]);
+                        let reply =
+                            calls::eval(&mut conn, &scripts.legacy_probe, &cmd, &|n| self.sent(n))
+                                .await;
+                        (i, reply)
+                    })
+                });
+                for (i, reply) in futures::future::join_all(probes).await {
+                    let values = array(reply?)?;
+                    let outcome = parse_claim(&values)?;
+                    if outcome != ClaimOutcome::Claimed {
+                        outcomes[i] = Some(outcome);
+                    }
+                }
+                for p in &mut placed {
+                    p.legacy = None;
+                }
+            }
+            let rest: Vec<usize> = (0..keys.len()).filter(|&i| outcomes[i].is_none()).collect();
+            let todo: Vec<calls::Placed> = rest
+                .iter()
+                .map(|&i| std::mem::replace(&mut placed[i], calls::Placed::empty()))
+                .collect();
+            let replies = calls::run(&mut conn, &scripts.claim, &head, &todo, true, 2, &|n| {
+                self.sent(n)
+            })
+            .await?;
+            for (i, values) in rest.into_iter().zip(replies) {
+                outcomes[i] = Some(parse_claim(&values)?);
+            }
+            outcomes
+                .into_iter()
+                .map(|o| o.ok_or_else(|| unexpected("a key without outcome".into())))
+                .collect()
         })
         .await
     }
@@ -309,10 +303,18 @@ impl RedisStore {
         owner: &Owner,
         window: Duration,
     ) -> Result<Vec<CommitOutcome>, StoreError> {
-        let args = [owner.token().to_owned(), px_millis(window).to_string()];
-        let script = &self.inner.commit;
+        let placed = self.place(keys, false);
+        let head = [
+            owner.token().to_owned(),
+            px_millis(window).to_string(),
+            SPLIT_ALPHA.to_string(),
+        ];
+        let script = &self.inner.scripts.commit;
         self.bounded(move |mut conn| async move {
-            let replies = eval_batch(&mut conn, script, keys, &args, 1).await?;
+            let replies = calls::run(&mut conn, script, &head, &placed, false, 1, &|n| {
+                self.sent(n)
+            })
+            .await?;
             replies
                 .into_iter()
                 .map(|v| {
@@ -332,28 +334,31 @@ impl RedisStore {
         owner: &Owner,
         lease: Duration,
     ) -> Result<Vec<bool>, StoreError> {
-        self.compare_and(&self.inner.renew, keys, owner, Some(px_millis(lease)))
+        let head = [owner.token().to_owned(), px_millis(lease).to_string()];
+        self.compare_and(&self.inner.scripts.renew, keys, &head)
             .await
     }
 
     /// See `Store::release`.
     pub async fn release(&self, keys: &[String], owner: &Owner) -> Result<Vec<bool>, StoreError> {
-        self.compare_and(&self.inner.release, keys, owner, None)
+        let head = [owner.token().to_owned()];
+        self.compare_and(&self.inner.scripts.release, keys, &head)
             .await
     }
 
-    /// Runs a compare-on-token script (release or renew) for every key.
+    /// Runs a compare-on-token script (release or renew) on the claims of `keys`.
     async fn compare_and(
         &self,
         script: &Script,
         keys: &[String],
-        owner: &Owner,
-        px: Option<u64>,
+        head: &[String],
     ) -> Result<Vec<bool>, StoreError> {
-        let mut args = vec![owner.token().to_owned()];
-        args.extend(px.map(|px| px.to_string()));
+        let placed = self.place(keys, false);
         self.bounded(move |mut conn| async move {
-            let replies = eval_batch(&mut conn, script, keys, &args, 1).await?;
+            let replies = calls::run(&mut conn, script, head, &placed, false, 1, &|n| {
+                self.sent(n)
+            })
+            .await?;
             replies
                 .into_iter()
                 .map(|v| parse_int(&v[0]).map(|n| n == 1))
@@ -403,99 +408,80 @@ impl RedisStore {
         .await
     }
 
-    /// See `Store::size` (and the parent module for the estimate): one pipeline of `DBSIZE`,
-    /// `INFO memory` and [`SIZE_SAMPLES`] `RANDOMKEY`s on a single server. In a cluster,
-    /// `DBSIZE` and `INFO` go to every primary (summed), and each `RANDOMKEY` is answered by one
-    /// primary; they are sent concurrently, so it is still about one round trip of wall time.
+    /// See `Store::size`: each route's remembered keys from its tables' own counters (exact
+    /// for done keys, including keys whose window ended since the sweeper last passed, at most
+    /// `window / 8` of them; in-flight claims and keys of the 0.1 layout are not counted), and
+    /// `used_memory` (summed over a cluster's primaries). Six `HGET`s per route and one `INFO`:
+    /// one pipeline on a single server, concurrent commands on a cluster.
     pub async fn size(&self, prefix: &str, routes: &[String]) -> Result<StoreSize, StoreError> {
-        let lookup = route_lookup(routes);
-        let (dbsize, memory_bytes, samples) = self
-            .bounded(|mut conn| async move {
-                match &mut conn {
-                    Conn::Single(c) => {
-                        let mut pipe = Pipeline::new();
-                        pipe.cmd("DBSIZE").cmd("INFO").arg("memory");
-                        for _ in 0..SIZE_SAMPLES {
-                            pipe.cmd("RANDOMKEY");
-                        }
-                        let mut replies: Vec<Value> = pipe.query_async(c).await?;
-                        if replies.len() != 2 + SIZE_SAMPLES {
-                            return Err(unexpected(format!(
-                                "{} replies to a pipeline of {}",
-                                replies.len(),
-                                2 + SIZE_SAMPLES
-                            )));
-                        }
-                        let samples = replies.split_off(2);
-                        let dbsize = parse_int(&replies[0])?;
-                        let memory = used_memory(&replies[1])?;
-                        Ok((dbsize, memory, samples))
-                    }
-                    Conn::Cluster(c) => {
-                        use ::redis::cluster_routing::{
-                            AggregateOp, MultipleNodeRoutingInfo, ResponsePolicy, RoutingInfo,
-                        };
-                        let all = |policy| {
-                            RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, policy))
-                        };
-                        let dbsize = c
-                            .route_command(
-                                ::redis::cmd("DBSIZE"),
-                                all(Some(ResponsePolicy::Aggregate(AggregateOp::Sum))),
-                            )
-                            .await?;
-                        // No policy: a map of each primary's answer, summed by `used_memory`.
-                        let mut info = ::redis::cmd("INFO");
-                        info.arg("memory");
-                        let info = c.route_command(info, all(None)).await?;
-                        let samples =
-                            futures::future::join_all((0..SIZE_SAMPLES).map(|_| {
-                                let mut c = c.clone();
-                                async move {
-                                    ::redis::cmd("RANDOMKEY").query_async::<Value>(&mut c).await
-                                }
-                            }))
-                            .await
-                            .into_iter()
-                            .collect::<RedisResult<Vec<Value>>>()?;
-                        Ok((parse_int(&dbsize)?, used_memory(&info)?, samples))
-                    }
-                }
-            })
-            .await?;
-        let mut hits = vec![0u64; routes.len()];
-        let mut drawn = 0u64;
-        for sample in &samples {
-            let key: &[u8] = match sample {
-                Value::BulkString(key) => key,
-                Value::SimpleString(key) => key.as_bytes(),
-                // An empty database (or an empty primary).
-                Value::Nil => continue,
-                other => {
-                    return Err(StoreError::Redis(unexpected(format!(
-                        "RANDOMKEY returned {other:?}"
-                    ))))
-                }
-            };
-            drawn += 1;
-            if let Some(i) = route_index(key, prefix, &lookup) {
-                hits[i] += 1;
-            }
-        }
-        let dbsize = u64::try_from(dbsize).unwrap_or(0);
-        let keys = hits
+        let metas: Vec<Vec<String>> = routes
             .iter()
-            .map(|&h| match drawn {
-                0 => 0,
-                // Rounded to the nearest key; exact when every sample is this route's.
-                n => (dbsize as f64 * h as f64 / n as f64).round() as u64,
+            .map(|route| {
+                let tables = self.tables_with_prefix(prefix, route);
+                (0..layout::GROUPS).map(|g| tables.meta(g)).collect()
             })
             .collect();
-        Ok(StoreSize {
-            keys,
-            exact: false,
-            memory_bytes,
+        let metas = &metas;
+        self.bounded(move |mut conn| async move {
+            let flat: Vec<&String> = metas.iter().flatten().collect();
+            let (counts, info) = match &mut conn {
+                Conn::Single(c) => {
+                    let mut pipe = Pipeline::new();
+                    pipe.cmd("INFO").arg("memory");
+                    for meta in &flat {
+                        pipe.hget(*meta, "c");
+                    }
+                    self.sent(1 + flat.len() as u64);
+                    let mut replies: Vec<Value> = pipe.query_async(c).await?;
+                    if replies.len() != 1 + flat.len() {
+                        return Err(unexpected("short pipeline reply".into()));
+                    }
+                    let counts = replies.split_off(1);
+                    (counts, replies.remove(0))
+                }
+                Conn::Cluster(c) => {
+                    use ::redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
+                    let mut info = ::redis::cmd("INFO");
+                    info.arg("memory");
+                    // No response policy: a map of each primary's answer, summed below.
+                    let routing =
+                        RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None));
+                    let info = c.route_command(info, routing).await?;
+                    self.sent(1 + flat.len() as u64);
+                    let counts = futures::future::join_all(flat.iter().map(|meta| {
+                        let mut c = c.clone();
+                        async move {
+                            ::redis::cmd("HGET")
+                                .arg(*meta)
+                                .arg("c")
+                                .query_async::<Value>(&mut c)
+                                .await
+                        }
+                    }))
+                    .await
+                    .into_iter()
+                    .collect::<RedisResult<Vec<Value>>>()?;
+                    (counts, info)
+                }
+            };
+            let mut counts = counts.iter();
+            let keys = metas
+                .iter()
+                .map(|tables| {
+                    counts
+                        .by_ref()
+                        .take(tables.len())
+                        .map(|v| parse_count(v).map(|n| u64::try_from(n).unwrap_or(0)))
+                        .sum::<RedisResult<u64>>()
+                })
+                .collect::<RedisResult<Vec<u64>>>()?;
+            Ok(StoreSize {
+                keys,
+                exact: false,
+                memory_bytes: used_memory(&info)?,
+            })
         })
+        .await
     }
 
     /// The URL(s) without passwords.
@@ -503,14 +489,34 @@ impl RedisStore {
         self.inner.label.clone()
     }
 
-    /// See `Store::inspect`: GET and PTTL in one pipeline (same key, so same slot in a
-    /// cluster).
+    /// See `Store::inspect`: the key's table (remembered field and claim) and its 0.1 name.
     pub async fn inspect(&self, key: &str) -> Result<KeyState, StoreError> {
+        let placed = self.place(std::slice::from_ref(&key.to_owned()), false);
+        let script = &self.inner.scripts.inspect;
         self.bounded(move |mut conn| async move {
+            let p = &placed[0];
+            let cmd = calls::evalsha(script, &[&p.meta], &[b"1", &p.field]);
+            let values = array(calls::eval(&mut conn, script, &cmd, &|n| self.sent(n)).await?)?;
+            let [owner, lease, left] = values.as_slice() else {
+                return Err(unexpected(format!("inspect returned {values:?}")));
+            };
+            let left = parse_int(left)?;
+            if left >= 0 {
+                return Ok(KeyState::Done {
+                    window_left: ttl_left(left),
+                });
+            }
+            if let Value::BulkString(owner) = owner {
+                return Ok(KeyState::InFlight {
+                    owner: String::from_utf8_lossy(owner).into_owned(),
+                    lease_left: ttl_left(parse_int(lease)?),
+                });
+            }
+            // The 0.1 layout: the key itself, GET and PTTL in one pipeline (one slot).
             let mut pipe = Pipeline::new();
             pipe.get(key).pttl(key);
+            self.sent(2);
             let (value, pttl): (Option<String>, i64) = pipe.query_async(&mut conn).await?;
-            // PTTL -2: the key vanished between the two commands.
             Ok(match value {
                 None => KeyState::Absent,
                 Some(_) if pttl == -2 => KeyState::Absent,
@@ -526,13 +532,96 @@ impl RedisStore {
         .await
     }
 
-    /// See `Store::forget`.
+    /// See `Store::forget`: the remembered field, the claim, and the 0.1 name.
     pub async fn forget(&self, key: &str) -> Result<bool, StoreError> {
+        let placed = self.place(std::slice::from_ref(&key.to_owned()), false);
+        let script = &self.inner.scripts.forget;
         self.bounded(move |mut conn| async move {
-            let deleted: i64 = ::redis::cmd("DEL").arg(key).query_async(&mut conn).await?;
-            Ok(deleted > 0)
+            let p = &placed[0];
+            let cmd = calls::evalsha(script, &[&p.meta], &[b"1", &p.field]);
+            let found = parse_int(&calls::eval(&mut conn, script, &cmd, &|n| self.sent(n)).await?)?;
+            self.sent(1);
+            let legacy: i64 = ::redis::cmd("DEL").arg(key).query_async(&mut conn).await?;
+            Ok(found + legacy > 0)
         })
         .await
+    }
+
+    /// Places `keys` in their tables; `claiming` adds the 0.1 names a claim must also read.
+    fn place(&self, keys: &[String], claiming: bool) -> Vec<calls::Placed> {
+        calls::place(
+            keys,
+            &self.inner.prefix,
+            |route| self.tables_with_prefix(&self.inner.prefix, route),
+            |route| claiming && self.legacy_possible(route),
+        )
+    }
+
+    /// The table names of `route` under `prefix` (cached for the store's own prefix).
+    fn tables_with_prefix(&self, prefix: &str, route: &str) -> Arc<Tables> {
+        if prefix != self.inner.prefix {
+            return Arc::new(Tables::new(prefix, route));
+        }
+        let mut tables = self
+            .inner
+            .tables
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        tables
+            .entry(route.to_owned())
+            .or_insert_with(|| Arc::new(Tables::new(prefix, route)))
+            .clone()
+    }
+
+    /// Whether keys of `route` may still exist in the 0.1 layout.
+    fn legacy_possible(&self, route: &str) -> bool {
+        let legacy = self
+            .inner
+            .legacy
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match legacy.get(route).copied().unwrap_or(Legacy::Unknown) {
+            Legacy::Unknown => true,
+            Legacy::Until(ms) => now_ms() < ms,
+        }
+    }
+
+    /// Records what the upgrade check found for `route`.
+    fn set_legacy(&self, route: &str, state: Legacy) {
+        self.inner
+            .legacy
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(route.to_owned(), state);
+    }
+
+    /// Counts `n` commands sent.
+    fn sent(&self, n: u64) {
+        self.inner.commands.fetch_add(n, Ordering::Relaxed);
+        metrics::counter!(crate::telemetry::STORE_COMMANDS).increment(n);
+    }
+
+    /// Commands sent to Redis so far by this store (each script call is one).
+    pub fn commands_sent(&self) -> u64 {
+        self.inner.commands.load(Ordering::Relaxed)
+    }
+
+    /// Starts the background upkeep (upgrade check, then sweeper) of each `(route, window)`
+    /// on `tracker`; the tasks end on `shutdown`.
+    pub fn start_upkeep(
+        &self,
+        routes: &[(String, Duration)],
+        tracker: &tokio_util::task::TaskTracker,
+        shutdown: &CancellationToken,
+    ) {
+        for (route, window) in routes {
+            tracker.spawn(upkeep::run(
+                self.clone(),
+                route.clone(),
+                *window,
+                shutdown.clone(),
+            ));
+        }
     }
 
     /// See `Store::ping`.
@@ -661,100 +750,6 @@ fn needs_new_connection(e: &RedisError) -> bool {
     }
 }
 
-/// `EVALSHA <sha> <n> <keys...> <args...>`.
-fn evalsha(script: &Script, keys: &[String], args: &[String]) -> Cmd {
-    let mut cmd = ::redis::cmd("EVALSHA");
-    cmd.arg(script.get_hash())
-        .arg(keys.len())
-        .arg(keys)
-        .arg(args);
-    cmd
-}
-
-/// Runs a batch script over `keys` and returns `stride` values per key, in key order.
-///
-/// One server: the whole batch is one script call (one command, one round trip; the script
-/// is atomic, so a repeated key sees its earlier copy). Cluster: keys live in different slots,
-/// so each key is its own call; distinct keys run concurrently, a repeated key's calls in
-/// order. A call that finds the script missing (NOSCRIPT: restarted or flushed server) loads
-/// it and is sent again once; it never ran, so that is safe.
-async fn eval_batch(
-    conn: &mut Conn,
-    script: &Script,
-    keys: &[String],
-    args: &[String],
-    stride: usize,
-) -> RedisResult<Vec<Vec<Value>>> {
-    let flat = match conn {
-        Conn::Single(manager) => {
-            let cmd = evalsha(script, keys, args);
-            let reply = match cmd.query_async::<Value>(manager).await {
-                Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                    tracing::debug!("redis: NOSCRIPT, loading the script");
-                    script.prepare_invoke().load_async(manager).await?;
-                    cmd.query_async::<Value>(manager).await?
-                }
-                other => other?,
-            };
-            array(reply)?
-        }
-        Conn::Cluster(cluster) => {
-            let mut chains: Vec<Vec<usize>> = Vec::new();
-            let mut chain_of: HashMap<&str, usize> = HashMap::with_capacity(keys.len());
-            for (i, key) in keys.iter().enumerate() {
-                let chain = *chain_of.entry(key.as_str()).or_insert_with(|| {
-                    chains.push(Vec::new());
-                    chains.len() - 1
-                });
-                chains[chain].push(i);
-            }
-            let runs = chains.into_iter().map(|chain| {
-                let mut cluster = cluster.clone();
-                async move {
-                    let mut out = Vec::with_capacity(chain.len());
-                    for i in chain {
-                        let cmd = evalsha(script, std::slice::from_ref(&keys[i]), args);
-                        let reply = match cmd.query_async::<Value>(&mut cluster).await {
-                            Err(e) if e.kind() == ErrorKind::Server(ServerErrorKind::NoScript) => {
-                                // SCRIPT LOAD goes to every primary in a cluster.
-                                match script.prepare_invoke().load_async(&mut cluster).await {
-                                    Ok(_) => cmd.query_async::<Value>(&mut cluster).await,
-                                    Err(e) => Err(e),
-                                }
-                            }
-                            other => other,
-                        };
-                        out.push((i, reply));
-                    }
-                    out
-                }
-            });
-            let mut replies: Vec<Option<RedisResult<Value>>> =
-                std::iter::repeat_with(|| None).take(keys.len()).collect();
-            for (i, reply) in futures::future::join_all(runs).await.into_iter().flatten() {
-                replies[i] = Some(reply);
-            }
-            let mut flat = Vec::with_capacity(keys.len() * stride);
-            for reply in replies {
-                let reply = reply.unwrap_or_else(|| Err(unexpected("missing reply".into())))?;
-                flat.extend(array(reply)?);
-            }
-            flat
-        }
-    };
-    if flat.len() != keys.len() * stride {
-        return Err(unexpected(format!(
-            "{} values for {} keys",
-            flat.len(),
-            keys.len()
-        )));
-    }
-    let mut flat = flat.into_iter();
-    Ok((0..keys.len())
-        .map(|_| flat.by_ref().take(stride).collect())
-        .collect())
-}
-
 fn array(reply: Value) -> RedisResult<Vec<Value>> {
     match reply {
         Value::Array(items) => Ok(items),
@@ -762,18 +757,40 @@ fn array(reply: Value) -> RedisResult<Vec<Value>> {
     }
 }
 
-fn parse_claim(reply: Vec<Value>) -> RedisResult<ClaimOutcome> {
-    let code = parse_int(&reply[0])?;
-    Ok(match code {
+fn parse_claim(reply: &[Value]) -> RedisResult<ClaimOutcome> {
+    let [code, pttl] = reply else {
+        return Err(unexpected(format!("claim returned {reply:?}")));
+    };
+    Ok(match parse_int(code)? {
         0 => ClaimOutcome::Claimed,
         1 => ClaimOutcome::Done,
         2 => ClaimOutcome::Ours,
         3 => ClaimOutcome::TakenOver,
         4 => ClaimOutcome::InFlightElsewhere {
-            lease_left: ttl_left(parse_int(&reply[1])?),
+            lease_left: ttl_left(parse_int(pttl)?),
         },
         other => return Err(unexpected(format!("claim script returned {other}"))),
     })
+}
+
+/// A table's count field: absent (no table yet) is 0.
+fn parse_count(reply: &Value) -> RedisResult<i64> {
+    match reply {
+        Value::Nil => Ok(0),
+        Value::Int(n) => Ok(*n),
+        Value::BulkString(b) => std::str::from_utf8(b)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| unexpected("a table count that is not a number".into())),
+        other => Err(unexpected(format!("expected a count, got {other:?}"))),
+    }
+}
+
+/// Unix time in ms (the upgrade marker's unit).
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// `used_memory` from an `INFO memory` reply; summed over the primaries for a cluster's map of

@@ -1,0 +1,335 @@
+//! The Lua scripts of the claim protocol on the compact layout (`store::layout`), and why each
+//! does what it does.
+//!
+//! Every script that handles keys takes, as `KEYS`, the meta hashes of the tables its keys live
+//! in (one on Redis Cluster, where a call must stay in one slot; any number on a single server,
+//! where a whole batch is one call), and per key two `ARGV` values: the 1-based index of its
+//! table in `KEYS`, and its field (the 15 digest bytes). The shard and claim keys a script
+//! touches are derived from the meta's name, so they share its hash tag and slot.
+//!
+//! # Remembered keys: one field each, expiry stored, swept in the background
+//!
+//! A done key is a field of a shard hash; its value is the tick its window ends (see
+//! `layout`). Redis 7.0 has no per-field TTL, so expiry is read, not enforced: a field whose
+//! tick has passed reads as absent (exactly, whatever the sweep is doing), and the sweeper
+//! deletes such fields in bounded chunks, each shard once per `window / 8`. Every shard and
+//! meta also carries a TTL a little longer than the window, renewed by each commit, so Redis
+//! itself drops the tables of a route nobody runs any more.
+//!
+//! # Shards: linear hashing
+//!
+//! A hash stays a compact listpack only up to `hash-max-listpack-entries` fields (128 by
+//! default); beyond that Redis converts it to a hash table costing about four times as much.
+//! So a table grows its shard count `n` with the keys it holds: a key is in shard
+//! `h mod 2^L`, or `h mod 2^(L+1)` if that is below `p` (`h` = the field's first 4 bytes,
+//! `n = 2^L + p`). When a commit brings the table's count `c` over `alpha * n`, shard `p` is
+//! split: its fields are rewritten into shards `p` and `p + 2^L` (fresh listpacks, expired
+//! fields dropped), and `n` grows by one. With `alpha = 40` no shard gets near 128 fields
+//! (simulated: largest shard 106 at 300,000 keys), and a lookup is one `HGET` on a listpack of
+//! about 40-80 fields. Tables do not shrink: after a peak, shards stay sparser until the
+//! window has passed and traffic refills them.
+//!
+//! # In-flight claims
+//!
+//! Claims live a lease at most, so they stay plain strings with the owner token and the lease
+//! as TTL (as in 0.1): compare-and-set on the token, takeover of an older epoch of this
+//! process, PTTL for how long a held duplicate may have to wait.
+//!
+//! # Keys of the 0.1 layout
+//!
+//! `{prefix}:{route}:{id}` strings (`"1"` for done, a token for in flight). While a route may
+//! still have some, the claim script also reads the key's 0.1 name (the third value per key;
+//! empty when not needed): done there means done, a token there is an in-flight claim of an
+//! older dedupd. On Redis Cluster that name is in another slot, so it is read by
+//! [`LEGACY_PROBE_LUA`], one call per key, only while such keys may exist.
+
+/// Shared by every script: clock, table handles, shard addressing, keep-alive, split.
+const PRELUDE: &str = r"
+local EPOCH, TICK = 1767225600000, 125
+local function now_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local function alive(tick, now)
+  return tonumber(tick) * TICK + EPOCH > now
+end
+local function hash32(field)
+  local a, b, c, d = string.byte(field, 1, 4)
+  return ((a * 256 + b) * 256 + c) * 256 + d
+end
+local tables = {}
+local function open(index)
+  local t = tables[index]
+  if t then return t end
+  local meta = KEYS[tonumber(index)]
+  local n = tonumber(redis.call('HGET', meta, 'n')) or 1
+  local lo = 1
+  while lo * 2 <= n do lo = lo * 2 end
+  t = {meta = meta, base = string.sub(meta, 1, -3), n = n, lo = lo, added = 0, shards = {}}
+  tables[index] = t
+  return t
+end
+local function shard(t, field)
+  local h = hash32(field)
+  local s = h % t.lo
+  if s < t.n - t.lo then s = h % (2 * t.lo) end
+  return t.base .. ':' .. s
+end
+local function claim_key(t, field)
+  return t.base .. ':c:' .. field
+end
+local function keep_alive(key, ttl)
+  if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
+end
+";
+
+/// Splits shard `p` of table `t` (see the module docs); returns how many expired fields it
+/// dropped. Part of [`COMMIT_LUA`].
+const SPLIT: &str = r"
+local function split(t, now)
+  local p = t.n - t.lo
+  local old, new = t.base .. ':' .. p, t.base .. ':' .. (p + t.lo)
+  local all = redis.call('HGETALL', old)
+  local keep, move, dropped = {}, {}, 0
+  for i = 1, #all, 2 do
+    local f, v = all[i], all[i + 1]
+    if not alive(v, now) then
+      dropped = dropped + 1
+    elseif hash32(f) % (2 * t.lo) == p then
+      keep[#keep + 1] = f; keep[#keep + 1] = v
+    else
+      move[#move + 1] = f; move[#move + 1] = v
+    end
+  end
+  local ttl = redis.call('PTTL', old)
+  redis.call('DEL', old)
+  for _, part in ipairs({{old, keep}, {new, move}}) do
+    if #part[2] > 0 then
+      redis.call('HSET', part[1], unpack(part[2]))
+      if ttl > 0 then redis.call('PEXPIRE', part[1], ttl) end
+    end
+  end
+  t.n = t.n + 1
+  if t.n == 2 * t.lo then t.lo = 2 * t.lo end
+  return dropped
+end
+";
+
+/// ARGV: token, lease ms, instance prefix, our epoch, then per key: table, field, 0.1 name
+/// (or ''). Two values per key: {0, 0} claimed, {1, 0} done, {2, 0} ours, {3, 0} taken over,
+/// {4, pttl} in flight elsewhere. Keys are handled in order, so a key repeated in the batch
+/// sees its earlier claim.
+pub const CLAIM_LUA: &str = r"
+local token, lease, prefix, ours = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local now = now_ms()
+local out = {}
+for a = 5, #ARGV, 3 do
+  local t, field, legacy = open(ARGV[a]), ARGV[a + 1], ARGV[a + 2]
+  local code, pttl = nil, 0
+  if legacy ~= '' then
+    local v = redis.call('GET', legacy)
+    if v == '1' then
+      code = 1
+    elseif v then
+      code, pttl = 4, redis.call('PTTL', legacy)
+    end
+  end
+  if not code then
+    local tick = redis.call('HGET', shard(t, field), field)
+    if tick and alive(tick, now) then code = 1 end
+  end
+  if not code then
+    local key = claim_key(t, field)
+    local v = redis.call('GET', key)
+    code = 4
+    if not v then
+      redis.call('SET', key, token, 'PX', lease)
+      code = 0
+    elseif v == token then
+      redis.call('PEXPIRE', key, lease)
+      code = 2
+    else
+      if string.sub(v, 1, #prefix) == prefix then
+        -- Epochs are decimal u64: compare by length, then by digits (exact, unlike Lua numbers).
+        local theirs = string.sub(v, #prefix + 1)
+        if string.match(theirs, '^%d+$') then
+          theirs = (string.gsub(theirs, '^0+(%d)', '%1'))
+          if #theirs < #ours or (#theirs == #ours and theirs < ours) then
+            redis.call('SET', key, token, 'PX', lease)
+            code = 3
+          end
+        end
+      end
+      if code == 4 then pttl = redis.call('PTTL', key) end
+    end
+  end
+  out[#out + 1] = code
+  out[#out + 1] = pttl
+end
+return out
+";
+
+/// ARGV: token, window ms, alpha, then per key: table, field. Per key: 0 committed (ours),
+/// 1 restored (absent), 2 done already (left alone, keeps its window), 3 overrode another
+/// owner's claim. See `CommitOutcome`.
+pub const COMMIT_LUA: &str = r"
+local token, window, alpha = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local now = now_ms()
+local tick = math.ceil((now + window - EPOCH) / TICK)
+local ttl = window + 2 * TICK
+local out = {}
+for a = 4, #ARGV, 2 do
+  local t, field = open(ARGV[a]), ARGV[a + 1]
+  local sk, key = shard(t, field), claim_key(t, field)
+  local old = redis.call('HGET', sk, field)
+  local v = redis.call('GET', key)
+  if old and alive(old, now) then
+    out[#out + 1] = 2
+    if v == token then redis.call('DEL', key) end
+  else
+    redis.call('HSET', sk, field, string.format('%d', tick))
+    if v then redis.call('DEL', key) end
+    if not old then t.added = t.added + 1 end
+    t.shards[sk] = true
+    if v == token then
+      out[#out + 1] = 0
+    elseif not v then
+      out[#out + 1] = 1
+    else
+      out[#out + 1] = 3
+    end
+  end
+end
+for _, t in pairs(tables) do
+  for sk in pairs(t.shards) do keep_alive(sk, ttl) end
+  if next(t.shards) then
+    keep_alive(t.meta, ttl)
+    local c = redis.call('HINCRBY', t.meta, 'c', t.added)
+    local n, dropped = t.n, 0
+    -- At most 4 splits per call bound the script's time; the next commit continues.
+    for _ = 1, 4 do
+      if c - dropped <= alpha * t.n then break end
+      dropped = dropped + split(t, now)
+    end
+    if t.n ~= n then redis.call('HSET', t.meta, 'n', t.n) end
+    if dropped > 0 then redis.call('HINCRBY', t.meta, 'c', -dropped) end
+  end
+end
+return out
+";
+
+/// ARGV: token, lease ms, then per key: table, field. Per key: 1 if the lease was extended,
+/// 0 if the claim no longer carries the token. PEXPIRE is not refused by a full Redis
+/// (noeviction), SET is.
+pub const RENEW_LUA: &str = r"
+local out = {}
+for a = 3, #ARGV, 2 do
+  local key = claim_key(open(ARGV[a]), ARGV[a + 1])
+  if redis.call('GET', key) == ARGV[1] then
+    out[#out + 1] = redis.call('PEXPIRE', key, ARGV[2])
+  else
+    out[#out + 1] = 0
+  end
+end
+return out
+";
+
+/// ARGV: token, then per key: table, field. Per key: 1 if the claim was deleted, 0 if it no
+/// longer carries the token. Never touches a remembered key.
+pub const RELEASE_LUA: &str = r"
+local out = {}
+for a = 2, #ARGV, 2 do
+  local key = claim_key(open(ARGV[a]), ARGV[a + 1])
+  if redis.call('GET', key) == ARGV[1] then
+    out[#out + 1] = redis.call('DEL', key)
+  else
+    out[#out + 1] = 0
+  end
+end
+return out
+";
+
+/// KEYS: one meta; ARGV: table (1), field. Returns {claim token or false, claim PTTL, ms left of
+/// the remembered key or -1}.
+pub const INSPECT_LUA: &str = r"
+local t, field = open(ARGV[1]), ARGV[2]
+local now = now_ms()
+local key = claim_key(t, field)
+local owner = redis.call('GET', key)
+local pttl = owner and redis.call('PTTL', key) or -2
+local tick = redis.call('HGET', shard(t, field), field)
+local left = -1
+if tick and alive(tick, now) then left = tonumber(tick) * TICK + EPOCH - now end
+return {owner, pttl, left}
+";
+
+/// KEYS: one meta; ARGV: table (1), field. Deletes the remembered field and the claim; returns
+/// how many of the two existed (an expired field counts as absent).
+pub const FORGET_LUA: &str = r"
+local t, field = open(ARGV[1]), ARGV[2]
+local now = now_ms()
+local sk = shard(t, field)
+local tick = redis.call('HGET', sk, field)
+local found = redis.call('DEL', claim_key(t, field))
+if tick then
+  redis.call('HDEL', sk, field)
+  redis.call('HINCRBY', t.meta, 'c', -1)
+  if alive(tick, now) then found = found + 1 end
+end
+return found
+";
+
+/// KEYS: one meta; ARGV: most shards to visit, shortest pass in ms. Deletes expired fields of
+/// the next shards from the table's cursor. A table without meta (nothing committed, or gone
+/// by TTL) is left alone, so sweeping never creates keys. Returns {shards visited, fields
+/// deleted, ms until the next pass may start (0 while a pass runs), shard count}.
+pub const SWEEP_LUA: &str = r"
+local meta = KEYS[1]
+if redis.call('EXISTS', meta) == 0 then return {0, 0, tonumber(ARGV[2]), 0} end
+local t = open(1)
+local now = now_ms()
+local cursor = tonumber(redis.call('HGET', meta, 's')) or 0
+if cursor >= t.n then cursor = 0 end
+if cursor == 0 then
+  local wait = tonumber(ARGV[2]) - (now - (tonumber(redis.call('HGET', meta, 'ps')) or 0))
+  if wait > 0 then return {0, 0, wait, t.n} end
+  redis.call('HSET', meta, 'ps', now)
+end
+local last = math.min(cursor + tonumber(ARGV[1]), t.n)
+local deleted = 0
+for s = cursor, last - 1 do
+  local sk = t.base .. ':' .. s
+  local all = redis.call('HGETALL', sk)
+  local dead = {}
+  for i = 1, #all, 2 do
+    if not alive(all[i + 1], now) then dead[#dead + 1] = all[i] end
+  end
+  if #dead > 0 then
+    redis.call('HDEL', sk, unpack(dead))
+    deleted = deleted + #dead
+  end
+end
+redis.call('HSET', meta, 's', last < t.n and last or 0)
+if deleted > 0 then redis.call('HINCRBY', meta, 'c', -deleted) end
+return {last - cursor, deleted, 0, t.n}
+";
+
+/// KEYS: one 0.1-layout key. Returns {0, 0} absent, {1, 0} done, {4, pttl} in flight (a claim
+/// of a dedupd that wrote the old layout).
+pub const LEGACY_PROBE_LUA: &str = r"
+local v = redis.call('GET', KEYS[1])
+if v == '1' then return {1, 0} end
+if v then return {4, redis.call('PTTL', KEYS[1])} end
+return {0, 0}
+";
+
+/// A script's full source: the prelude (and the split for commits) before its body.
+pub fn source(body: &str) -> String {
+    if body == COMMIT_LUA {
+        format!("{PRELUDE}{SPLIT}{body}")
+    } else if body == LEGACY_PROBE_LUA {
+        body.to_owned()
+    } else {
+        format!("{PRELUDE}{body}")
+    }
+}
