@@ -250,8 +250,9 @@ async fn run_with(args: &DemoArgs, bar: ProgressBar) -> ExitCode {
     };
     match cleaned {
         Ok(cleaned) => say(&format!(
-            "Cleaned up: deleted the queues {}.{{in,in.dlq,out}} and {} store keys.",
-            plan.queue_base, cleaned.keys
+            "Cleaned up: deleted the queues {}.{{in,in.dlq,out}} and {} remembered keys ({} Redis \
+             keys).",
+            plan.queue_base, cleaned.remembered, cleaned.redis_keys
         )),
         Err(problem) => report_error_text(&format!(
             "clean-up incomplete: {problem} (what is left expires within an hour)"
@@ -488,7 +489,7 @@ impl Setup {
         }
         let _ = self.channel.close(200, "dedupd demo done".into()).await;
         let _ = self.conn.close(200, "dedupd demo done".into()).await;
-        let mut keys = 0;
+        let mut keys = (0, 0);
         if let Some(url) = &self.redis {
             match delete_keys(url, &plan.queue_base).await {
                 Ok(n) => keys = n,
@@ -496,7 +497,10 @@ impl Setup {
             }
         }
         if problems.is_empty() {
-            Ok(Cleaned { keys })
+            Ok(Cleaned {
+                remembered: keys.0,
+                redis_keys: keys.1,
+            })
         } else {
             Err(problems.join("; "))
         }
@@ -505,16 +509,21 @@ impl Setup {
 
 /// What the clean-up deleted.
 struct Cleaned {
-    keys: u64,
+    /// Remembered dedup keys.
+    remembered: u64,
+    /// Redis keys (the tables holding them, claims, the upgrade marker).
+    redis_keys: u64,
 }
 
-/// Deletes every key under `prefix:` (SCAN, not KEYS: a shared Redis must not stall on it).
-async fn delete_keys(url: &str, prefix: &str) -> Result<u64, String> {
+/// Deletes every key under `prefix:` (SCAN, not KEYS: a shared Redis must not stall on it), and
+/// says how many remembered keys they held (the count of each table's meta hash, `…:m`) and
+/// how many Redis keys were deleted.
+async fn delete_keys(url: &str, prefix: &str) -> Result<(u64, u64), String> {
     let work = async {
         let client = redis::Client::open(url)?;
         let mut conn = client.get_multiplexed_async_connection().await?;
         let mut cursor: u64 = 0;
-        let mut deleted = 0;
+        let (mut deleted, mut redis_keys) = (0, 0);
         loop {
             let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
                 .arg(cursor)
@@ -524,12 +533,20 @@ async fn delete_keys(url: &str, prefix: &str) -> Result<u64, String> {
                 .arg(1000)
                 .query_async(&mut conn)
                 .await?;
+            for meta in keys.iter().filter(|k| k.ends_with(":m")) {
+                let count: Option<u64> = redis::cmd("HGET")
+                    .arg(meta)
+                    .arg("c")
+                    .query_async(&mut conn)
+                    .await?;
+                deleted += count.unwrap_or(0);
+            }
             if !keys.is_empty() {
                 let n: u64 = redis::cmd("DEL").arg(&keys).query_async(&mut conn).await?;
-                deleted += n;
+                redis_keys += n;
             }
             if next == 0 {
-                return Ok::<u64, redis::RedisError>(deleted);
+                return Ok::<(u64, u64), redis::RedisError>((deleted, redis_keys));
             }
             cursor = next;
         }

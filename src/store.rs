@@ -7,28 +7,31 @@
 //! # What a key holds
 //!
 //! - nothing: never seen, released, or expired. The next copy is forwarded.
-//! - an owner token `{instance}:{epoch}` with a PX lease: in flight. The lease is what frees
-//!   the key when its owner dies between claiming and committing.
-//! - `"1"` with a PX of the route's window: done. Tokens always contain `:`, so no token can
-//!   ever equal the marker.
+//! - an owner token `{instance}:{epoch}` with a lease: in flight. The lease is what frees the
+//!   key when its owner dies between claiming and committing.
+//! - done, until its window ends (rounded up by at most `window / 8`).
+//!
+//! How the Redis backend lays these out (done keys as 15-byte digests in listpack hashes, about
+//! 30 bytes each, grouped in six tables per route so a batch is one script call per table on a
+//! cluster) is in [`layout`] and the `redis` module; the memory backend keeps digests too.
 //!
 //! # Why every step is a script
 //!
-//! Each step must read the value and decide what to write in one atomic step, or two
+//! Each step must read the key's state and decide what to write in one atomic step, or two
 //! instances racing on the same key could both believe they own it:
 //!
-//! - **claim** (per key): absent → write our token (`Claimed`); `"1"` → `Done`; our exact
+//! - **claim** (per key): absent → write our token (`Claimed`); done → `Done`; our exact
 //!   token → refresh the lease (`Ours`: the caller claimed it earlier, e.g. an earlier copy in
 //!   the same batch); a token of this same process with an *older* epoch → overwrite with ours
 //!   (`TakenOver`: the connection that publish went out on is gone, so waiting out the lease
 //!   would only delay the redelivered copy); anything else → `InFlightElsewhere` with the
 //!   remaining lease, so the caller knows how long to hold the duplicate at most. A plain
 //!   `SET NX` plus a `GET` could not do the takeover atomically, hence Lua.
-//! - **commit**: the copy was confirmed downstream, so the key becomes `"1"` for the window
+//! - **commit**: the copy was confirmed downstream, so the key becomes done for the window
 //!   whatever it holds now: our token (`Committed`), nothing because our claim lapsed
 //!   (`Restored`: writing it is what keeps a later copy from being forwarded), or another
 //!   owner's token (`Overrode`: that owner may be publishing a second copy). Only a key that is
-//!   already `"1"` is left alone (`DoneElsewhere`). The caller learns which, so it can count
+//!   already done is left alone (`DoneElsewhere`). The caller learns which, so it can count
 //!   the cases where a second copy may have gone out. A commit is never turned into a release.
 //! - **release**: compare-and-delete: only our own claim is removed, never someone else's and
 //!   never a done key.
@@ -38,28 +41,16 @@
 //!
 //! The Redis backend loads the scripts once (EVALSHA) and reloads them when the server answers
 //! NOSCRIPT (a restarted or flushed server); the memory backend runs the same decisions under
-//! a per-key lock. Both are exercised by one shared test suite (`tests/store.rs`).
+//! a lock. Both are exercised by one shared test suite (`tests/store.rs`).
 //!
 //! # How big it is
 //!
-//! [`Store::size`] answers how many keys each route has in the store and how much memory the
-//! store uses, for the `dedupd_store_keys{route}` and `dedupd_store_memory_bytes` gauges. It is
+//! [`Store::size`] answers how many keys each route remembers and how much memory the store
+//! uses, for the `dedupd_store_keys{route}` and `dedupd_store_memory_bytes` gauges. It is
 //! called by a background sampler every 15 s (`telemetry::sizing`), never on the hot path, and
-//! costs a bounded amount whatever the store holds:
-//!
-//! - Redis: `DBSIZE` (O(1); summed over a cluster's primaries) times each route's share of
-//!   [`SIZE_SAMPLES`] `RANDOMKEY` replies (O(1) each), and `used_memory` from `INFO memory`
-//!   (summed over primaries); one pipelined round trip on a single server. The key counts are
-//!   an **estimate**: for a route whose keys are a share `p` of the database, the standard error
-//!   is `DBSIZE × sqrt(p(1−p)/512)`, at most 2.2% of `DBSIZE` (p = ½), and zero when the
-//!   database holds only that route's keys (p = 1, the usual deployment: one Redis or one
-//!   database per dedupd). `DBSIZE` also counts keys that expired but were not reclaimed yet
-//!   (Redis' active expiry keeps those to a few percent), which `RANDOMKEY` skips. In a cluster
-//!   each `RANDOMKEY` answer comes from one primary: keys spread over primaries by hash slot, so
-//!   each primary holds the same mix of routes, unless `key_prefix` contains a `{hash tag}`.
-//! - memory: exact counts of unexpired keys, and an estimate of the map's memory (table slots
-//!   plus the heap blocks of keys and owner tokens), from one pass over the map with each
-//!   shard's read lock held in turn: O(keys), like the sweeper's pass every 5 s.
+//! costs a bounded amount whatever the store holds: on Redis, six `HGET`s per route (each
+//! table counts its keys) and `INFO memory` (summed over a cluster's primaries); in memory, one
+//! pass over the tables.
 
 pub mod layout;
 mod memory;
@@ -72,7 +63,8 @@ use std::time::{Duration, Instant};
 use crate::config::{StoreConfig, StoreKind};
 
 /// Who holds a claim: a random per-process instance id plus the route's connection epoch.
-/// Rendered as `{instance}:{epoch}`; the done marker (`"1"`) can never equal a token.
+/// Rendered as `{instance}:{epoch}`: always with a `:`, so never equal to the done marker
+/// (`"1"`) of the old Redis layout.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Owner {
     instance: Arc<str>,
@@ -173,16 +165,12 @@ pub enum KeyState {
     },
 }
 
-/// Random keys a Redis size sample draws to estimate each route's share of `DBSIZE`: 512
-/// `RANDOMKEY`s every 15 s cost Redis well under a millisecond, and bound the standard error of
-/// a route's estimate to 2.2% of `DBSIZE`.
-pub const SIZE_SAMPLES: usize = 512;
-
 /// What [`Store::size`] found.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoreSize {
-    /// Keys held per route (in flight and done), in the order of the routes asked about: exact
-    /// for the memory store, an estimate for Redis (see the module docs).
+    /// Keys remembered per route, in the order of the routes asked about: exact for the memory
+    /// store (in flight and done); on Redis, done keys counted by each table (exact, except that
+    /// keys whose window ended since the sweeper's last pass still count).
     pub keys: Vec<u64>,
     /// Whether `keys` are exact counts rather than estimates.
     pub exact: bool,
@@ -354,6 +342,16 @@ impl Store {
     ) {
         if let Store::Redis(r) = self {
             r.start_upkeep(routes, tracker, shutdown);
+        }
+    }
+
+    /// Whether claims of `route` still read the key names of the old layout (0.1 and 0.2
+    /// wrote `{prefix}:{route}:{id}` strings): until the upgrade check has answered, and then
+    /// until the last such key expires. Always `false` for the memory store.
+    pub fn reads_old_layout(&self, route: &str) -> bool {
+        match self {
+            Store::Memory(_) => false,
+            Store::Redis(r) => r.legacy_possible(route),
         }
     }
 

@@ -639,26 +639,22 @@ async fn store_away_with_on_error_forward_fails_open() {
 
 /// The ids whose keys are in flight (hold an owner token, not the done marker) under the
 /// route's prefix in the shared Redis.
-async fn in_flight_ids(setup: &Setup) -> HashSet<String> {
-    let mut redis = redis_conn().await;
-    let prefix = format!("{0}:{0}:", setup.name);
-    let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}*"))
-        .query_async(&mut redis)
+/// Which of `ids` are claimed in flight right now (asked through the store, whose layout
+/// hides ids behind digests).
+async fn in_flight_ids(setup: &Setup, ids: &HashSet<String>) -> HashSet<String> {
+    let store = dedupd::store::Store::open(&setup.config().store)
         .await
-        .expect("KEYS");
-    let mut ids = HashSet::new();
-    for key in keys {
-        let value: Option<String> = redis::cmd("GET")
-            .arg(&key)
-            .query_async(&mut redis)
-            .await
-            .expect("GET");
-        if value.is_some_and(|v| v != "1") {
-            ids.insert(key[prefix.len()..].to_owned());
+        .expect("store");
+    let mut flying = HashSet::new();
+    for id in ids {
+        let key = dedupd::keys::store_key(&setup.name, &setup.name, id.as_bytes());
+        if let dedupd::store::KeyState::InFlight { .. } =
+            store.inspect(&key).await.expect("inspect")
+        {
+            flying.insert(id.clone());
         }
     }
-    ids
+    flying
 }
 
 fn message(id: &str) -> (Vec<u8>, BasicProperties) {
@@ -709,7 +705,7 @@ async fn claims_outlive_their_lease_while_their_owner_works_on_them() {
         },
     )
     .await;
-    let held_by_a = in_flight_ids(&setup).await;
+    let held_by_a = in_flight_ids(&setup, &expected).await;
     assert!(!held_by_a.is_empty(), "A has claims in flight");
     let b = Child::start(&["run", "-c", &path_b]).await;
     let copies: Vec<_> = held_by_a.iter().map(|id| message(id)).collect();
@@ -723,7 +719,7 @@ async fn claims_outlive_their_lease_while_their_owner_works_on_them() {
         },
     )
     .await;
-    let still = in_flight_ids(&setup).await;
+    let still = in_flight_ids(&setup, &held_by_a).await;
     let lapsed = held_by_a.difference(&still).count();
     relay.pause(false);
 

@@ -404,6 +404,17 @@ async fn a_restarted_proxy_still_drops_keys_it_forwarded() {
     finish(&setup, broker, proxy).await;
 }
 
+/// Longer than any test: the other instance's claims never lapse by themselves.
+const LONG_LEASE: Duration = Duration::from_secs(60);
+
+/// Another dedupd instance on the same store, as far as the store can tell.
+async fn other_instance(setup: &Setup) -> (dedupd::store::Store, dedupd::store::Owner) {
+    let store = dedupd::store::Store::open(&setup.config().store)
+        .await
+        .expect("store");
+    (store, dedupd::store::Owner::new("other-instance".into(), 1))
+}
+
 /// Another instance holds the key in flight: the copy here waits, unacked, then follows the
 /// first copy's fate.
 #[tokio::test]
@@ -411,13 +422,14 @@ async fn duplicate_of_a_message_in_flight_elsewhere_is_held_then_dropped_or_forw
     let setup = Setup::new("held");
     let mut broker = Broker::connect().await;
     let dlq = setup.declare(&mut broker).await;
-    let mut redis = redis_conn().await;
     let key = |id: &str| dedupd::keys::store_key(&setup.name, &setup.name, id.as_bytes());
+    let (other, other_owner) = other_instance(&setup).await;
 
     // "done-later" will be committed by the other owner, "released-later" released by it.
-    for id in ["done-later", "released-later"] {
-        redis_set(&mut redis, &key(id), "other-instance:1", 60_000).await;
-    }
+    other
+        .claim(&[key("done-later"), key("released-later")], &other_owner, LONG_LEASE)
+        .await
+        .expect("the other instance claims");
     let proxy = InProcess::start(setup.config());
     broker
         .publish_all(
@@ -445,18 +457,20 @@ async fn duplicate_of_a_message_in_flight_elsewhere_is_held_then_dropped_or_forw
     assert_eq!(broker.ready(&setup.queue).await, 0, "held, not requeued");
 
     // The other instance's first copy of "done-later" is confirmed: ours is a duplicate.
-    redis_set(&mut redis, &key("done-later"), "1", 60_000).await;
+    other
+        .commit(&[key("done-later")], &other_owner, Duration::from_secs(60))
+        .await
+        .expect("the other instance commits");
     wait_for("held duplicate acked", SETTLE, || async {
         (setup.metric(proxy.port, "dedupd_duplicates_total").await == 1.0).then_some(())
     })
     .await;
 
     // The other instance's first copy of "released-later" failed: ours is forwarded.
-    let _: () = redis::cmd("DEL")
-        .arg(key("released-later"))
-        .query_async(&mut redis)
+    other
+        .release(&[key("released-later")], &other_owner)
         .await
-        .expect("release");
+        .expect("the other instance releases");
     let second = broker.receive(&setup.out, 1, SETTLE).await;
     assert_eq!(second[0].data, b"r");
     setup.wait_settled(proxy.port, 3, SETTLE).await;
@@ -511,14 +525,7 @@ async fn forwards_through_a_redis_cluster_store() {
     );
     proxy.stop().await;
     broker.cleanup().await;
-    let client =
-        redis::cluster::ClusterClient::new(urls.split(',').map(str::trim).collect::<Vec<_>>())
-            .expect("cluster urls");
-    let mut conn = client.get_async_connection().await.expect("cluster");
-    for i in 0..400 {
-        let key = dedupd::keys::store_key(&setup.name, &setup.name, format!("k{i}").as_bytes());
-        let _: Result<(), _> = redis::cmd("DEL").arg(key).query_async(&mut conn).await;
-    }
+    cluster_cleanup(urls.split(',').next().unwrap_or_default().trim(), &setup.name).await;
 }
 
 #[tokio::test]
@@ -586,9 +593,12 @@ async fn holding_does_not_burn_a_quorum_queue_delivery_limit() {
     );
     args.insert("x-delivery-limit".into(), AMQPValue::LongInt(1));
     broker.queue(&setup.queue, args).await;
-    let mut redis = redis_conn().await;
     let key = dedupd::keys::store_key(&setup.name, &setup.name, b"held");
-    redis_set(&mut redis, &key, "other-instance:1", 60_000).await;
+    let (other, other_owner) = other_instance(&setup).await;
+    other
+        .claim(std::slice::from_ref(&key), &other_owner, LONG_LEASE)
+        .await
+        .expect("the other instance claims");
 
     let proxy = InProcess::start(setup.config());
     broker
@@ -613,11 +623,10 @@ async fn holding_does_not_burn_a_quorum_queue_delivery_limit() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let _: () = redis::cmd("DEL")
-        .arg(&key)
-        .query_async(&mut redis)
+    other
+        .release(std::slice::from_ref(&key), &other_owner)
         .await
-        .expect("release");
+        .expect("the other instance releases");
     let got = broker.receive(&setup.out, 1, SETTLE).await;
     assert_eq!(got[0].data, b"h");
     setup.wait_settled(proxy.port, 1, SETTLE).await;

@@ -240,6 +240,63 @@ pub async fn redis_cleanup(prefix: &str) {
     }
 }
 
+/// Deletes every key under `prefix:` on every primary of the Redis Cluster `seed` belongs to
+/// (SCAN per primary, then one UNLINK per key: keys of different slots cannot share one).
+pub async fn cluster_cleanup(seed: &str, prefix: &str) {
+    let Ok(client) = redis::Client::open(seed) else {
+        return;
+    };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+        return;
+    };
+    let slots: Vec<Vec<redis::Value>> = redis::cmd("CLUSTER")
+        .arg("SLOTS")
+        .query_async(&mut conn)
+        .await
+        .unwrap_or_default();
+    let mut nodes: Vec<String> = slots
+        .iter()
+        .filter_map(|range| {
+            let node: Vec<redis::Value> = redis::from_redis_value(range.get(2)?.clone()).ok()?;
+            let host: String = redis::from_redis_value(node.first()?.clone()).ok()?;
+            let port: u16 = redis::from_redis_value(node.get(1)?.clone()).ok()?;
+            Some(format!("redis://{host}:{port}"))
+        })
+        .collect();
+    nodes.sort();
+    nodes.dedup();
+    for node in nodes {
+        let Ok(client) = redis::Client::open(node.as_str()) else {
+            continue;
+        };
+        let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+            continue;
+        };
+        let mut cursor = 0u64;
+        loop {
+            let Ok((next, keys)): redis::RedisResult<(u64, Vec<String>)> = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(format!("{prefix}:*"))
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+            else {
+                break;
+            };
+            for key in keys {
+                let _: redis::RedisResult<i64> =
+                    redis::cmd("UNLINK").arg(key).query_async(&mut conn).await;
+            }
+            cursor = next;
+            if cursor == 0 {
+                break;
+            }
+        }
+    }
+}
+
 /// A route's TOML for tests.
 pub struct Setup {
     pub name: String,

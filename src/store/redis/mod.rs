@@ -574,7 +574,7 @@ impl RedisStore {
     }
 
     /// Whether keys of `route` may still exist in the 0.1 layout.
-    fn legacy_possible(&self, route: &str) -> bool {
+    pub fn legacy_possible(&self, route: &str) -> bool {
         let legacy = self
             .inner
             .legacy
