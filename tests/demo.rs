@@ -71,7 +71,14 @@ fn redis_keys_deleted(stdout: &str) -> u64 {
     stdout
         .lines()
         .find(|l| l.starts_with("Cleaned up:"))
-        .and_then(|l| l.rsplit_once('(')?.1.split_whitespace().next()?.parse().ok())
+        .and_then(|l| {
+            l.rsplit_once('(')?
+                .1
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
         .unwrap_or_else(|| panic!("no Redis key count in:\n{stdout}"))
 }
 

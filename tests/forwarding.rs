@@ -427,7 +427,11 @@ async fn duplicate_of_a_message_in_flight_elsewhere_is_held_then_dropped_or_forw
 
     // "done-later" will be committed by the other owner, "released-later" released by it.
     other
-        .claim(&[key("done-later"), key("released-later")], &other_owner, LONG_LEASE)
+        .claim(
+            &[key("done-later"), key("released-later")],
+            &other_owner,
+            LONG_LEASE,
+        )
         .await
         .expect("the other instance claims");
     let proxy = InProcess::start(setup.config());
@@ -525,7 +529,11 @@ async fn forwards_through_a_redis_cluster_store() {
     );
     proxy.stop().await;
     broker.cleanup().await;
-    cluster_cleanup(urls.split(',').next().unwrap_or_default().trim(), &setup.name).await;
+    cluster_cleanup(
+        urls.split(',').next().unwrap_or_default().trim(),
+        &setup.name,
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -101,7 +101,10 @@ async fn shards_stay_listpacks_and_split_as_a_table_grows() {
         let c: u64 = meta.get("c").expect("c").parse().expect("c");
         total += c;
         // Split at 40 per shard on average; not split needlessly either.
-        assert!(c <= 40 * n && c > 20 * n, "table {g}: {c} keys in {n} shards");
+        assert!(
+            c <= 40 * n && c > 20 * n,
+            "table {g}: {c} keys in {n} shards"
+        );
         for s in 0..n {
             let shard = format!("{}:{s}", tables.bases[g]);
             let len: u64 = cmd(&mut conn, &["HLEN", &shard]).await;
@@ -109,14 +112,22 @@ async fn shards_stay_listpacks_and_split_as_a_table_grows() {
             assert_eq!(encoding, "listpack", "{shard} with {len} fields");
             assert!(len <= 128, "{shard}: {len} fields");
             let ttl: i64 = cmd(&mut conn, &["PTTL", &shard]).await;
-            assert!(ttl > 0 && ttl <= (DAY.as_millis() + 250) as i64, "{shard}: {ttl}");
+            assert!(
+                ttl > 0 && ttl <= (DAY.as_millis() + 250) as i64,
+                "{shard}: {ttl}"
+            );
             shards_seen += 1;
         }
     }
     assert_eq!(total, 30_000, "each table counts its keys exactly");
     // Nothing else: metas, shards, and no claim left behind by a commit.
     let all = layout_keys(&mut conn, "dd").await;
-    assert_eq!(all.len() as u64, shards_seen + layout::GROUPS as u64, "{:?}", &all[..5]);
+    assert_eq!(
+        all.len() as u64,
+        shards_seen + layout::GROUPS as u64,
+        "{:?}",
+        &all[..5]
+    );
     // Every key is still remembered after the splits moved them.
     for batch in keys.chunks(3000) {
         let again = store.claim(batch, &owner(), LEASE).await.expect("claim");
@@ -139,7 +150,10 @@ async fn the_sweeper_deletes_keys_whose_window_ended() {
     let started = tokio::time::Instant::now();
     remember(&store, &keys, window).await;
     // Remembered for the whole window (the first batch was committed after `started`).
-    let early = store.claim(&keys[..10], &owner(), LEASE).await.expect("claim");
+    let early = store
+        .claim(&keys[..10], &owner(), LEASE)
+        .await
+        .expect("claim");
     if started.elapsed() < window {
         assert!(early.iter().all(|c| *c == ClaimOutcome::Done), "{early:?}");
     }
@@ -157,8 +171,7 @@ async fn the_sweeper_deletes_keys_whose_window_ended() {
         let mut left = 0u64;
         let mut count = 0i64;
         for g in 0..layout::GROUPS {
-            let meta: HashMap<String, String> =
-                cmd(&mut conn, &["HGETALL", &tables.meta(g)]).await;
+            let meta: HashMap<String, String> = cmd(&mut conn, &["HGETALL", &tables.meta(g)]).await;
             count += meta.get("c").map_or(0, |c| c.parse().unwrap_or(0));
             let n: u64 = meta.get("n").map_or(1, |n| n.parse().unwrap_or(1));
             for s in 0..n {
@@ -169,12 +182,18 @@ async fn the_sweeper_deletes_keys_whose_window_ended() {
     })
     .await;
     // Forgotten: the next copy is claimed again.
-    let later = store.claim(&keys[..100], &owner(), LEASE).await.expect("claim");
+    let later = store
+        .claim(&keys[..100], &owner(), LEASE)
+        .await
+        .expect("claim");
     assert!(later.iter().all(|c| *c == ClaimOutcome::Claimed));
     stop.cancel();
     tracker.close();
     tracker.wait().await;
-    let size = store.size("sw", &["orders".to_owned()]).await.expect("size");
+    let size = store
+        .size("sw", &["orders".to_owned()])
+        .await
+        .expect("size");
     assert_eq!(size.keys, vec![0]);
 }
 
@@ -220,7 +239,10 @@ async fn keys_of_the_old_layout_are_honored_until_they_expire_and_not_read_after
         .duration_since(std::time::UNIX_EPOCH)
         .expect("clock")
         .as_millis() as u64;
-    assert!(until > now && until <= now + 4000, "until {until}, now {now}");
+    assert!(
+        until > now && until <= now + 4000,
+        "until {until}, now {now}"
+    );
     check(store.claim(&batch, &owner(), LEASE).await.expect("claim"));
     store.release(&batch[2..], &owner()).await.expect("release");
 
@@ -239,7 +261,10 @@ async fn keys_of_the_old_layout_are_honored_until_they_expire_and_not_read_after
     assert!(!store.reads_old_layout("orders"));
     let fresh_keys = ids("orders", "up", "after", 100);
     let before: String = cmd(&mut conn, &["INFO", "commandstats"]).await;
-    let outcomes = store.claim(&fresh_keys, &owner(), LEASE).await.expect("claim");
+    let outcomes = store
+        .claim(&fresh_keys, &owner(), LEASE)
+        .await
+        .expect("claim");
     let after: String = cmd(&mut conn, &["INFO", "commandstats"]).await;
     assert!(outcomes.iter().all(|c| *c == ClaimOutcome::Claimed));
     assert_eq!(calls(&after, "get") - calls(&before, "get"), 100);
@@ -262,7 +287,11 @@ async fn keys_of_the_old_layout_are_honored_until_they_expire_and_not_read_after
     tracker.close();
     tracker.wait().await;
     let info: String = cmd(&mut conn, &["INFO", "commandstats"]).await;
-    assert_eq!(calls(&info, "scan"), calls(&before, "scan"), "no second scan");
+    assert_eq!(
+        calls(&info, "scan"),
+        calls(&before, "scan"),
+        "no second scan"
+    );
 }
 
 /// The cluster's primaries: (host:port, first and last slot of each range).
@@ -358,7 +387,10 @@ async fn on_a_cluster_a_batch_costs_one_call_per_table_spread_over_the_masters()
     let (sent_before, calls_before) = (store.commands_sent(), evalsha(nodes.clone()).await);
     for batch in keys.chunks(200) {
         store.claim(batch, &owner(), LEASE).await.expect("claim");
-        store.commit(batch, &owner(), Duration::from_secs(300)).await.expect("commit");
+        store
+            .commit(batch, &owner(), Duration::from_secs(300))
+            .await
+            .expect("commit");
     }
     let (sent, calls_after) = (store.commands_sent() - sent_before, evalsha(nodes).await);
     let per_node: Vec<u64> = calls_after
@@ -367,7 +399,10 @@ async fn on_a_cluster_a_batch_costs_one_call_per_table_spread_over_the_masters()
         .map(|(a, b)| a - b)
         .collect();
     println!("{sent} commands for 3000 keys; script calls per master {per_node:?}");
-    let _: Result<(), _> = redis::cmd("DEL").arg(&marker).query_async(&mut cluster).await;
+    let _: Result<(), _> = redis::cmd("DEL")
+        .arg(&marker)
+        .query_async(&mut cluster)
+        .await;
     // 15 batches × (claim + commit) × 6 tables.
     assert_eq!(sent, 15 * 2 * 6);
     assert!(per_node.iter().sum::<u64>() >= sent);
@@ -414,7 +449,9 @@ async fn on_a_cluster_the_pipeline_sends_under_a_tenth_of_a_command_per_message(
         .wait_settled(proxy.port, N as u64, Duration::from_secs(120))
         .await;
     let commands = common::metric(proxy.port, "dedupd_store_commands_total", &[]).await;
-    let forwarded = setup.metric(proxy.port, "dedupd_messages_forwarded_total").await;
+    let forwarded = setup
+        .metric(proxy.port, "dedupd_messages_forwarded_total")
+        .await;
     let duplicates = setup.metric(proxy.port, "dedupd_duplicates_total").await;
     println!(
         "{commands} store commands for {N} messages: {:.4} per message",
@@ -424,7 +461,11 @@ async fn on_a_cluster_the_pipeline_sends_under_a_tenth_of_a_command_per_message(
     assert!(commands > 0.0 && commands / N as f64 <= 0.1, "{commands}");
     proxy.stop().await;
     broker.cleanup().await;
-    common::cluster_cleanup(urls.split(',').next().unwrap_or_default().trim(), &setup.name).await;
+    common::cluster_cleanup(
+        urls.split(',').next().unwrap_or_default().trim(),
+        &setup.name,
+    )
+    .await;
     let _ = std::fs::remove_file(path);
 }
 
@@ -436,4 +477,3 @@ fn with_id(id: Option<&str>, body: &str) -> (Vec<u8>, lapin::BasicProperties) {
     };
     (body.as_bytes().to_vec(), props)
 }
-

@@ -150,7 +150,11 @@ async fn redis_counts_each_routes_remembered_keys_exactly() {
     // A remembered key forgotten by hand is no longer counted.
     let forgotten = dedupd::keys::store_key("dd", "payments", b"to-forget");
     store
-        .claim(std::slice::from_ref(&forgotten), &owner, Duration::from_secs(30))
+        .claim(
+            std::slice::from_ref(&forgotten),
+            &owner,
+            Duration::from_secs(30),
+        )
         .await
         .expect("claim");
     store

@@ -81,7 +81,7 @@ impl Cleanup {
 
     /// Removes shovels, queues, Redis keys and files still registered. Best effort: a failure
     /// is printed, never fatal.
-    pub async fn run(&self) {
+    pub async fn run(&self, redis_urls: &[String]) {
         let created = self.with(std::mem::take);
         for s in &created.shovels {
             if let Err(e) = rabbitmqctl(&["clear_parameter", "shovel", s]).await {
@@ -105,7 +105,7 @@ impl Cleanup {
             }
         }
         if !created.prefixes.is_empty() {
-            match Redis::connect().await {
+            match Redis::connect(redis_urls).await {
                 Ok(mut r) => {
                     for p in &created.prefixes {
                         if let Err(e) = r.delete_prefix(p).await {

@@ -34,6 +34,7 @@
 //! | `DEDUPD_BENCH_LATENCY_RATE` | half the median dedupd rate (or 2000) | msg/s |
 //! | `DEDUPD_BENCH_RSS` | 0 | 1: move `DEDUPD_BENCH_RSS_N` messages through dedupd, sampling RSS |
 //! | `DEDUPD_BENCH_RSS_N` | 1000000 | messages of the RSS scenario |
+//! | `DEDUPD_BENCH_STORE` | `redis` | dedupd's store: `redis` (127.0.0.1:6379), `cluster` (a 3-master Redis Cluster on 127.0.0.1:30001-30003, started by `scripts/redis-cluster.sh` if it is not running), `memory` |
 //!
 //! Layout: `scenarios.rs` (the rounds and what each checks), `movers.rs` (the shovel and the
 //! dedupd child process), `measure.rs` (CPU, RSS, Redis counters, latency), `report.rs` (the
@@ -74,18 +75,18 @@ fn main() -> ExitCode {
         eprintln!("throughput: skipped (run it with `cargo bench --bench throughput`)");
         return ExitCode::SUCCESS;
     }
-    let opts = match Opts::from_env() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let opts = match runtime.block_on(Opts::from_env()) {
         Ok(o) => o,
         Err(e) => {
             eprintln!("dedupd bench: {e:#}");
             return ExitCode::from(2);
         }
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
     runtime.block_on(async {
         let started = Instant::now();
         let cleanup = Cleanup::default();
@@ -94,7 +95,7 @@ fn main() -> ExitCode {
             _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
         };
         eprintln!("cleaning up…");
-        cleanup.run().await;
+        cleanup.run(&opts.store.redis_urls()).await;
         let took = started.elapsed().as_secs_f64();
         match result {
             Ok(()) => {
@@ -128,6 +129,70 @@ pub struct Opts {
     pub rss_n: u32,
     /// Publisher confirms outstanding at once.
     pub window: usize,
+    /// dedupd's store.
+    pub store: StoreChoice,
+}
+
+/// Which store dedupd uses in the benchmark.
+#[derive(Debug, Clone, PartialEq)]
+pub enum StoreChoice {
+    /// The Redis on 127.0.0.1:6379.
+    Redis,
+    /// A Redis Cluster: its primaries' URLs.
+    Cluster(Vec<String>),
+    /// dedupd's in-process store.
+    Memory,
+}
+
+impl StoreChoice {
+    /// `DEDUPD_BENCH_STORE`; a cluster is started when it does not answer.
+    async fn from_env() -> Result<StoreChoice> {
+        match std::env::var("DEDUPD_BENCH_STORE")
+            .as_deref()
+            .map(str::trim)
+        {
+            Err(_) | Ok("" | "redis") => Ok(StoreChoice::Redis),
+            Ok("memory") => Ok(StoreChoice::Memory),
+            Ok("cluster") => {
+                let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/redis-cluster.sh");
+                let urls = command(script, &["start"]).await?;
+                Ok(StoreChoice::Cluster(
+                    urls.trim()
+                        .split(',')
+                        .map(|u| u.trim().to_owned())
+                        .collect(),
+                ))
+            }
+            Ok(other) => bail!("DEDUPD_BENCH_STORE={other:?}: use redis, cluster or memory"),
+        }
+    }
+
+    /// The Redis servers whose counters the report shows (the local one for `memory`, where
+    /// they stay near zero).
+    pub fn redis_urls(&self) -> Vec<String> {
+        match self {
+            StoreChoice::Cluster(urls) => urls.clone(),
+            _ => vec![harness::REDIS_URL.to_owned()],
+        }
+    }
+
+    /// The `[store]` lines of dedupd's config (without the key prefix).
+    pub fn toml(&self) -> String {
+        match self {
+            StoreChoice::Redis => format!("kind = \"redis\"\nurl = \"{}\"", harness::REDIS_URL),
+            StoreChoice::Cluster(urls) => format!("kind = \"redis\"\nurl = {urls:?}"),
+            StoreChoice::Memory => "kind = \"memory\"".to_owned(),
+        }
+    }
+
+    /// For the report.
+    pub fn label(&self) -> &'static str {
+        match self {
+            StoreChoice::Redis => "Redis store",
+            StoreChoice::Cluster(_) => "Redis Cluster store (3 primaries)",
+            StoreChoice::Memory => "memory store",
+        }
+    }
 }
 
 fn env_or<T: std::str::FromStr>(name: &str, default: T) -> Result<T>
@@ -150,7 +215,7 @@ fn env_flag(name: &str, default: bool) -> Result<bool> {
 }
 
 impl Opts {
-    fn from_env() -> Result<Opts> {
+    async fn from_env() -> Result<Opts> {
         let n: u32 = env_or("DEDUPD_BENCH_N", 100_000)?;
         if n == 0 {
             bail!("DEDUPD_BENCH_N must be at least 1");
@@ -200,6 +265,7 @@ impl Opts {
             rss: env_flag("DEDUPD_BENCH_RSS", false)?,
             rss_n: env_or("DEDUPD_BENCH_RSS_N", 1_000_000)?,
             window: 10_000,
+            store: StoreChoice::from_env().await?,
         })
     }
 }
@@ -223,7 +289,7 @@ async fn run(opts: &Opts, cleanup: &Cleanup) -> Result<()> {
         opts,
         cleanup,
         broker: Broker::connect("dedupd-bench").await?,
-        redis: Redis::connect().await?,
+        redis: Redis::connect(&opts.store.redis_urls()).await?,
         run_id: format!("dedupd-bench-{:06x}", rand::random::<u32>() & 0xff_ffff),
         problems: Vec::new(),
         notes: Vec::new(),

@@ -12,7 +12,7 @@ use lapin::options::BasicConsumeOptions;
 use lapin::types::FieldTable;
 
 use crate::ctx::now_us;
-use crate::harness::{timed, Broker, REDIS_URL, RPC};
+use crate::harness::{timed, Broker, RPC};
 
 /// `field` (e.g. "VmHWM", "VmRSS") of /proc/PID/status, in KiB.
 pub fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
@@ -52,29 +52,46 @@ impl RedisStats {
     }
 }
 
+/// The Redis server, or every primary of a cluster: counters are summed over them.
 pub struct Redis {
-    conn: redis::aio::MultiplexedConnection,
+    nodes: Vec<redis::aio::MultiplexedConnection>,
 }
 
 impl Redis {
-    pub async fn connect() -> Result<Redis> {
-        let client = redis::Client::open(REDIS_URL)?;
-        let conn = timed("connecting to Redis on 127.0.0.1:6379", RPC, async {
-            Ok(client.get_multiplexed_async_connection().await?)
-        })
-        .await?;
-        Ok(Redis { conn })
+    /// Connects to each of `urls` (one server, or a cluster's primaries).
+    pub async fn connect(urls: &[String]) -> Result<Redis> {
+        let mut nodes = Vec::new();
+        for url in urls {
+            let client = redis::Client::open(url.as_str())?;
+            nodes.push(
+                timed(&format!("connecting to Redis {url}"), RPC, async {
+                    Ok(client.get_multiplexed_async_connection().await?)
+                })
+                .await?,
+            );
+        }
+        Ok(Redis { nodes })
+    }
+
+    /// `INFO section` of every node.
+    async fn infos(&mut self, section: &str) -> Result<Vec<String>> {
+        let mut out = Vec::new();
+        for conn in &mut self.nodes {
+            out.push(
+                timed("Redis INFO", RPC, async {
+                    Ok(redis::cmd("INFO")
+                        .arg(section)
+                        .query_async::<String>(conn)
+                        .await?)
+                })
+                .await?,
+            );
+        }
+        Ok(out)
     }
 
     async fn info(&mut self, section: &str) -> Result<String> {
-        let conn = &mut self.conn;
-        timed("Redis INFO", RPC, async {
-            Ok(redis::cmd("INFO")
-                .arg(section)
-                .query_async::<String>(conn)
-                .await?)
-        })
-        .await
+        Ok(self.infos(section).await?.join("\n"))
     }
 
     pub async fn version(&mut self) -> Result<String> {
@@ -91,18 +108,19 @@ impl Redis {
         let stats = self.info("stats").await?;
         let commands = stats
             .lines()
-            .find_map(|l| l.strip_prefix("total_commands_processed:"))
-            .and_then(|v| v.trim().parse().ok())
-            .ok_or_else(|| anyhow!("no total_commands_processed in INFO stats"))?;
+            .filter_map(|l| l.strip_prefix("total_commands_processed:"))
+            .map(|v| v.trim().parse::<u64>())
+            .sum::<Result<u64, _>>()
+            .map_err(|e| anyhow!("total_commands_processed in INFO stats: {e}"))?;
         let cmdstats = self.info("commandstats").await?;
-        let calls = cmdstats
-            .lines()
-            .filter_map(|l| {
-                let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
-                let calls = rest.split(',').find_map(|kv| kv.strip_prefix("calls="))?;
-                Some((name.to_owned(), calls.trim().parse().ok()?))
-            })
-            .collect();
+        let mut calls: HashMap<String, u64> = HashMap::new();
+        for (name, n) in cmdstats.lines().filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest.split(',').find_map(|kv| kv.strip_prefix("calls="))?;
+            Some((name.to_owned(), calls.trim().parse::<u64>().ok()?))
+        }) {
+            *calls.entry(name).or_default() += n;
+        }
         let cpu = self.info("cpu").await?;
         let cpu_secs = cpu
             .lines()
@@ -119,40 +137,60 @@ impl Redis {
         })
     }
 
-    /// Deletes every key under `prefix:` (SCAN + UNLINK); returns how many.
+    /// Deletes every key under `prefix:` (SCAN + UNLINK, on every node); returns how many.
     pub async fn delete_prefix(&mut self, prefix: &str) -> Result<u64> {
-        let pattern = format!("{prefix}:*");
-        let mut cursor: u64 = 0;
+        let cluster = self.nodes.len() > 1;
         let mut deleted = 0;
-        let deadline = Instant::now() + Duration::from_secs(600);
-        loop {
-            let conn = &mut self.conn;
-            let (next, keys): (u64, Vec<String>) = timed("Redis SCAN", RPC, async {
-                Ok(redis::cmd("SCAN")
-                    .arg(cursor)
-                    .arg("MATCH")
-                    .arg(&pattern)
-                    .arg("COUNT")
-                    .arg(10_000)
-                    .query_async(conn)
-                    .await?)
+        for conn in &mut self.nodes {
+            deleted += delete_prefix_on(conn, prefix, cluster).await?;
+        }
+        Ok(deleted)
+    }
+}
+
+/// Deletes every key under `prefix:` on one node; on a cluster node one key per UNLINK, since
+/// keys of different slots cannot share a command.
+async fn delete_prefix_on(
+    node: &mut redis::aio::MultiplexedConnection,
+    prefix: &str,
+    cluster: bool,
+) -> Result<u64> {
+    let pattern = format!("{prefix}:*");
+    let mut cursor: u64 = 0;
+    let mut deleted = 0;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let conn = &mut *node;
+        let (next, keys): (u64, Vec<String>) = timed("Redis SCAN", RPC, async {
+            Ok(redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(10_000)
+                .query_async(conn)
+                .await?)
+        })
+        .await?;
+        let batches: Vec<&[String]> = if cluster {
+            keys.chunks(1).collect()
+        } else {
+            keys.chunks(keys.len().max(1)).collect()
+        };
+        for batch in batches.into_iter().filter(|b| !b.is_empty()) {
+            let conn = &mut *node;
+            let n: u64 = timed("Redis UNLINK", RPC, async {
+                Ok(redis::cmd("UNLINK").arg(batch).query_async(conn).await?)
             })
             .await?;
-            if !keys.is_empty() {
-                let conn = &mut self.conn;
-                let n: u64 = timed("Redis UNLINK", RPC, async {
-                    Ok(redis::cmd("UNLINK").arg(&keys).query_async(conn).await?)
-                })
-                .await?;
-                deleted += n;
-            }
-            cursor = next;
-            if cursor == 0 {
-                return Ok(deleted);
-            }
-            if Instant::now() > deadline {
-                bail!("deleting {pattern} took over 10 minutes");
-            }
+            deleted += n;
+        }
+        cursor = next;
+        if cursor == 0 {
+            return Ok(deleted);
+        }
+        if Instant::now() > deadline {
+            bail!("deleting {pattern} took over 10 minutes");
         }
     }
 }

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 
 use crate::ctx::Ctx;
-use crate::harness::{rabbitmqctl, scrape, Launch, Proxy, AMQP_URL, POLL, REDIS_URL};
+use crate::harness::{rabbitmqctl, scrape, Launch, Proxy, AMQP_URL, POLL};
 use crate::{ROUTE, STALL};
 
 /// How long dedupd may take to log its metrics port.
@@ -171,8 +171,7 @@ url = "{AMQP_URL}"
 prefetch = {prefetch}
 
 [store]
-kind = "redis"
-url = "{REDIS_URL}"
+{store}
 key_prefix = "{prefix}"
 
 [metrics]
@@ -190,6 +189,7 @@ window = "1h"
 "#,
         prefetch = ctx.opts.prefetch,
         tuning = ctx.opts.tuning,
+        store = ctx.opts.store.toml(),
     )
 }
 

@@ -66,6 +66,8 @@ pub struct DedupdRound {
     pub redis_us: f64,
     pub cmds_per_msg: f64,
     pub evalsha_per_msg: f64,
+    /// Commands dedupd sent (`dedupd_store_commands_total`) per message.
+    pub store_cmds_per_msg: f64,
     pub msgs_per_rtt: f64,
     pub p50_ms: Option<f64>,
     pub p99_ms: Option<f64>,
@@ -174,6 +176,7 @@ pub async fn dedupd_round(ctx: &mut Ctx<'_>, tag: &str, wl: &Workload) -> Result
     let rejected = m.sum("dedupd_messages_rejected_total", &labels);
     let store_errors = m.sum("dedupd_store_errors_total", &labels);
     let round_trips = m.sum("dedupd_store_duration_seconds_count", &[]);
+    let store_commands = m.sum("dedupd_store_commands_total", &[]);
     if consumed != n as f64
         || forwarded != unique as f64
         || duplicates != (n - unique) as f64
@@ -197,6 +200,7 @@ pub async fn dedupd_round(ctx: &mut Ctx<'_>, tag: &str, wl: &Workload) -> Result
         redis_us: (redis_after.cpu_secs - redis_before.cpu_secs) * 1e6 / n as f64,
         cmds_per_msg: (redis_after.commands - redis_before.commands) as f64 / n as f64,
         evalsha_per_msg: redis_after.calls_since(&redis_before, "evalsha") as f64 / n as f64,
+        store_cmds_per_msg: store_commands / n as f64,
         msgs_per_rtt: if round_trips > 0.0 {
             n as f64 / round_trips
         } else {
