@@ -525,6 +525,16 @@ async fn check_connect(config: &Config) -> u8 {
                     error_chain(&e)
                 ),
             }
+            // Not an error: keys are kept either way, only at a higher cost.
+            let what = format!("store {} hash-max-listpack settings", store.label());
+            match store.layout_risk().await {
+                Ok(None) => report(what, Ok(())),
+                Ok(Some(risk)) => println!("WARN  {what}: {risk}"),
+                Err(e) => println!(
+                    "WARN  {what}: cannot read them ({}); the defaults suit dedupd",
+                    error_chain(&e)
+                ),
+            }
         }
         Err(e) => report("store".into(), Err(error_chain(&e))),
     }

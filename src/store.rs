@@ -319,6 +319,16 @@ impl Store {
         }
     }
 
+    /// Why remembered keys would cost far more than they should on this store, if they would:
+    /// Redis keeps a hash compact (a listpack) only up to `hash-max-listpack-entries` fields of
+    /// at most `hash-max-listpack-value` bytes. `Ok(None)` when the settings fit dedupd's layout.
+    pub async fn layout_risk(&self) -> Result<Option<String>, StoreError> {
+        match self {
+            Store::Memory(_) => Ok(None),
+            Store::Redis(r) => r.layout_risk().await,
+        }
+    }
+
     /// How many keys each of `routes` has under `prefix`, and the store's memory use (see the
     /// module docs for the cost and the error of the estimate). For the background sampler.
     pub async fn size(&self, prefix: &str, routes: &[String]) -> Result<StoreSize, StoreError> {

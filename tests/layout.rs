@@ -477,3 +477,39 @@ fn with_id(id: Option<&str>, body: &str) -> (Vec<u8>, lapin::BasicProperties) {
     };
     (body.as_bytes().to_vec(), props)
 }
+
+#[tokio::test]
+async fn listpack_limits_too_small_for_the_layout_are_reported() {
+    let redis = OwnRedis::run(false).await;
+    let store = Store::open(&store_config(&format!("{:?}", redis.url()), "lp"))
+        .await
+        .expect("store");
+    assert_eq!(store.layout_risk().await.expect("CONFIG GET"), None);
+    assert!(
+        redis
+            .cmd(&["CONFIG", "SET", "hash-max-listpack-entries", "64"])
+            .await
+    );
+    let risk = store.layout_risk().await.expect("CONFIG GET");
+    assert!(
+        risk.as_deref()
+            .is_some_and(|r| r.contains("hash-max-listpack-entries is 64")),
+        "{risk:?}"
+    );
+    assert!(
+        redis
+            .cmd(&["CONFIG", "SET", "hash-max-listpack-entries", "128"])
+            .await
+    );
+    assert!(
+        redis
+            .cmd(&["CONFIG", "SET", "hash-max-listpack-value", "8"])
+            .await
+    );
+    let risk = store.layout_risk().await.expect("CONFIG GET");
+    assert!(
+        risk.as_deref()
+            .is_some_and(|r| r.contains("hash-max-listpack-value is 8")),
+        "{risk:?}"
+    );
+}

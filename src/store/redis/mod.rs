@@ -371,9 +371,40 @@ impl RedisStore {
     /// primary of a cluster. A server that refuses CONFIG (managed services rename it) is an
     /// error the caller reports as "cannot verify".
     pub async fn eviction_risk(&self) -> Result<Option<String>, StoreError> {
+        let policies = self.config_get("maxmemory-policy").await?;
+        Ok(policies.into_iter().find(|p| p != "noeviction"))
+    }
+
+    /// See `Store::layout_risk`: `hash-max-listpack-entries` and `-value` on every primary.
+    pub async fn layout_risk(&self) -> Result<Option<String>, StoreError> {
+        let entries = self.config_get("hash-max-listpack-entries").await?;
+        let values = self.config_get("hash-max-listpack-value").await?;
+        let below = |values: &[String], least: u64| {
+            values
+                .iter()
+                .filter_map(|v| v.parse::<u64>().ok())
+                .find(|&v| v < least)
+        };
+        Ok(match (below(&entries, 128), below(&values, 16)) {
+            (Some(n), _) => Some(format!(
+                "hash-max-listpack-entries is {n}: dedupd's shards hold up to about 110 fields, \
+                 and a larger hash is stored as a hash table at about four times the memory per \
+                 key; set it to 128 (the default) or more"
+            )),
+            (None, Some(n)) => Some(format!(
+                "hash-max-listpack-value is {n}: dedupd's 15-byte fields do not fit a listpack, \
+                 which costs about four times the memory per key; set it to 64 (the default)"
+            )),
+            (None, None) => None,
+        })
+    }
+
+    /// `CONFIG GET parameter` on the server, or on every primary of a cluster: its values.
+    async fn config_get(&self, parameter: &str) -> Result<Vec<String>, StoreError> {
         self.bounded(|mut conn| async move {
             let mut cmd = ::redis::cmd("CONFIG");
-            cmd.arg("GET").arg("maxmemory-policy");
+            cmd.arg("GET").arg(parameter);
+            self.sent(1);
             let reply = match &mut conn {
                 Conn::Single(c) => cmd.query_async::<Value>(c).await?,
                 Conn::Cluster(c) => {
@@ -392,7 +423,7 @@ impl RedisStore {
                 Value::Map(pairs) => pairs.into_iter().flat_map(|(k, v)| [k, v]).collect(),
                 other => return Err(unexpected(format!("CONFIG GET returned {other:?}"))),
             };
-            let policies: Vec<String> = fields
+            let values: Vec<String> = fields
                 .chunks(2)
                 .filter_map(|pair| match pair.get(1) {
                     Some(Value::BulkString(b)) => Some(String::from_utf8_lossy(b).into_owned()),
@@ -400,10 +431,10 @@ impl RedisStore {
                     _ => None,
                 })
                 .collect();
-            if policies.is_empty() {
-                return Err(unexpected("CONFIG GET maxmemory-policy: no value".into()));
+            if values.is_empty() {
+                return Err(unexpected(format!("CONFIG GET {parameter}: no value")));
             }
-            Ok(policies.into_iter().find(|p| p != "noeviction"))
+            Ok(values)
         })
         .await
     }
@@ -614,6 +645,7 @@ impl RedisStore {
         tracker: &tokio_util::task::TaskTracker,
         shutdown: &CancellationToken,
     ) {
+        tracker.spawn(upkeep::warn_layout_risk(self.clone(), shutdown.clone()));
         for (route, window) in routes {
             tracker.spawn(upkeep::run(
                 self.clone(),

@@ -78,6 +78,34 @@ pub(super) async fn run(
     sweep(&store, &route, window, &shutdown).await;
 }
 
+/// Warns once if the server's listpack limits make remembered keys costly (see
+/// `Store::layout_risk`). Retries until Redis answers; a server that refuses CONFIG is left
+/// alone (`check --connect` says so).
+pub(super) async fn warn_layout_risk(store: RedisStore, shutdown: CancellationToken) {
+    let mut backoff = Backoff::new(Duration::from_millis(200), Duration::from_secs(10));
+    loop {
+        match store.layout_risk().await {
+            Ok(None) => return,
+            Ok(Some(risk)) => {
+                tracing::warn!(store = %store.label(), "{risk}");
+                return;
+            }
+            Err(crate::store::StoreError::Redis(e))
+                if e.kind()
+                    == ::redis::ErrorKind::Server(::redis::ServerErrorKind::ResponseError) =>
+            {
+                return
+            }
+            Err(_) => {}
+        }
+        let delay = backoff.next_delay();
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(delay) => {}
+        }
+    }
+}
+
 /// Until when 0.1-layout keys of `route` may exist (Unix ms): the marker, or a scan.
 async fn check_legacy(store: &RedisStore, route: &str) -> Result<u64, crate::store::StoreError> {
     let prefix = store.inner.prefix.clone();
