@@ -106,6 +106,51 @@ async fn inspect_and_forget_a_key() {
     let _ = std::fs::remove_file(path);
 }
 
+/// The same on the layout dedupd writes (the test above plants keys of the old layout, which
+/// `inspect` and `forget` still handle during an upgrade).
+#[tokio::test]
+async fn inspect_and_forget_a_key_of_the_compact_layout() {
+    let setup = Setup::new("inspect-compact");
+    let path = setup.write();
+    let path = path.to_str().expect("utf-8 path");
+    let store = dedupd::store::Store::open(&setup.config().store)
+        .await
+        .expect("store");
+    let owner = dedupd::store::Owner::new("cli-test".into(), 4);
+    let key = dedupd::keys::store_key(&setup.name, &setup.name, b"order-2");
+    let keys = std::slice::from_ref(&key);
+    let args = ["inspect", "-c", path, &setup.name, "order-2"];
+
+    store
+        .claim(keys, &owner, Duration::from_secs(30))
+        .await
+        .expect("claim");
+    let (_, out, _) = run_binary(&args, &[]).await;
+    assert!(out.contains("in-flight") && out.contains("cli-test:4"), "{out}");
+
+    store
+        .commit(keys, &owner, Duration::from_secs(3600))
+        .await
+        .expect("commit");
+    let (_, out, _) = run_binary(&args, &[]).await;
+    assert!(out.contains("done") && out.contains("window left"), "{out}");
+    // About an hour left: the window, rounded up by at most an eighth.
+    assert!(out.contains("59m") || out.contains("1h"), "{out}");
+
+    let (code, out, _) = run_binary(&["forget", "-c", path, &setup.name, "order-2"], &[]).await;
+    assert_eq!(code, 0);
+    assert!(out.contains("forgotten"), "{out}");
+    let (_, out, _) = run_binary(&args, &[]).await;
+    assert!(out.contains("absent"), "{out}");
+    let again = store
+        .claim(keys, &owner, Duration::from_secs(30))
+        .await
+        .expect("claim");
+    assert_eq!(again, vec![dedupd::store::ClaimOutcome::Claimed]);
+    redis_cleanup(&setup.name).await;
+    let _ = std::fs::remove_file(path);
+}
+
 /// SIGTERM mid-stream: exit 0 within the grace period, nothing lost or doubled, and a restarted
 /// proxy forwards the rest.
 #[tokio::test]
