@@ -651,6 +651,254 @@ mod tests {
                 })
                 .sum()
         }
+
+        fn route_tables(&self) -> Vec<String> {
+            let mut routes: Vec<String> = self
+                .tables()
+                .into_iter()
+                .filter_map(|(route, _)| route.map(String::from))
+                .collect();
+            routes.sort();
+            routes
+        }
+    }
+
+    #[test]
+    fn a_done_key_is_a_20_byte_slot() {
+        assert_eq!(size_of::<(Digest, u32)>(), 20);
+        assert_eq!(std::mem::align_of::<Digest>(), 1);
+        assert_eq!(Digest::of("dd:r:1"), Digest::of("dd:r:1"));
+        assert!(Digest::of("dd:r:1") != Digest::of("dd:r:2"));
+    }
+
+    #[test]
+    fn tick_rounding_remembers_at_least_the_window_and_at_most_an_eighth_more() {
+        let store = MemoryStore::new("dd");
+        let base = store.inner.base;
+        let windows = [
+            Duration::from_secs(1),
+            Duration::from_millis(1001),
+            Duration::from_millis(1999),
+            Duration::from_secs(60),
+            Duration::from_secs(3600) + Duration::from_millis(7),
+            Duration::from_secs(365 * 24 * 3600),
+        ];
+        let offsets = [0, 1, 62, 124, 125, 126, 999, 86_400_123].map(Duration::from_millis);
+        let (a, b) = (owner("inst-a", 1), owner("inst-b", 1));
+        let digest = Digest::of("dd:r:k");
+        for offset in offsets {
+            for window in windows {
+                let committed = store.inner.now(base + offset);
+                let expiry = committed.expiry(window);
+                let remembered = Duration::from_nanos(u64::from(expiry) * 125_000_000) - offset;
+                assert!(
+                    remembered >= window && remembered <= window + window / 8,
+                    "window {window:?} at {offset:?}: remembered {remembered:?}"
+                );
+
+                // The same through the claim protocol, at the two edges.
+                let mut shard = Shard::default();
+                let lease = base + offset + Duration::from_secs(30);
+                assert_eq!(
+                    shard.commit(digest, &a, committed, expiry),
+                    CommitOutcome::Restored
+                );
+                let just_before = store
+                    .inner
+                    .now(base + offset + window - Duration::from_nanos(1));
+                assert_eq!(
+                    shard.claim(digest, &b, just_before, lease),
+                    ClaimOutcome::Done
+                );
+                let left = just_before.window_left(expiry);
+                assert!(left <= TICK, "{left:?} left just before the window ends");
+                let past = store.inner.now(base + offset + window + window / 8);
+                assert_eq!(shard.claim(digest, &b, past, lease), ClaimOutcome::Claimed);
+            }
+        }
+    }
+
+    #[test]
+    fn window_left_never_exceeds_a_whole_tick_window() {
+        let store = MemoryStore::new("dd");
+        let window = Duration::from_secs(60);
+        for offset_ms in [0, 1, 60, 124, 125, 126, 250, 1_000_001] {
+            let now = store
+                .inner
+                .now(store.inner.base + Duration::from_millis(offset_ms));
+            let left = now.window_left(now.expiry(window));
+            assert!(
+                left <= window && left > window - TICK,
+                "{left:?} at {offset_ms} ms"
+            );
+        }
+    }
+
+    #[test]
+    fn ticks_saturate_instead_of_wrapping() {
+        let store = MemoryStore::new("dd");
+        let late = Now {
+            at: store.inner.base,
+            nanos: u128::from(u32::MAX) * TICK_NANOS + 1,
+        };
+        assert_eq!(late.expiry(Duration::from_secs(1)), u32::MAX);
+        assert!(!late.is_live(u32::MAX));
+        assert_eq!(late.window_left(u32::MAX), Duration::ZERO);
+    }
+
+    #[test]
+    fn each_route_has_its_own_table_and_other_keys_count_for_none() {
+        // A prefix may contain ':'; route names never do.
+        let store = MemoryStore::new("dd:x");
+        let a = owner("inst-a", 1);
+        let keys = strings(&[
+            "dd:x:orders:1",
+            "dd:x:orders:2:with:colons",
+            "dd:x:payments:1",
+            "dd:x:orders",   // no id: not a store key
+            "dd:y:orders:1", // another prefix
+            "dd:xorders:1",  // the prefix without its ':'
+            "dd:x:orders:1", // repeated
+        ]);
+        use ClaimOutcome::{Claimed, Ours};
+        assert_eq!(
+            store.claim(&keys, &a, Duration::from_secs(30)),
+            [Claimed, Claimed, Claimed, Claimed, Claimed, Claimed, Ours]
+        );
+        store.commit(&keys[..1], &a, Duration::from_secs(60));
+        assert_eq!(store.inner.route_tables(), ["orders", "payments"]);
+        let routes = strings(&["orders", "payments", "idle", "orders"]);
+        assert_eq!(store.size("dd:x", &routes).keys, [2, 1, 0, 2]);
+        assert_eq!(store.size("dd", &routes).keys, [0, 0, 0, 0]);
+        let other = store.inner.other.measure(store.inner.now(Instant::now())).0;
+        assert_eq!(other, 3);
+
+        // Reading a key of a route never written creates nothing.
+        assert_eq!(store.inspect("dd:x:idle:1"), KeyState::Absent);
+        assert!(!store.forget("dd:x:idle:1"));
+        assert_eq!(store.release(&strings(&["dd:x:idle:1"]), &a), [false]);
+        assert_eq!(store.inner.route_tables(), ["orders", "payments"]);
+
+        // Every key is found again by its own digest.
+        assert!(matches!(
+            store.inspect("dd:x:orders:1"),
+            KeyState::Done { .. }
+        ));
+        for key in &keys[1..6] {
+            assert!(
+                matches!(store.inspect(key), KeyState::InFlight { .. }),
+                "{key}"
+            );
+        }
+    }
+
+    #[test]
+    fn size_counts_in_flight_and_done_until_they_expire() {
+        let store = MemoryStore::new("dd");
+        let a = owner("inst-a", 1);
+        let keys: Vec<String> = (0..300).map(|i| format!("dd:r:{i}")).collect();
+        store.claim(&keys, &a, Duration::from_secs(30));
+        store.commit(&keys[..100], &a, Duration::from_secs(60));
+        store.commit(&keys[100..200], &a, Duration::from_millis(1));
+        let routes = strings(&["r"]);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while store.size("dd", &routes).keys != [200] {
+            assert!(Instant::now() < deadline, "1 ms windows never expired");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn memory_bytes_follow_the_allocation_not_capacity() {
+        for n in [0usize, 1, 3, 4, 7, 8, 100, 1000, 5000] {
+            let mut map = DigestMap::<u32>::default();
+            for i in 0..n {
+                map.insert(Digest::of(&i.to_string()), 0);
+            }
+            let buckets = buckets_for(map.capacity());
+            let full = if buckets < 8 {
+                buckets.saturating_sub(1)
+            } else {
+                buckets / 8 * 7
+            };
+            assert_eq!(map.capacity(), full, "{n} keys: {buckets} buckets");
+        }
+
+        let mut slots = Slots::<u32>::default();
+        for i in 0..896u32 {
+            slots.insert(Digest::of(&i.to_string()), i);
+        }
+        assert_eq!(slots.buckets, 1024);
+        let full = slots.bytes();
+        assert_eq!(full, 1024 * 21 + 16);
+        // Removals free nothing (and may leave tombstones that lower `capacity()`).
+        slots.map.retain(|_, v| *v % 4 == 0);
+        slots.insert(Digest::of("one more"), 0);
+        assert_eq!(slots.bytes(), full);
+
+        // A store's estimate: the 20-byte slots, at most 7/8 full, plus the claims.
+        let store = MemoryStore::new("dd");
+        let a = owner("inst-a", 1);
+        let keys: Vec<String> = (0..50_000).map(|i| format!("dd:r:{i}")).collect();
+        for batch in keys.chunks(500) {
+            store.claim(batch, &a, Duration::from_secs(30));
+            store.commit(batch, &a, Duration::from_secs(60));
+        }
+        let bytes = store.size("dd", &strings(&["r"])).memory_bytes;
+        let per_key = bytes as f64 / 50_000.0;
+        assert!((24.0..60.0).contains(&per_key), "{per_key} bytes per key");
+    }
+
+    #[test]
+    fn shards_spread_keys_and_leave_the_hash_bits_free() {
+        let digests: Vec<Digest> = (0..16_000).map(|i| Digest::of(&format!("k{i}"))).collect();
+        let mut per_shard = [0usize; SHARDS];
+        for d in &digests {
+            per_shard[d.shard()] += 1;
+        }
+        assert!(
+            per_shard.iter().all(|&n| (800..1200).contains(&n)),
+            "{per_shard:?}"
+        );
+        // Within one shard the low hash bits (hashbrown's bucket) still take every value.
+        let mut low = std::collections::HashSet::new();
+        for d in digests.iter().filter(|d| d.shard() == 0) {
+            let mut h = DigestHasher::default();
+            d.hash(&mut h);
+            low.insert(h.finish() & 0xff);
+        }
+        assert!(low.len() > 200, "{} of 256 low-byte values", low.len());
+    }
+
+    #[test]
+    fn racing_claims_on_one_key_are_claimed_once() {
+        let store = MemoryStore::new("dd");
+        let keys: Vec<String> = (0..2000).map(|i| format!("dd:r:{i}")).collect();
+        let claimed: Vec<Vec<ClaimOutcome>> = std::thread::scope(|s| {
+            let racers: Vec<_> = (0..4)
+                .map(|i| {
+                    let (store, keys) = (&store, &keys);
+                    s.spawn(move || {
+                        store.claim(
+                            keys,
+                            &owner(&format!("inst-{i}"), 1),
+                            Duration::from_secs(30),
+                        )
+                    })
+                })
+                .collect();
+            racers
+                .into_iter()
+                .map(|r| r.join().expect("racer panicked"))
+                .collect()
+        });
+        for k in 0..keys.len() {
+            let winners = claimed
+                .iter()
+                .filter(|outcomes| outcomes[k] == ClaimOutcome::Claimed)
+                .count();
+            assert_eq!(winners, 1, "key {k}");
+        }
     }
 
     #[test]
