@@ -23,13 +23,13 @@
 //! inside) that hash by copying 8 digest bytes (the digest is already uniformly random). A
 //! table is at most 7/8 full and doubles when it fills, so a done key costs 24 to 48 bytes of
 //! table. Measured with `measure_memory_store_bytes_per_remembered_key` (`tests/sizing.rs`,
-//! release build): **52 to 59 bytes per key** of RSS growth between 20,000 and 120,000 keys
-//! (48.4 by `memory_bytes`: 120,000 keys is just past a doubling, the costliest point), and 45
-//! to 1,000,000 keys (44.3), where the `DashMap<String, _>` of full key strings and `Instant`s
-//! this replaces took 213 (201 to 1,000,000). A `DashMap` with the same hasher measured the
-//! same (it is hashbrown too: 49.6 against 50.2 bytes per key for the bare table, 44.4 both to
-//! 1,000,000 keys) and no faster, but a key's step would then need the entry locks of two
-//! maps in a fixed order; one mutex per shard covers both of the shard's maps.
+//! release build, ten runs): **51 to 59 bytes per key** of RSS growth between 20,000 and
+//! 120,000 keys (48.4 by `memory_bytes`: 120,000 keys is just past a doubling, the costliest
+//! point), and 45 to 1,000,000 keys (44.3), where the `DashMap<String, _>` of full key strings
+//! and `Instant`s this replaces took 213 (201 to 1,000,000). A `DashMap` with the same hasher
+//! measured the same (it is hashbrown too: 49.6 against 50.2 bytes per key for the bare table,
+//! 44.4 both to 1,000,000 keys) and no faster, but a key's step would then need the entry
+//! locks of two maps in a fixed order; one mutex per shard covers both of the shard's maps.
 //!
 //! Claims in flight keep their owner token and an exact `Instant` deadline in a second map of
 //! the same shard, keyed by the same digest: they are few (bounded by what is in flight) and
