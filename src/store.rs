@@ -208,7 +208,7 @@ impl Store {
     /// Must be called inside a tokio runtime (the memory store spawns its sweeper).
     pub async fn open(cfg: &StoreConfig) -> Result<Store, StoreError> {
         match cfg.kind {
-            StoreKind::Memory => Ok(Store::Memory(memory::MemoryStore::new())),
+            StoreKind::Memory => Ok(Store::Memory(memory::MemoryStore::new(&cfg.key_prefix))),
             StoreKind::Redis => Ok(Store::Redis(redis::RedisStore::open(cfg)?)),
         }
     }

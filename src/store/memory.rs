@@ -1,64 +1,279 @@
-//! In-process store: the claim protocol over a concurrent map, for a single instance and tests.
+//! In-process store: the claim protocol in compact tables, for a single instance and tests.
 //!
-//! It makes the same decisions as the Redis scripts (see the parent module), with DashMap's
-//! per-shard entry lock standing in for Redis' single-threaded script execution: each key's
-//! read-decide-write happens under one entry guard. Expiry is lazy (an expired entry reads as
-//! absent) plus a sweeper task that removes expired entries every few seconds, so keys that
-//! are never touched again do not pile up. The sweeper holds only a `Weak` reference and ends
-//! once the store is dropped.
+//! It makes the same decisions as the Redis scripts (see the parent module), with a per-shard
+//! mutex standing in for Redis' single-threaded script execution: a key's read-decide-write
+//! happens under the one lock of its shard.
+//!
+//! # What a key costs, and why the layout is what it is
+//!
+//! A memory store that remembers a day of traffic holds millions of done keys, so what one
+//! costs is what decides how far a single instance goes. A done key is kept as
+//!
+//! - a [`Digest`]: the first 16 bytes of the BLAKE3 hash of the full key string. 128 bits: among
+//!   a billion remembered keys the chance that two share a digest (one key is then wrongly taken
+//!   for a duplicate) is about 10⁻²¹, never a practical risk. A `[u8; 16]` (alignment 1), not a
+//!   `u128`, so the slot is not padded to 32 bytes;
+//! - its expiry as a `u32` count of [`TICK`]s (125 ms) since the store was created, rounded up:
+//!   a key is remembered for at least its window and less than one tick longer, which for the
+//!   shortest window the configuration allows (1 s) is at most window + window/8. Ticks run out
+//!   after 2³² × 125 ms, about 17 years of uptime; past that every new key would read as
+//!   expired at once.
+//!
+//! That is a 20-byte slot plus hashbrown's one control byte, in `std` `HashMap`s (hashbrown
+//! inside) that hash by copying 8 digest bytes (the digest is already uniformly random). A
+//! table is at most 7/8 full and doubles when it fills, so a done key costs 24 to 48 bytes of
+//! table. Measured with `measure_memory_store_bytes_per_remembered_key` (`tests/sizing.rs`,
+//! release build, ten runs): **51 to 59 bytes per key** of RSS growth between 20,000 and
+//! 120,000 keys (48.4 by `memory_bytes`: 120,000 keys is just past a doubling, the costliest
+//! point), and 45 to 1,000,000 keys (44.3), where the `DashMap<String, _>` of full key strings
+//! and `Instant`s this replaces took 213 (201 to 1,000,000). A `DashMap` with the same hasher
+//! measured the same (it is hashbrown too: 49.6 against 50.2 bytes per key for the bare table,
+//! 44.4 both to 1,000,000 keys) and no faster, but a key's step would then need the entry
+//! locks of two maps in a fixed order; one mutex per shard covers both of the shard's maps.
+//!
+//! Claims in flight keep their owner token and an exact `Instant` deadline in a second map of
+//! the same shard, keyed by the same digest: they are few (bounded by what is in flight) and
+//! short-lived, so their 48-byte slots and token allocations do not matter. One mutex covers
+//! both maps of a shard, so a claim's "done? else in flight? else ours" is one atomic step, as
+//! in the Redis script. A digest is in at most one of the two maps with a live entry: a claim
+//! is only written when the key is not done, and a commit removes the claim it replaces.
+//!
+//! Each route has its own table, because the digest loses the key's text: the route is read
+//! from the key (`{prefix}:{route}:{id}`, route names never contain `:`) when the key is
+//! written, which keeps [`MemoryStore::size`]'s per-route counts exact. Keys that do not have
+//! that shape (tests, `inspect` of a hand-typed key) go to a table counted for no route. Each
+//! table has [`SHARDS`] shards, picked by a digest byte the in-shard hash does not use.
+//!
+//! Expiry is lazy (an expired entry reads as absent, so reads are exact) plus a sweeper task
+//! that removes expired entries every few seconds, so keys never touched again do not pile up.
+//! The sweeper holds only a `Weak` reference and ends once the store is dropped.
+//!
+//! # `memory_bytes`
+//!
+//! The estimate [`MemoryStore::size`] reports is what the tables allocate: per map, buckets ×
+//! (slot + 1 control byte) + 16 trailing control bytes, plus each claim's token allocation and
+//! the shard array. The bucket count is tracked as the maps grow: `HashMap::capacity()` shrinks
+//! as removals leave tombstones, while the allocation never does.
 
-use std::sync::{Arc, Weak};
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hash, Hasher};
+use std::mem::size_of;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, Weak};
 use std::time::{Duration, Instant};
 
-use dashmap::mapref::entry::Entry as MapEntry;
-use dashmap::DashMap;
-
-use super::{
-    is_older_epoch_of, route_index, route_lookup, ClaimOutcome, CommitOutcome, KeyState, Owner,
-    StoreSize,
-};
+use super::{is_older_epoch_of, ClaimOutcome, CommitOutcome, KeyState, Owner, StoreSize};
 
 /// How often expired entries are swept. Lazy expiry keeps reads exact in between; this only
 /// bounds how long dead entries hold memory.
 const SWEEP_EVERY: Duration = Duration::from_secs(5);
 
+/// The unit of a done key's expiry. An eighth of the shortest window (1 s), so rounding up to a
+/// whole tick keeps a key at most window/8 longer than asked, and a `u32` of them lasts 17 years.
+const TICK: Duration = Duration::from_millis(125);
+const TICK_NANOS: u128 = TICK.as_nanos();
+
+/// Shards per route table: a key's operations lock one shard, so this bounds how many callers
+/// can work on one route at once. More shards would only add empty maps on a small machine.
+const SHARDS: usize = 16;
+const _: () = assert!(SHARDS.is_power_of_two() && SHARDS <= 256);
+
 /// Far enough to mean "never" without overflowing `Instant` arithmetic.
 const FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
-/// The in-process store. Cloning shares the map.
+/// hashbrown's trailing control bytes (one SSE2 group) after the per-bucket ones.
+const GROUP_WIDTH: u64 = 16;
+
+/// The identity of a key in the tables: the first 16 bytes of its BLAKE3 hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Digest([u8; 16]);
+
+const _: () = assert!(size_of::<(Digest, u32)>() == 20);
+
+impl Digest {
+    fn of(key: &str) -> Self {
+        let hash = blake3::hash(key.as_bytes());
+        let mut digest = [0u8; 16];
+        digest.copy_from_slice(&hash.as_bytes()[..16]);
+        Digest(digest)
+    }
+
+    /// The shard, from the last byte: the in-shard hash is bytes 0..8, and reusing those bits
+    /// would leave every shard's keys sharing their low hash bits (and so their buckets).
+    fn shard(&self) -> usize {
+        usize::from(self.0[15]) & (SHARDS - 1)
+    }
+}
+
+impl Hash for Digest {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        let [a, b, c, d, e, f, g, h, ..] = self.0;
+        state.write_u64(u64::from_le_bytes([a, b, c, d, e, f, g, h]));
+    }
+}
+
+/// Hashes a [`Digest`] by taking its 8 bytes as they are: they are uniformly random already,
+/// and hashbrown takes the bucket from the low bits and the control byte from the top 7.
+#[derive(Default)]
+struct DigestHasher(u64);
+
+impl Hasher for DigestHasher {
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+
+    // Only reached if something other than a `Digest` were hashed with it; FNV-1a keeps that
+    // correct, merely slower.
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0 ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+        }
+    }
+
+    fn finish(&self) -> u64 {
+        self.0
+    }
+}
+
+type DigestMap<V> = HashMap<Digest, V, BuildHasherDefault<DigestHasher>>;
+
+/// The in-process store. Cloning shares the tables.
 #[derive(Clone)]
 pub struct MemoryStore {
     inner: Arc<Inner>,
 }
 
 struct Inner {
-    map: DashMap<String, Entry>,
+    /// Tick 0: done keys' expiries count ticks from here.
+    base: Instant,
+    /// The `store.key_prefix` the keys are written under, to read each key's route.
+    prefix: Box<str>,
+    /// One table per route, created at the route's first claim or commit.
+    routes: RwLock<HashMap<Box<str>, Arc<Table>>>,
+    /// Keys that are not `{prefix}:{route}:{id}`: counted for no route.
+    other: Arc<Table>,
 }
 
-struct Entry {
-    value: Value,
+struct Table {
+    shards: Box<[Mutex<Shard>]>,
+}
+
+#[derive(Default)]
+struct Shard {
+    /// Done keys and the tick they expire at.
+    done: Slots<u32>,
+    /// Claims in flight.
+    claims: Slots<Claim>,
+}
+
+struct Claim {
+    token: Box<str>,
     expires_at: Instant,
 }
 
-enum Value {
-    /// In flight, with the owner token.
-    InFlight(String),
-    /// Forwarded and committed.
-    Done,
+/// A map that remembers how many buckets it has allocated, for `memory_bytes`.
+struct Slots<V> {
+    map: DigestMap<V>,
+    buckets: usize,
 }
 
-impl Default for MemoryStore {
+impl<V> Default for Slots<V> {
     fn default() -> Self {
-        Self::new()
+        Self {
+            map: DigestMap::default(),
+            buckets: 0,
+        }
+    }
+}
+
+impl<V> Slots<V> {
+    fn insert(&mut self, digest: Digest, value: V) {
+        self.map.insert(digest, value);
+        // Right after a grow (or an in-place rehash) `capacity()` is the full 7/8 of the
+        // buckets; at other times tombstones can make it less, never more. Tables never shrink.
+        self.buckets = self.buckets.max(buckets_for(self.map.capacity()));
+    }
+
+    /// The bytes the map's allocation takes.
+    fn bytes(&self) -> u64 {
+        if self.buckets == 0 {
+            return 0;
+        }
+        self.buckets as u64 * (size_of::<(Digest, V)>() as u64 + 1) + GROUP_WIDTH
+    }
+}
+
+/// The buckets behind a hashbrown table of `capacity`: 4 or 8 below 8, else capacity × 8/7 (the
+/// table is never more than 7/8 full), a power of two.
+fn buckets_for(capacity: usize) -> usize {
+    match capacity {
+        0 => 0,
+        1..=7 => (capacity + 1).next_power_of_two(),
+        _ => (capacity.saturating_mul(8) / 7).next_power_of_two(),
+    }
+}
+
+impl Table {
+    fn new() -> Self {
+        Self {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+        }
+    }
+
+    fn lock(&self, digest: &Digest) -> MutexGuard<'_, Shard> {
+        lock(&self.shards[digest.shard()])
+    }
+}
+
+/// A shard's maps are consistent after every statement, so a panic elsewhere while one was
+/// held leaves nothing to repair.
+fn lock(shard: &Mutex<Shard>) -> MutexGuard<'_, Shard> {
+    shard.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A point in time as the tables see it.
+#[derive(Clone, Copy)]
+struct Now {
+    at: Instant,
+    /// Nanoseconds since `Inner::base`.
+    nanos: u128,
+}
+
+impl Now {
+    /// The tick `at` falls in: a done key expiring at tick `e` is live while `tick() < e`,
+    /// that is until `e × TICK`.
+    fn tick(&self) -> u64 {
+        u64::try_from(self.nanos / TICK_NANOS).unwrap_or(u64::MAX)
+    }
+
+    /// The tick a key done now for `window` expires at: the first tick boundary at or after
+    /// now + window, so it is remembered at least `window` and less than `window + TICK`.
+    fn expiry(&self, window: Duration) -> u32 {
+        let window = window.clamp(Duration::from_millis(1), FOREVER).as_nanos();
+        u32::try_from((self.nanos + window).div_ceil(TICK_NANOS)).unwrap_or(u32::MAX)
+    }
+
+    fn is_live(&self, expiry: u32) -> bool {
+        u64::from(expiry) > self.tick()
+    }
+
+    /// What is left of a done key's window, counted from the next tick boundary: never more
+    /// than the window asked for (for whole-tick windows), short of the truth by under a tick.
+    fn window_left(&self, expiry: u32) -> Duration {
+        let next = u64::try_from(self.nanos.div_ceil(TICK_NANOS)).unwrap_or(u64::MAX);
+        let ticks = u64::from(expiry).saturating_sub(next);
+        Duration::from_nanos(ticks.saturating_mul(TICK.as_nanos() as u64))
     }
 }
 
 impl MemoryStore {
-    /// An empty store. Inside a tokio runtime it also starts the sweeper; outside one, expiry
-    /// is lazy only.
-    pub fn new() -> Self {
+    /// An empty store for keys written under `key_prefix` (`store.key_prefix`). Inside a tokio
+    /// runtime it also starts the sweeper; outside one, expiry is lazy only.
+    pub fn new(key_prefix: &str) -> Self {
         let inner = Arc::new(Inner {
-            map: DashMap::new(),
+            base: Instant::now(),
+            prefix: key_prefix.into(),
+            routes: RwLock::default(),
+            other: Arc::new(Table::new()),
         });
         spawn_sweeper(&inner, SWEEP_EVERY);
         Self { inner }
@@ -66,82 +281,28 @@ impl MemoryStore {
 
     /// See `Store::claim`. Keys are handled in order, so a repeated key sees the earlier one.
     pub fn claim(&self, keys: &[String], owner: &Owner, lease: Duration) -> Vec<ClaimOutcome> {
-        let now = Instant::now();
-        let expires_at = deadline(now, lease);
+        let now = self.inner.now(Instant::now());
+        let expires_at = deadline(now.at, lease);
         keys.iter()
-            .map(|key| self.claim_one(key, owner, now, expires_at))
+            .map(|key| {
+                let digest = Digest::of(key);
+                let table = self.inner.table(key);
+                let mut shard = table.lock(&digest);
+                shard.claim(digest, owner, now, expires_at)
+            })
             .collect()
-    }
-
-    fn claim_one(
-        &self,
-        key: &str,
-        owner: &Owner,
-        now: Instant,
-        expires_at: Instant,
-    ) -> ClaimOutcome {
-        let ours = || Entry {
-            value: Value::InFlight(owner.token().to_owned()),
-            expires_at,
-        };
-        match self.inner.map.entry(key.to_owned()) {
-            MapEntry::Vacant(slot) => {
-                slot.insert(ours());
-                ClaimOutcome::Claimed
-            }
-            MapEntry::Occupied(mut slot) => {
-                let entry = slot.get_mut();
-                if entry.expires_at <= now {
-                    *entry = ours();
-                    return ClaimOutcome::Claimed;
-                }
-                match &entry.value {
-                    Value::Done => ClaimOutcome::Done,
-                    Value::InFlight(token) if token == owner.token() => {
-                        entry.expires_at = expires_at;
-                        ClaimOutcome::Ours
-                    }
-                    Value::InFlight(token) if is_older_epoch_of(token, owner) => {
-                        *entry = ours();
-                        ClaimOutcome::TakenOver
-                    }
-                    Value::InFlight(_) => ClaimOutcome::InFlightElsewhere {
-                        lease_left: entry.expires_at - now,
-                    },
-                }
-            }
-        }
     }
 
     /// See `Store::commit`.
     pub fn commit(&self, keys: &[String], owner: &Owner, window: Duration) -> Vec<CommitOutcome> {
-        let now = Instant::now();
-        let done = || Entry {
-            value: Value::Done,
-            expires_at: deadline(now, window),
-        };
+        let now = self.inner.now(Instant::now());
+        let expiry = now.expiry(window);
         keys.iter()
-            .map(|key| match self.inner.map.entry(key.clone()) {
-                MapEntry::Vacant(slot) => {
-                    slot.insert(done());
-                    CommitOutcome::Restored
-                }
-                MapEntry::Occupied(mut slot) => {
-                    let entry = slot.get_mut();
-                    let outcome = if entry.expires_at <= now {
-                        CommitOutcome::Restored
-                    } else {
-                        match &entry.value {
-                            Value::Done => return CommitOutcome::DoneElsewhere,
-                            Value::InFlight(token) if token == owner.token() => {
-                                CommitOutcome::Committed
-                            }
-                            Value::InFlight(_) => CommitOutcome::Overrode,
-                        }
-                    };
-                    *entry = done();
-                    outcome
-                }
+            .map(|key| {
+                let digest = Digest::of(key);
+                let table = self.inner.table(key);
+                let mut shard = table.lock(&digest);
+                shard.commit(digest, owner, now, expiry)
             })
             .collect()
     }
@@ -150,12 +311,15 @@ impl MemoryStore {
     pub fn renew(&self, keys: &[String], owner: &Owner, lease: Duration) -> Vec<bool> {
         let now = Instant::now();
         keys.iter()
-            .map(|key| match self.inner.map.get_mut(key.as_str()) {
-                Some(mut entry) if entry.expires_at > now && entry.is_owned_by(owner) => {
-                    entry.expires_at = deadline(now, lease);
-                    true
-                }
-                _ => false,
+            .map(|key| {
+                self.inner
+                    .with_claim(key, |claims, digest| match claims.map.get_mut(&digest) {
+                        Some(claim) if claim.expires_at > now && claim.is_owned_by(owner) => {
+                            claim.expires_at = deadline(now, lease);
+                            true
+                        }
+                        _ => false,
+                    })
             })
             .collect()
     }
@@ -166,27 +330,39 @@ impl MemoryStore {
         keys.iter()
             .map(|key| {
                 self.inner
-                    .map
-                    .remove_if(key.as_str(), |_, e| {
-                        e.expires_at > now && e.is_owned_by(owner)
+                    .with_claim(key, |claims, digest| match claims.map.get(&digest) {
+                        Some(claim) if claim.expires_at > now && claim.is_owned_by(owner) => {
+                            claims.map.remove(&digest);
+                            true
+                        }
+                        _ => false,
                     })
-                    .is_some()
             })
             .collect()
     }
 
-    /// See `Store::inspect`.
+    /// See `Store::inspect`. A done key's `window_left` counts whole ticks from the next tick
+    /// boundary, so it is up to a tick short of when the key is forgotten, and never more than
+    /// the window it was committed with (for windows of whole ticks, as every configured one
+    /// of whole seconds is).
     pub fn inspect(&self, key: &str) -> KeyState {
-        let now = Instant::now();
-        match self.inner.map.get(key) {
-            Some(e) if e.expires_at > now => match &e.value {
-                Value::Done => KeyState::Done {
-                    window_left: e.expires_at - now,
-                },
-                Value::InFlight(token) => KeyState::InFlight {
-                    owner: token.clone(),
-                    lease_left: e.expires_at - now,
-                },
+        let now = self.inner.now(Instant::now());
+        let Some(table) = self.inner.existing_table(key) else {
+            return KeyState::Absent;
+        };
+        let digest = Digest::of(key);
+        let shard = table.lock(&digest);
+        if let Some(&expiry) = shard.done.map.get(&digest) {
+            if now.is_live(expiry) {
+                return KeyState::Done {
+                    window_left: now.window_left(expiry),
+                };
+            }
+        }
+        match shard.claims.map.get(&digest) {
+            Some(claim) if claim.expires_at > now.at => KeyState::InFlight {
+                owner: claim.token.to_string(),
+                lease_left: claim.expires_at - now.at,
             },
             _ => KeyState::Absent,
         }
@@ -194,62 +370,235 @@ impl MemoryStore {
 
     /// See `Store::forget`. An expired entry counts as absent, as in Redis.
     pub fn forget(&self, key: &str) -> bool {
-        let now = Instant::now();
-        self.inner
+        let now = self.inner.now(Instant::now());
+        let Some(table) = self.inner.existing_table(key) else {
+            return false;
+        };
+        let digest = Digest::of(key);
+        let mut shard = table.lock(&digest);
+        let done = shard
+            .done
             .map
-            .remove(key)
-            .is_some_and(|(_, e)| e.expires_at > now)
+            .remove(&digest)
+            .is_some_and(|expiry| now.is_live(expiry));
+        let claimed = shard
+            .claims
+            .map
+            .remove(&digest)
+            .is_some_and(|claim| claim.expires_at > now.at);
+        done || claimed
     }
-}
 
-impl MemoryStore {
-    /// See `Store::size`: exact counts of unexpired keys per route, and an estimate of the
-    /// memory the map holds, in one pass over the map (each shard's read lock held in turn, so a
-    /// claim on that shard waits for that shard's part of the pass, as for the sweeper's).
+    /// See `Store::size`: exact counts of each route's unexpired keys, in flight and done, and
+    /// the tables' allocations (see the module docs), in one pass with each shard's lock held in
+    /// turn, like the sweeper's. Keys are counted by the route they were written under, so for
+    /// a `prefix` other than the store's own every count is 0.
     pub fn size(&self, prefix: &str, routes: &[String]) -> StoreSize {
-        let lookup = route_lookup(routes);
-        let mut keys = vec![0u64; routes.len()];
-        let mut heap = 0u64;
-        let now = Instant::now();
-        for item in self.inner.map.iter() {
-            let (key, entry) = item.pair();
-            heap += heap_block(key.capacity());
-            if let Value::InFlight(token) = &entry.value {
-                heap += heap_block(token.capacity());
-            }
-            if entry.expires_at <= now {
-                continue;
-            }
-            if let Some(i) = route_index(key.as_bytes(), prefix, &lookup) {
-                keys[i] += 1;
+        let now = self.inner.now(Instant::now());
+        let tables = self.inner.tables();
+        let mut memory_bytes = 0;
+        let mut live = HashMap::with_capacity(tables.len());
+        for (route, table) in &tables {
+            let (keys, bytes) = table.measure(now);
+            memory_bytes += bytes;
+            if let Some(route) = route {
+                live.insert(&**route, keys);
             }
         }
-        // hashbrown keeps at most 7/8 of its slots full and one control byte per slot; the
-        // reported capacity is that 7/8.
-        let slots = self.inner.map.capacity() as u64 * 8 / 7;
-        let slot_bytes = (std::mem::size_of::<(String, Entry)>() + 1) as u64;
+        let own = prefix == &*self.inner.prefix;
+        let keys = routes
+            .iter()
+            .map(|route| match live.get(route.as_str()) {
+                Some(&n) if own => n,
+                _ => 0,
+            })
+            .collect();
         StoreSize {
             keys,
             exact: true,
-            memory_bytes: slots * slot_bytes + heap,
+            memory_bytes,
         }
     }
 }
 
-/// The bytes glibc's malloc takes for an allocation of `len` bytes (none for an empty
-/// `String`): an 8-byte header, rounded up to 16, at least 32.
+impl Inner {
+    fn now(&self, at: Instant) -> Now {
+        Now {
+            at,
+            nanos: at.saturating_duration_since(self.base).as_nanos(),
+        }
+    }
+
+    /// The route of `key`: the text between `{prefix}:` and the next `:`.
+    fn route_of<'k>(&self, key: &'k str) -> Option<&'k str> {
+        let rest = key.strip_prefix(&*self.prefix)?.strip_prefix(':')?;
+        Some(rest.split_once(':')?.0)
+    }
+
+    /// The table `key` is written to; a route's table is created at its first key.
+    fn table(&self, key: &str) -> Arc<Table> {
+        if let Some(table) = self.existing_table(key) {
+            return table;
+        }
+        let Some(route) = self.route_of(key) else {
+            return self.other.clone();
+        };
+        let mut routes = self.routes.write().unwrap_or_else(PoisonError::into_inner);
+        routes
+            .entry(route.into())
+            .or_insert_with(|| Arc::new(Table::new()))
+            .clone()
+    }
+
+    /// The table `key` would be in; `None` for a route that has none yet, which holds nothing.
+    fn existing_table(&self, key: &str) -> Option<Arc<Table>> {
+        let Some(route) = self.route_of(key) else {
+            return Some(self.other.clone());
+        };
+        let routes = self.routes.read().unwrap_or_else(PoisonError::into_inner);
+        routes.get(route).cloned()
+    }
+
+    /// Runs `f` on the claims of `key`'s shard under its lock; `false` if there is no table.
+    fn with_claim(&self, key: &str, f: impl FnOnce(&mut Slots<Claim>, Digest) -> bool) -> bool {
+        let Some(table) = self.existing_table(key) else {
+            return false;
+        };
+        let digest = Digest::of(key);
+        let mut shard = table.lock(&digest);
+        f(&mut shard.claims, digest)
+    }
+
+    /// Every table with its route (`None` for the table of other keys), taken out of the
+    /// route map so that a long pass does not hold up a new route's first key.
+    fn tables(&self) -> Vec<(Option<Box<str>>, Arc<Table>)> {
+        let routes = self.routes.read().unwrap_or_else(PoisonError::into_inner);
+        routes
+            .iter()
+            .map(|(route, table)| (Some(route.clone()), table.clone()))
+            .chain([(None, self.other.clone())])
+            .collect()
+    }
+
+    fn remove_expired(&self, at: Instant) {
+        let now = self.now(at);
+        for (_, table) in self.tables() {
+            for shard in table.shards.iter() {
+                let mut shard = lock(shard);
+                shard.done.map.retain(|_, &mut expiry| now.is_live(expiry));
+                shard
+                    .claims
+                    .map
+                    .retain(|_, claim| claim.expires_at > now.at);
+            }
+        }
+    }
+}
+
+impl Table {
+    /// Unexpired keys, and the bytes the table allocates.
+    fn measure(&self, now: Now) -> (u64, u64) {
+        let mut keys = 0;
+        let mut bytes = size_of::<Self>() as u64 + (SHARDS * size_of::<Mutex<Shard>>()) as u64;
+        for shard in self.shards.iter() {
+            let shard = lock(shard);
+            keys += shard
+                .done
+                .map
+                .values()
+                .filter(|&&expiry| now.is_live(expiry))
+                .count() as u64;
+            bytes += shard.done.bytes() + shard.claims.bytes();
+            for claim in shard.claims.map.values() {
+                bytes += heap_block(claim.token.len());
+                if claim.expires_at > now.at {
+                    keys += 1;
+                }
+            }
+        }
+        (keys, bytes)
+    }
+}
+
+impl Shard {
+    /// Done first, then in flight: the decisions of the Redis claim script.
+    fn claim(
+        &mut self,
+        digest: Digest,
+        owner: &Owner,
+        now: Now,
+        expires_at: Instant,
+    ) -> ClaimOutcome {
+        if let Some(&expiry) = self.done.map.get(&digest) {
+            if now.is_live(expiry) {
+                return ClaimOutcome::Done;
+            }
+            // Expired: absent, and the claim below takes its place.
+            self.done.map.remove(&digest);
+        }
+        let ours = || Claim {
+            token: owner.token().into(),
+            expires_at,
+        };
+        let Some(claim) = self.claims.map.get_mut(&digest) else {
+            self.claims.insert(digest, ours());
+            return ClaimOutcome::Claimed;
+        };
+        if claim.expires_at <= now.at {
+            *claim = ours();
+            ClaimOutcome::Claimed
+        } else if claim.is_owned_by(owner) {
+            claim.expires_at = expires_at;
+            ClaimOutcome::Ours
+        } else if is_older_epoch_of(&claim.token, owner) {
+            *claim = ours();
+            ClaimOutcome::TakenOver
+        } else {
+            ClaimOutcome::InFlightElsewhere {
+                lease_left: claim.expires_at - now.at,
+            }
+        }
+    }
+
+    /// Leaves the key done whatever it holds, except that a done key keeps its window.
+    fn commit(&mut self, digest: Digest, owner: &Owner, now: Now, expiry: u32) -> CommitOutcome {
+        if self
+            .done
+            .map
+            .get(&digest)
+            .is_some_and(|&expiry| now.is_live(expiry))
+        {
+            return CommitOutcome::DoneElsewhere;
+        }
+        let outcome = match self.claims.map.remove(&digest) {
+            Some(claim) if claim.expires_at > now.at => {
+                if claim.is_owned_by(owner) {
+                    CommitOutcome::Committed
+                } else {
+                    CommitOutcome::Overrode
+                }
+            }
+            _ => CommitOutcome::Restored,
+        };
+        self.done.insert(digest, expiry);
+        outcome
+    }
+}
+
+impl Claim {
+    fn is_owned_by(&self, owner: &Owner) -> bool {
+        *self.token == *owner.token()
+    }
+}
+
+/// The bytes glibc's malloc takes for an allocation of `len` bytes (none for an empty one):
+/// an 8-byte header, rounded up to 16, at least 32.
 fn heap_block(len: usize) -> u64 {
     if len == 0 {
         return 0;
     }
     let len = len as u64;
     ((len + 8).div_ceil(16) * 16).max(32)
-}
-
-impl Entry {
-    fn is_owned_by(&self, owner: &Owner) -> bool {
-        matches!(&self.value, Value::InFlight(token) if token == owner.token())
-    }
 }
 
 fn deadline(now: Instant, ttl: Duration) -> Instant {
@@ -278,50 +627,330 @@ async fn sweep(inner: Weak<Inner>, every: Duration) {
     }
 }
 
-impl Inner {
-    fn remove_expired(&self, now: Instant) {
-        self.map.retain(|_, e| e.expires_at > now);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn owner(instance: &str, epoch: u64) -> Owner {
+        Owner::new(Arc::from(instance), epoch)
+    }
+
+    fn strings(keys: &[&str]) -> Vec<String> {
+        keys.iter().map(|k| (*k).to_owned()).collect()
+    }
+
+    impl Inner {
+        /// Entries held, expired or not, in every table.
+        fn entries(&self) -> usize {
+            self.tables()
+                .iter()
+                .flat_map(|(_, table)| table.shards.iter())
+                .map(|shard| {
+                    let shard = lock(shard);
+                    shard.done.map.len() + shard.claims.map.len()
+                })
+                .sum()
+        }
+
+        fn route_tables(&self) -> Vec<String> {
+            let mut routes: Vec<String> = self
+                .tables()
+                .into_iter()
+                .filter_map(|(route, _)| route.map(String::from))
+                .collect();
+            routes.sort();
+            routes
+        }
+    }
+
+    #[test]
+    fn a_done_key_is_a_20_byte_slot() {
+        assert_eq!(size_of::<(Digest, u32)>(), 20);
+        assert_eq!(std::mem::align_of::<Digest>(), 1);
+        assert_eq!(Digest::of("dd:r:1"), Digest::of("dd:r:1"));
+        assert!(Digest::of("dd:r:1") != Digest::of("dd:r:2"));
+    }
+
+    #[test]
+    fn tick_rounding_remembers_at_least_the_window_and_at_most_an_eighth_more() {
+        let store = MemoryStore::new("dd");
+        let base = store.inner.base;
+        let windows = [
+            Duration::from_secs(1),
+            Duration::from_millis(1001),
+            Duration::from_millis(1999),
+            Duration::from_secs(60),
+            Duration::from_secs(3600) + Duration::from_millis(7),
+            Duration::from_secs(365 * 24 * 3600),
+        ];
+        let offsets = [0, 1, 62, 124, 125, 126, 999, 86_400_123].map(Duration::from_millis);
+        let (a, b) = (owner("inst-a", 1), owner("inst-b", 1));
+        let digest = Digest::of("dd:r:k");
+        for offset in offsets {
+            for window in windows {
+                let committed = store.inner.now(base + offset);
+                let expiry = committed.expiry(window);
+                let remembered = Duration::from_nanos(u64::from(expiry) * 125_000_000) - offset;
+                assert!(
+                    remembered >= window && remembered <= window + window / 8,
+                    "window {window:?} at {offset:?}: remembered {remembered:?}"
+                );
+
+                // The same through the claim protocol, at the two edges.
+                let mut shard = Shard::default();
+                let lease = base + offset + Duration::from_secs(30);
+                assert_eq!(
+                    shard.commit(digest, &a, committed, expiry),
+                    CommitOutcome::Restored
+                );
+                let just_before = store
+                    .inner
+                    .now(base + offset + window - Duration::from_nanos(1));
+                assert_eq!(
+                    shard.claim(digest, &b, just_before, lease),
+                    ClaimOutcome::Done
+                );
+                let left = just_before.window_left(expiry);
+                assert!(left <= TICK, "{left:?} left just before the window ends");
+                let past = store.inner.now(base + offset + window + window / 8);
+                assert_eq!(shard.claim(digest, &b, past, lease), ClaimOutcome::Claimed);
+            }
+        }
+    }
+
+    #[test]
+    fn window_left_never_exceeds_a_whole_tick_window() {
+        let store = MemoryStore::new("dd");
+        let window = Duration::from_secs(60);
+        for offset_ms in [0, 1, 60, 124, 125, 126, 250, 1_000_001] {
+            let now = store
+                .inner
+                .now(store.inner.base + Duration::from_millis(offset_ms));
+            let left = now.window_left(now.expiry(window));
+            assert!(
+                left <= window && left > window - TICK,
+                "{left:?} at {offset_ms} ms"
+            );
+        }
+    }
+
+    #[test]
+    fn ticks_saturate_instead_of_wrapping() {
+        let store = MemoryStore::new("dd");
+        let late = Now {
+            at: store.inner.base,
+            nanos: u128::from(u32::MAX) * TICK_NANOS + 1,
+        };
+        assert_eq!(late.expiry(Duration::from_secs(1)), u32::MAX);
+        assert!(!late.is_live(u32::MAX));
+        assert_eq!(late.window_left(u32::MAX), Duration::ZERO);
+    }
+
+    #[test]
+    fn each_route_has_its_own_table_and_other_keys_count_for_none() {
+        // A prefix may contain ':'; route names never do.
+        let store = MemoryStore::new("dd:x");
+        let a = owner("inst-a", 1);
+        let keys = strings(&[
+            "dd:x:orders:1",
+            "dd:x:orders:2:with:colons",
+            "dd:x:payments:1",
+            "dd:x:orders",   // no id: not a store key
+            "dd:y:orders:1", // another prefix
+            "dd:xorders:1",  // the prefix without its ':'
+            "dd:x:orders:1", // repeated
+        ]);
+        use ClaimOutcome::{Claimed, Ours};
+        assert_eq!(
+            store.claim(&keys, &a, Duration::from_secs(30)),
+            [Claimed, Claimed, Claimed, Claimed, Claimed, Claimed, Ours]
+        );
+        store.commit(&keys[..1], &a, Duration::from_secs(60));
+        assert_eq!(store.inner.route_tables(), ["orders", "payments"]);
+        let routes = strings(&["orders", "payments", "idle", "orders"]);
+        assert_eq!(store.size("dd:x", &routes).keys, [2, 1, 0, 2]);
+        assert_eq!(store.size("dd", &routes).keys, [0, 0, 0, 0]);
+        let other = store.inner.other.measure(store.inner.now(Instant::now())).0;
+        assert_eq!(other, 3);
+
+        // Reading a key of a route never written creates nothing.
+        assert_eq!(store.inspect("dd:x:idle:1"), KeyState::Absent);
+        assert!(!store.forget("dd:x:idle:1"));
+        assert_eq!(store.release(&strings(&["dd:x:idle:1"]), &a), [false]);
+        assert_eq!(store.inner.route_tables(), ["orders", "payments"]);
+
+        // Every key is found again by its own digest.
+        assert!(matches!(
+            store.inspect("dd:x:orders:1"),
+            KeyState::Done { .. }
+        ));
+        for key in &keys[1..6] {
+            assert!(
+                matches!(store.inspect(key), KeyState::InFlight { .. }),
+                "{key}"
+            );
+        }
+    }
+
+    #[test]
+    fn size_counts_in_flight_and_done_until_they_expire() {
+        let store = MemoryStore::new("dd");
+        let a = owner("inst-a", 1);
+        let keys: Vec<String> = (0..300).map(|i| format!("dd:r:{i}")).collect();
+        store.claim(&keys, &a, Duration::from_secs(30));
+        store.commit(&keys[..100], &a, Duration::from_secs(60));
+        store.commit(&keys[100..200], &a, Duration::from_millis(1));
+        let routes = strings(&["r"]);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while store.size("dd", &routes).keys != [200] {
+            assert!(Instant::now() < deadline, "1 ms windows never expired");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    #[test]
+    fn memory_bytes_follow_the_allocation_not_capacity() {
+        for n in [0usize, 1, 3, 4, 7, 8, 100, 1000, 5000] {
+            let mut map = DigestMap::<u32>::default();
+            for i in 0..n {
+                map.insert(Digest::of(&i.to_string()), 0);
+            }
+            let buckets = buckets_for(map.capacity());
+            let full = if buckets < 8 {
+                buckets.saturating_sub(1)
+            } else {
+                buckets / 8 * 7
+            };
+            assert_eq!(map.capacity(), full, "{n} keys: {buckets} buckets");
+        }
+
+        let mut slots = Slots::<u32>::default();
+        for i in 0..896u32 {
+            slots.insert(Digest::of(&i.to_string()), i);
+        }
+        assert_eq!(slots.buckets, 1024);
+        let full = slots.bytes();
+        assert_eq!(full, 1024 * 21 + 16);
+        // Removals free nothing (and may leave tombstones that lower `capacity()`).
+        slots.map.retain(|_, v| *v % 4 == 0);
+        slots.insert(Digest::of("one more"), 0);
+        assert_eq!(slots.bytes(), full);
+
+        // A store's estimate: the 20-byte slots, at most 7/8 full, plus the claims.
+        let store = MemoryStore::new("dd");
+        let a = owner("inst-a", 1);
+        let keys: Vec<String> = (0..50_000).map(|i| format!("dd:r:{i}")).collect();
+        for batch in keys.chunks(500) {
+            store.claim(batch, &a, Duration::from_secs(30));
+            store.commit(batch, &a, Duration::from_secs(60));
+        }
+        let bytes = store.size("dd", &strings(&["r"])).memory_bytes;
+        let per_key = bytes as f64 / 50_000.0;
+        assert!((24.0..60.0).contains(&per_key), "{per_key} bytes per key");
+    }
+
+    #[test]
+    fn shards_spread_keys_and_leave_the_hash_bits_free() {
+        let digests: Vec<Digest> = (0..16_000).map(|i| Digest::of(&format!("k{i}"))).collect();
+        let mut per_shard = [0usize; SHARDS];
+        for d in &digests {
+            per_shard[d.shard()] += 1;
+        }
+        assert!(
+            per_shard.iter().all(|&n| (800..1200).contains(&n)),
+            "{per_shard:?}"
+        );
+        // Within one shard the low hash bits (hashbrown's bucket) still take every value.
+        let mut low = std::collections::HashSet::new();
+        for d in digests.iter().filter(|d| d.shard() == 0) {
+            let mut h = DigestHasher::default();
+            d.hash(&mut h);
+            low.insert(h.finish() & 0xff);
+        }
+        assert!(low.len() > 200, "{} of 256 low-byte values", low.len());
+    }
+
+    #[test]
+    fn racing_claims_on_one_key_are_claimed_once() {
+        let store = MemoryStore::new("dd");
+        let keys: Vec<String> = (0..2000).map(|i| format!("dd:r:{i}")).collect();
+        let claimed: Vec<Vec<ClaimOutcome>> = std::thread::scope(|s| {
+            let racers: Vec<_> = (0..4)
+                .map(|i| {
+                    let (store, keys) = (&store, &keys);
+                    s.spawn(move || {
+                        store.claim(
+                            keys,
+                            &owner(&format!("inst-{i}"), 1),
+                            Duration::from_secs(30),
+                        )
+                    })
+                })
+                .collect();
+            racers
+                .into_iter()
+                .map(|r| r.join().expect("racer panicked"))
+                .collect()
+        });
+        for k in 0..keys.len() {
+            let winners = claimed
+                .iter()
+                .filter(|outcomes| outcomes[k] == ClaimOutcome::Claimed)
+                .count();
+            assert_eq!(winners, 1, "key {k}");
+        }
+    }
+
     #[test]
     fn sweep_removes_only_expired_entries() {
-        let store = MemoryStore::new();
-        let a = Owner::new(Arc::from("inst-a"), 1);
-        let short: Vec<String> = (0..100).map(|i| format!("short-{i}")).collect();
-        let long = vec!["long".to_owned()];
+        let store = MemoryStore::new("dd");
+        let a = owner("inst-a", 1);
+        let short: Vec<String> = (0..100).map(|i| format!("dd:r:short-{i}")).collect();
+        let long = strings(&["dd:r:long", "dd:r:long-done", "other-long"]);
         store.claim(&short, &a, Duration::from_millis(10));
         store.claim(&long, &a, Duration::from_secs(60));
         store.commit(&short[..50], &a, Duration::from_millis(10));
-        assert_eq!(store.inner.map.len(), 101);
+        store.commit(&long[1..2], &a, Duration::from_secs(60));
+        assert_eq!(store.inner.entries(), 103);
 
         store
             .inner
             .remove_expired(Instant::now() + Duration::from_secs(1));
-        assert_eq!(store.inner.map.len(), 1);
-        assert!(matches!(store.inspect("long"), KeyState::InFlight { .. }));
+        assert_eq!(store.inner.entries(), 3);
+        assert!(matches!(
+            store.inspect("dd:r:long"),
+            KeyState::InFlight { .. }
+        ));
+        assert!(matches!(
+            store.inspect("dd:r:long-done"),
+            KeyState::Done { .. }
+        ));
+        assert!(matches!(
+            store.inspect("other-long"),
+            KeyState::InFlight { .. }
+        ));
     }
 
     #[tokio::test]
     async fn sweeper_sweeps_then_stops_when_the_store_is_dropped() {
         let inner = Arc::new(Inner {
-            map: DashMap::new(),
+            base: Instant::now(),
+            prefix: "dd".into(),
+            routes: RwLock::default(),
+            other: Arc::new(Table::new()),
         });
         let sweeper = spawn_sweeper(&inner, Duration::from_millis(10)).expect("in a runtime");
         let store = MemoryStore {
             inner: inner.clone(),
         };
         drop(inner);
-        let a = Owner::new(Arc::from("inst-a"), 1);
-        let keys: Vec<String> = (0..10).map(|i| format!("k{i}")).collect();
+        let a = owner("inst-a", 1);
+        let keys: Vec<String> = (0..10).map(|i| format!("dd:r:k{i}")).collect();
         store.claim(&keys, &a, Duration::from_millis(1));
+        store.commit(&keys[..5], &a, Duration::from_millis(1));
 
         let deadline = Instant::now() + Duration::from_secs(5);
-        while !store.inner.map.is_empty() {
+        while store.inner.entries() > 0 {
             assert!(Instant::now() < deadline, "expired entries never swept");
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
