@@ -49,8 +49,8 @@
 //! uses, for the `dedupd_store_keys{route}` and `dedupd_store_memory_bytes` gauges. It is
 //! called by a background sampler every 15 s (`telemetry::sizing`), never on the hot path, and
 //! costs a bounded amount whatever the store holds: on Redis, six `HGET`s per route (each
-//! table counts its keys) and `INFO memory` (summed over a cluster's primaries); in memory, one
-//! pass over the tables.
+//! table counts its keys) and `INFO memory` (summed over a cluster's primaries); in memory, the
+//! tables' counts and an estimate of their allocation (see the `memory` module).
 
 pub mod layout;
 mod memory;
@@ -404,29 +404,6 @@ fn record(op: &'static str, started: Instant) {
 /// be meaningless anyway, so the floor is 1 ms.
 fn px_millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
-}
-
-/// Which of `routes` the store key `key` (`{prefix}:{route}:{id}`) belongs to. Route names
-/// cannot contain `:` (config validation), so the route is exactly the text between the
-/// prefix's `:` and the next one, whatever the prefix and the id contain.
-fn route_index(
-    key: &[u8],
-    prefix: &str,
-    routes: &std::collections::HashMap<&str, usize>,
-) -> Option<usize> {
-    let rest = key.strip_prefix(prefix.as_bytes())?.strip_prefix(b":")?;
-    let end = rest.iter().position(|&b| b == b':')?;
-    let route = std::str::from_utf8(&rest[..end]).ok()?;
-    routes.get(route).copied()
-}
-
-/// `routes` by name, for [`route_index`].
-fn route_lookup(routes: &[String]) -> std::collections::HashMap<&str, usize> {
-    routes
-        .iter()
-        .enumerate()
-        .map(|(i, r)| (r.as_str(), i))
-        .collect()
 }
 
 /// Whether `stored` is a token of `owner`'s process with an epoch older than `owner`'s.

@@ -126,7 +126,10 @@ async fn inspect_and_forget_a_key_of_the_compact_layout() {
         .await
         .expect("claim");
     let (_, out, _) = run_binary(&args, &[]).await;
-    assert!(out.contains("in-flight") && out.contains("cli-test:4"), "{out}");
+    assert!(
+        out.contains("in-flight") && out.contains("cli-test:4"),
+        "{out}"
+    );
 
     store
         .commit(keys, &owner, Duration::from_secs(3600))

@@ -200,10 +200,11 @@ async fn memory_store_counts_exactly_the_unexpired_keys_of_each_route() {
     };
     assert_eq!(size.keys, vec![1600, 500, 0]);
     assert!(size.exact);
-    // 2,600 entries (the expired ones may be swept already, so at least 2,400).
+    // 2,600 entries (the expired ones may be swept already, so at least 2,400), each at least
+    // a table slot (a 16-byte digest, a 4-byte expiry, a control byte).
     let per_entry = size.memory_bytes as f64 / 2600.0;
     assert!(
-        (60.0..1000.0).contains(&per_entry),
+        (21.0..1000.0).contains(&per_entry),
         "estimate of {} bytes for about 2,600 entries",
         size.memory_bytes
     );
@@ -371,6 +372,22 @@ async fn measure_redis_bytes_per_remembered_key() {
     redis_bytes_per_key(to / 10, to).await;
 }
 
+/// The memory store's own estimate grows by at most 64 bytes per remembered key (the RSS
+/// figure, which only a test running alone can read, is the measurement below).
+#[tokio::test]
+async fn memory_store_estimates_at_most_64_bytes_per_key() {
+    let store = Store::open(&store_config("memory", "redis://127.0.0.1:1/0", "est"))
+        .await
+        .expect("store");
+    let routes = ["orders".to_owned()];
+    remember(&store, "est", "orders", FROM, DAY).await;
+    let before = store.size("est", &routes).await.expect("size").memory_bytes;
+    remember(&store, "est", "orders", TO - FROM, DAY).await;
+    let after = store.size("est", &routes).await.expect("size").memory_bytes;
+    let per_key = (after - before) as f64 / (TO - FROM) as f64;
+    assert!(per_key <= 64.0, "{per_key:.1} bytes per key");
+}
+
 #[tokio::test]
 #[ignore = "measurement: run alone, see the module docs"]
 async fn measure_memory_store_bytes_per_remembered_key() {
@@ -383,6 +400,8 @@ async fn measure_memory_store_bytes_per_remembered_key() {
     remember(&store, "dedupd", "orders", TO - FROM, DAY).await;
     let (rss_after, est_after) = (rss(), store.size("dedupd", &routes).await.expect("size"));
     assert_eq!(est_after.keys, vec![TO as u64]);
+    let rss_per_key = (rss_after - rss_before) as f64 / (TO - FROM) as f64;
+    assert!(rss_per_key <= 64.0, "{rss_per_key:.1} bytes of RSS per key");
     println!(
         "memory store: RSS {rss_before} at {FROM} keys, {rss_after} at {TO} keys: {:.1} bytes \
          per key; dedupd_store_memory_bytes {} -> {}: {:.1} bytes per key",
