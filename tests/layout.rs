@@ -22,7 +22,6 @@ use tokio_util::task::TaskTracker;
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
 const LEASE: Duration = Duration::from_secs(30);
-const CLUSTER_ENV: &str = "DEDUPD_TEST_REDIS_CLUSTER";
 
 fn store_config(url_toml: &str, prefix: &str) -> StoreConfig {
     let toml = format!(
@@ -322,15 +321,9 @@ async fn primaries(seed: &str) -> Vec<(String, Vec<(u16, u16)>)> {
 
 #[tokio::test]
 async fn on_a_cluster_a_batch_costs_one_call_per_table_spread_over_the_masters() {
-    let Ok(urls) = std::env::var(CLUSTER_ENV) else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{CLUSTER_ENV} is not set: run the tests with scripts/test.sh"
-        );
-        eprintln!("SKIPPED: set {CLUSTER_ENV} to run against a Redis Cluster");
+    let Some(urls) = common::cluster_urls() else {
         return;
     };
-    let urls: Vec<String> = urls.split(',').map(|u| u.trim().to_owned()).collect();
     let prefix = common::unique("layout-cluster");
     let store = Store::open(&store_config(&format!("{urls:?}"), &prefix))
         .await
@@ -415,16 +408,11 @@ async fn on_a_cluster_a_batch_costs_one_call_per_table_spread_over_the_masters()
 /// cluster, the whole pipeline sends under 0.1 Redis commands per message.
 #[tokio::test]
 async fn on_a_cluster_the_pipeline_sends_under_a_tenth_of_a_command_per_message() {
-    let Ok(urls) = std::env::var(CLUSTER_ENV) else {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{CLUSTER_ENV} is not set: run the tests with scripts/test.sh"
-        );
-        eprintln!("SKIPPED: set {CLUSTER_ENV} to run against a Redis Cluster");
+    let Some(urls) = common::cluster_urls() else {
         return;
     };
     let setup = common::Setup::new("cluster-load");
-    let list: Vec<String> = urls.split(',').map(|u| format!("{:?}", u.trim())).collect();
+    let list: Vec<String> = urls.iter().map(|u| format!("{u:?}")).collect();
     let toml = setup
         .toml()
         .replace(
@@ -461,11 +449,7 @@ async fn on_a_cluster_the_pipeline_sends_under_a_tenth_of_a_command_per_message(
     assert!(commands > 0.0 && commands / N as f64 <= 0.1, "{commands}");
     proxy.stop().await;
     broker.cleanup().await;
-    common::cluster_cleanup(
-        urls.split(',').next().unwrap_or_default().trim(),
-        &setup.name,
-    )
-    .await;
+    common::cluster_cleanup(&urls[0], &setup.name).await;
     let _ = std::fs::remove_file(path);
 }
 
@@ -485,31 +469,19 @@ async fn listpack_limits_too_small_for_the_layout_are_reported() {
         .await
         .expect("store");
     assert_eq!(store.layout_risk().await.expect("CONFIG GET"), None);
-    assert!(
-        redis
-            .cmd(&["CONFIG", "SET", "hash-max-listpack-entries", "64"])
-            .await
-    );
-    let risk = store.layout_risk().await.expect("CONFIG GET");
-    assert!(
-        risk.as_deref()
-            .is_some_and(|r| r.contains("hash-max-listpack-entries is 64")),
-        "{risk:?}"
-    );
-    assert!(
-        redis
-            .cmd(&["CONFIG", "SET", "hash-max-listpack-entries", "128"])
-            .await
-    );
-    assert!(
-        redis
-            .cmd(&["CONFIG", "SET", "hash-max-listpack-value", "8"])
-            .await
-    );
-    let risk = store.layout_risk().await.expect("CONFIG GET");
-    assert!(
-        risk.as_deref()
-            .is_some_and(|r| r.contains("hash-max-listpack-value is 8")),
-        "{risk:?}"
-    );
+    // Each setting in turn: the risk names it and its value.
+    for (setting, value, fixed) in [
+        ("hash-max-listpack-entries", "64", "128"),
+        ("hash-max-listpack-value", "8", "64"),
+    ] {
+        assert!(redis.cmd(&["CONFIG", "SET", setting, value]).await);
+        let risk = store.layout_risk().await.expect("CONFIG GET");
+        let expected = format!("{setting} is {value}");
+        assert!(
+            risk.as_deref().is_some_and(|r| r.contains(&expected)),
+            "{risk:?}"
+        );
+        assert!(redis.cmd(&["CONFIG", "SET", setting, fixed]).await);
+    }
+    assert_eq!(store.layout_risk().await.expect("CONFIG GET"), None);
 }

@@ -240,6 +240,21 @@ pub async fn redis_cleanup(prefix: &str) {
     }
 }
 
+/// The seed URLs of the test Redis Cluster (`DEDUPD_TEST_REDIS_CLUSTER`, set by
+/// `scripts/test.sh`); `None`, after saying so, when it is not set outside CI. Under CI a missing
+/// cluster fails the test instead of skipping it.
+pub fn cluster_urls() -> Option<Vec<String>> {
+    let Ok(urls) = std::env::var("DEDUPD_TEST_REDIS_CLUSTER") else {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "DEDUPD_TEST_REDIS_CLUSTER is not set: run the tests with scripts/test.sh"
+        );
+        eprintln!("SKIPPED: set DEDUPD_TEST_REDIS_CLUSTER to run against a Redis Cluster");
+        return None;
+    };
+    Some(urls.split(',').map(|u| u.trim().to_owned()).collect())
+}
+
 /// Deletes every key under `prefix:` on every primary of the Redis Cluster `seed` belongs to
 /// (SCAN per primary, then one UNLINK per key: keys of different slots cannot share one).
 pub async fn cluster_cleanup(seed: &str, prefix: &str) {
