@@ -98,6 +98,8 @@ async fn shards_stay_listpacks_and_split_as_a_table_grows() {
         let meta: HashMap<String, String> = cmd(&mut conn, &["HGETALL", &tables.meta(g)]).await;
         let n: u64 = meta.get("n").map_or(1, |n| n.parse().expect("n"));
         let c: u64 = meta.get("c").expect("c").parse().expect("c");
+        let meta_ttl: i64 = cmd(&mut conn, &["PTTL", &tables.meta(g)]).await;
+        assert!(meta_ttl > 0, "table {g}: meta without TTL ({meta_ttl})");
         total += c;
         // Split at 40 per shard on average; not split needlessly either.
         assert!(

@@ -254,6 +254,22 @@ fn run_at_trace_logs_no_password() {
             }
         }
     });
+    forget_store_keys();
+}
+
+/// Deletes what a dedupd that reached Redis wrote under the tests' prefix (the upgrade marker
+/// of its route).
+fn forget_store_keys() {
+    let keys = std::process::Command::new("redis-cli")
+        .args(["--scan", "--pattern", "dedupd-secrets:*"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    for key in keys.lines().filter(|k| !k.is_empty()) {
+        let _ = std::process::Command::new("redis-cli")
+            .args(["UNLINK", key])
+            .output();
+    }
 }
 
 /// `check --connect` with every password wrong: literal in one file, `${VAR}` in the other.
@@ -310,5 +326,6 @@ fn reload_at_trace_logs_neither_password() {
     });
     let (stdout, stderr) = daemon.stop();
     let _ = std::fs::remove_file(&path);
+    forget_store_keys();
     assert_no_password("reload", &stdout, &stderr);
 }

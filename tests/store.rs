@@ -40,8 +40,9 @@ struct Ctx {
 }
 
 impl Ctx {
+    /// A store key as dedupd builds them: `{prefix}:{route}:{id}` (route "r").
     fn key(&self, name: &str) -> String {
-        format!("{}:{name}", self.prefix)
+        format!("{}:r:{name}", self.prefix)
     }
 
     fn keys(&self, names: &[&str]) -> Vec<String> {
@@ -53,22 +54,7 @@ impl Ctx {
         match &self.backend {
             Backend::Memory => {}
             Backend::Redis => self.cleanup_redis().await,
-            Backend::Cluster(urls) => {
-                // Keys live on several nodes: the store's own `forget` routes each one.
-                let client = ::redis::cluster::ClusterClient::new(urls.clone()).expect("urls");
-                let mut conn = client
-                    .get_async_connection()
-                    .await
-                    .expect("cluster connection for cleanup");
-                let keys: Vec<String> = ::redis::cmd("KEYS")
-                    .arg(format!("{}:*", self.prefix))
-                    .query_async(&mut conn)
-                    .await
-                    .expect("KEYS");
-                for key in keys {
-                    self.store.forget(&key).await.expect("forget");
-                }
-            }
+            Backend::Cluster(urls) => common::cluster_cleanup(&urls[0], &self.prefix).await,
         }
     }
 
@@ -107,19 +93,27 @@ fn store_config(kind: StoreKind, url: &str, timeout: Duration) -> StoreConfig {
 }
 
 async fn memory_ctx(test: &str) -> Ctx {
-    let cfg = store_config(StoreKind::Memory, REDIS_URL, Duration::from_secs(2));
+    let prefix = prefix("mem", test);
+    let cfg = StoreConfig {
+        key_prefix: prefix.clone(),
+        ..store_config(StoreKind::Memory, REDIS_URL, Duration::from_secs(2))
+    };
     Ctx {
         store: Store::open(&cfg).await.expect("memory store"),
-        prefix: prefix("mem", test),
+        prefix,
         backend: Backend::Memory,
     }
 }
 
 async fn redis_ctx(test: &str) -> Ctx {
-    let cfg = store_config(StoreKind::Redis, REDIS_URL, Duration::from_secs(5));
+    let prefix = prefix("redis", test);
+    let cfg = StoreConfig {
+        key_prefix: prefix.clone(),
+        ..store_config(StoreKind::Redis, REDIS_URL, Duration::from_secs(5))
+    };
     Ctx {
         store: Store::open(&cfg).await.expect("redis store"),
-        prefix: prefix("redis", test),
+        prefix,
         backend: Backend::Redis,
     }
 }
@@ -135,15 +129,17 @@ async fn cluster_ctx(test: &str) -> Option<Ctx> {
         return None;
     };
     let urls: Vec<String> = urls.split(',').map(|u| u.trim().to_owned()).collect();
+    let prefix = prefix("cluster", test);
     let cfg = StoreConfig {
         kind: StoreKind::Redis,
         url: StoreUrl::Cluster(urls.clone()),
         timeout: Duration::from_secs(5),
+        key_prefix: prefix.clone(),
         ..StoreConfig::default()
     };
     Some(Ctx {
         store: Store::open(&cfg).await.expect("cluster store"),
-        prefix: prefix("cluster", test),
+        prefix,
         backend: Backend::Cluster(urls),
     })
 }

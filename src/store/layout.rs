@@ -24,7 +24,7 @@
 //! |---|---|---|
 //! | `T:m` | hash | `n` shards, `c` remembered keys, sweep cursor `s` and pass start `ps` |
 //! | `T:{i}` | hash | shard `i`: field → expiry tick |
-//! | `T:c:{field}` | string | an in-flight claim: the owner token, with the lease as its TTL |
+//! | `T:c:{field in hex}` | string | an in-flight claim: the owner token, with the lease as its TTL |
 //! | `{prefix}:{{route}}:legacy-until` | string | when the last key of the 0.1 layout expires |
 //!
 //! Keys of the 0.1 layout are the store keys themselves (`{prefix}:{route}:{id}` strings); none

@@ -86,8 +86,10 @@ local function shard(t, field)
   if s < t.n - t.lo then s = h % (2 * t.lo) end
   return t.base .. ':' .. s
 end
+-- Claim names spell the field in hex: key names stay printable for operators' tools.
+local HEX = string.rep('%02x', 15)
 local function claim_key(t, field)
-  return t.base .. ':c:' .. field
+  return t.base .. ':c:' .. string.format(HEX, string.byte(field, 1, 15))
 end
 ";
 
@@ -213,8 +215,9 @@ for _, t in pairs(tables) do
     end
     local ttl = t.w + 2 * TICK
     for sk in pairs(t.shards) do redis.call('PEXPIRE', sk, ttl) end
-    redis.call('PEXPIRE', t.meta, ttl)
+    -- After HINCRBY, which creates the meta of a new table: a TTL on a missing key is lost.
     local c = redis.call('HINCRBY', t.meta, 'c', t.added)
+    redis.call('PEXPIRE', t.meta, ttl)
     local n, dropped = t.n, 0
     -- At most 4 splits per call bound the script's time; the next commit continues.
     for _ = 1, 4 do
@@ -283,7 +286,8 @@ local tick = redis.call('HGET', sk, field)
 local found = redis.call('DEL', claim_key(t, field))
 if tick then
   redis.call('HDEL', sk, field)
-  redis.call('HINCRBY', t.meta, 'c', -1)
+  -- Only an existing meta: HINCRBY would create one without a TTL.
+  if redis.call('EXISTS', t.meta) == 1 then redis.call('HINCRBY', t.meta, 'c', -1) end
   if alive(tick, now) then found = found + 1 end
 end
 return found
