@@ -31,6 +31,8 @@
 //! of the names above can match the pattern `{prefix}:{route}:*`, because a `{` follows the
 //! prefix where the route's first character would be.
 
+use std::sync::Arc;
+
 /// Tables per route. Six evenly spaced slot ranges divide evenly among 1, 2, 3 or 6 masters.
 /// On Redis Cluster one batch costs one script call per table it touches, so this is also the
 /// most calls a batch of claims (or commits) costs.
@@ -91,6 +93,8 @@ pub fn route_of<'k>(prefix: &str, store_key: &'k str) -> &'k str {
 pub struct Tables {
     /// `{prefix}:{{route}/{g}/{n}}` for each group.
     pub bases: Vec<String>,
+    /// `{base}:m` for each group, built once: every key of every batch names one.
+    metas: Vec<Arc<str>>,
 }
 
 impl Tables {
@@ -109,13 +113,19 @@ impl Tables {
                     .unwrap_or(0);
                 format!("{prefix}:{{{route}/{group}/{n}}}")
             })
-            .collect();
-        Tables { bases }
+            .collect::<Vec<_>>();
+        let metas = bases.iter().map(|b| Arc::from(format!("{b}:m"))).collect();
+        Tables { bases, metas }
     }
 
     /// The meta hash of group `g`: the key every script call on that table declares.
     pub fn meta(&self, group: usize) -> String {
-        format!("{}:m", self.bases[group])
+        self.metas[group].to_string()
+    }
+
+    /// [`Tables::meta`], shared rather than copied.
+    pub fn meta_shared(&self, group: usize) -> Arc<str> {
+        Arc::clone(&self.metas[group])
     }
 }
 

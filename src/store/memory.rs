@@ -429,10 +429,9 @@ impl Inner {
         }
     }
 
-    /// The route of `key`: the text between `{prefix}:` and the next `:`.
+    /// The route of `key` (as the Redis layout reads it); `None` for a key of no route.
     fn route_of<'k>(&self, key: &'k str) -> Option<&'k str> {
-        let rest = key.strip_prefix(&*self.prefix)?.strip_prefix(':')?;
-        Some(rest.split_once(':')?.0)
+        Some(super::layout::route_of(&self.prefix, key)).filter(|route| !route.is_empty())
     }
 
     /// The table `key` is written to; a route's table is created at its first key.

@@ -10,6 +10,7 @@
 //! that is safe. Every command sent is counted in `dedupd_store_commands_total`.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use ::redis::{Cmd, ErrorKind, RedisResult, Script, ServerErrorKind, Value};
 
@@ -19,22 +20,11 @@ use crate::store::layout::{self, Tables};
 /// One key, placed.
 pub(super) struct Placed {
     /// The meta of its table (what the call declares in `KEYS`).
-    pub meta: String,
+    pub meta: Arc<str>,
     /// Its field.
     pub field: [u8; layout::FIELD_BYTES],
     /// Its 0.1-layout name when the claim must also read it, else `None`.
     pub legacy: Option<String>,
-}
-
-impl Placed {
-    /// A placeholder left where a key was moved out of a batch.
-    pub fn empty() -> Self {
-        Placed {
-            meta: String::new(),
-            field: [0; layout::FIELD_BYTES],
-            legacy: None,
-        }
-    }
 }
 
 /// One script call: the metas it declares and, per key, its position in the batch and args.
@@ -54,7 +44,7 @@ impl<'a> Call<'a> {
     }
 
     fn push(&mut self, position: usize, key: &'a Placed, with_legacy: bool) {
-        let table = match self.metas.iter().position(|m| *m == key.meta) {
+        let table = match self.metas.iter().position(|m| *m == &*key.meta) {
             Some(i) => i + 1,
             None => {
                 self.metas.push(&key.meta);
@@ -81,21 +71,32 @@ impl<'a> Call<'a> {
     }
 }
 
-/// Places `keys` (`{prefix}:{route}:{id}`) using `tables` to name each route's tables.
+/// Places `keys` (`{prefix}:{route}:{id}`) using `tables` to name each route's tables and
+/// `legacy` to say whether claims of the route read old names too. Both are asked once per
+/// route in the batch (a batch is nearly always one route's), not once per key.
 pub(super) fn place(
     keys: &[String],
     prefix: &str,
-    tables: impl Fn(&str) -> std::sync::Arc<Tables>,
+    tables: impl Fn(&str) -> Arc<Tables>,
     legacy: impl Fn(&str) -> bool,
 ) -> Vec<Placed> {
+    let mut routes: Vec<(&str, Arc<Tables>, bool)> = Vec::with_capacity(1);
     keys.iter()
         .map(|key| {
             let route = layout::route_of(prefix, key);
+            let i = match routes.iter().position(|(r, _, _)| *r == route) {
+                Some(i) => i,
+                None => {
+                    routes.push((route, tables(route), legacy(route)));
+                    routes.len() - 1
+                }
+            };
+            let (_, route_tables, read_legacy) = &routes[i];
             let placement = layout::place(key);
             Placed {
-                meta: tables(route).meta(placement.group),
+                meta: route_tables.meta_shared(placement.group),
                 field: placement.field,
-                legacy: legacy(route).then(|| key.clone()),
+                legacy: read_legacy.then(|| key.clone()),
             }
         })
         .collect()
@@ -128,7 +129,7 @@ pub(super) async fn run(
                 by_table
                     .entry(&key.meta)
                     .or_insert_with(|| {
-                        order.push(key.meta.as_str());
+                        order.push(&*key.meta);
                         Call::new()
                     })
                     .push(i, key, with_legacy);

@@ -276,11 +276,11 @@ impl RedisStore {
                     p.legacy = None;
                 }
             }
-            let rest: Vec<usize> = (0..keys.len()).filter(|&i| outcomes[i].is_none()).collect();
-            let todo: Vec<calls::Placed> = rest
-                .iter()
-                .map(|&i| std::mem::replace(&mut placed[i], calls::Placed::empty()))
-                .collect();
+            let (rest, todo): (Vec<usize>, Vec<calls::Placed>) = placed
+                .into_iter()
+                .enumerate()
+                .filter(|(i, _)| outcomes[*i].is_none())
+                .unzip();
             let replies = calls::run(&mut conn, &scripts.claim, &head, &todo, true, 2, &|n| {
                 self.sent(n)
             })

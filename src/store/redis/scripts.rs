@@ -91,6 +91,11 @@ local HEX = string.rep('%02x', 15)
 local function claim_key(t, field)
   return t.base .. ':c:' .. string.format(HEX, string.byte(field, 1, 15))
 end
+-- The claim key of a field of table `index`, without reading the table's meta (renew and
+-- release touch only claims).
+local function claim_key_in(index, field)
+  return claim_key({base = string.sub(KEYS[tonumber(index)], 1, -3)}, field)
+end
 ";
 
 /// Splits shard `p` of table `t` (see the module docs); returns how many expired fields it
@@ -237,7 +242,7 @@ return out
 pub const RENEW_LUA: &str = r"
 local out = {}
 for a = 3, #ARGV, 2 do
-  local key = claim_key(open(ARGV[a]), ARGV[a + 1])
+  local key = claim_key_in(ARGV[a], ARGV[a + 1])
   if redis.call('GET', key) == ARGV[1] then
     out[#out + 1] = redis.call('PEXPIRE', key, ARGV[2])
   else
@@ -252,7 +257,7 @@ return out
 pub const RELEASE_LUA: &str = r"
 local out = {}
 for a = 2, #ARGV, 2 do
-  local key = claim_key(open(ARGV[a]), ARGV[a + 1])
+  local key = claim_key_in(ARGV[a], ARGV[a + 1])
   if redis.call('GET', key) == ARGV[1] then
     out[#out + 1] = redis.call('DEL', key)
   else
