@@ -45,9 +45,9 @@ const CLUSTER_SEEDS: [&str; 3] = [
 const DONE_KEYS: usize = 4000;
 
 /// What the store API offers beyond claim and commit, which differs between layouts. The
-/// layout before the compact one (db6f667) has neither `Store::commands_sent` nor
-/// `Store::start_upkeep`: to run this benchmark there, make `commands_sent` return `None` and
-/// `settle` do nothing.
+/// layout before the compact one (db6f667) has none of `Store::commands_sent`,
+/// `Store::start_upkeep` and `Store::reads_old_layout`: to run this benchmark there, make
+/// `commands_sent` return `None` and `settle` do nothing.
 mod shim {
     use super::*;
 
@@ -57,44 +57,22 @@ mod shim {
     }
 
     /// Brings a Redis store to its steady state: runs the route's upkeep until the upgrade
-    /// check has recorded its answer (until then each claim also reads the key's 0.1 name),
-    /// then stops it, so no sweeper call lands among the measured commands. The answer is
-    /// seen to be in force when a claim no longer honors a done key of the 0.1 layout.
-    pub async fn settle(store: &Store, admin: Option<&Admin>, prefix: &str) {
-        let Some(admin) = admin else { return };
+    /// check has answered (until then each claim also reads the key's 0.1 name), then stops
+    /// it, so no sweeper call lands among the measured commands.
+    pub async fn settle(store: &Store, admin: Option<&Admin>, _prefix: &str) {
+        if admin.is_none() {
+            return;
+        }
         let tracker = tokio_util::task::TaskTracker::new();
         let shutdown = tokio_util::sync::CancellationToken::new();
         store.start_upkeep(&[(ROUTE.to_owned(), WINDOW)], &tracker, &shutdown);
-        let marker = dedupd::store::layout::legacy_marker(prefix, ROUTE);
-        let owner = Owner::new(Arc::from("bench-settle"), 1);
         let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
+        while store.reads_old_layout(ROUTE) {
             assert!(
                 Instant::now() < deadline,
                 "the upgrade check did not finish"
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
-            // Written after the check's scan, so it does not extend the check's answer.
-            if admin
-                .query::<Option<String>>(redis::cmd("GET").arg(&marker))
-                .await
-                .is_none()
-            {
-                continue;
-            }
-            let old = store_key(prefix, ROUTE, uuid().as_bytes());
-            admin
-                .query::<()>(redis::cmd("SET").arg(&old).arg("1").arg("PX").arg(60_000))
-                .await;
-            let outcome = store
-                .claim(std::slice::from_ref(&old), &owner, LEASE)
-                .await
-                .expect("claim");
-            match outcome[0] {
-                ClaimOutcome::Claimed => break,
-                ClaimOutcome::Done => continue,
-                ref other => panic!("a settle probe found {other:?}"),
-            }
         }
         shutdown.cancel();
         tracker.close();
@@ -191,14 +169,6 @@ impl Admin {
             Ok(Err(e)) => Err(e.to_string()),
             Err(_) => Err("no answer within 5 s".into()),
         }
-    }
-
-    async fn query<T: redis::FromRedisValue>(&self, cmd: &redis::Cmd) -> T {
-        match self {
-            Admin::Single(c) => cmd.query_async(&mut c.clone()).await,
-            Admin::Cluster(c) => cmd.query_async(&mut c.clone()).await,
-        }
-        .expect("redis")
     }
 
     /// Deletes every key matching `{prefix}:*` (SCAN + UNLINK, on each primary of a cluster);

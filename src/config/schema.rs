@@ -91,7 +91,8 @@ pub struct StoreConfig {
     /// Default `redis://127.0.0.1:6379/0`.
     #[serde(default = "default_store_url")]
     pub url: StoreUrl,
-    /// Prefix of every key dedupd writes, at most 64 bytes. Default `"dedupd"`.
+    /// Prefix of every key dedupd writes: at most 64 bytes, no whitespace, no braces (dedupd
+    /// places its own hash tags). Default `"dedupd"`.
     #[serde(default = "default_key_prefix")]
     pub key_prefix: String,
     /// How long an in-flight claim lives without its owner, 1s to 1h. Default 30s.
