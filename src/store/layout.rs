@@ -61,6 +61,17 @@ pub struct Placement {
     pub field: [u8; FIELD_BYTES],
 }
 
+/// `field` in lower-case hex: the name of its claim key (see `redis::scripts`).
+pub fn hex(field: &[u8; FIELD_BYTES]) -> [u8; 2 * FIELD_BYTES] {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 2 * FIELD_BYTES];
+    for (pair, byte) in out.chunks_exact_mut(2).zip(field) {
+        pair[0] = DIGITS[usize::from(byte >> 4)];
+        pair[1] = DIGITS[usize::from(byte & 0xf)];
+    }
+    out
+}
+
 /// The placement of `store_key`.
 pub fn place(store_key: &str) -> Placement {
     let mut digest = [0u8; FIELD_BYTES + 2];
@@ -189,6 +200,13 @@ pub fn tick_to_ms(tick: u64) -> u64 {
 mod tests {
     use super::*;
     use ::redis::cluster_routing::Slot;
+
+    #[test]
+    fn hex_spells_every_byte_in_two_lower_case_digits() {
+        let field: [u8; FIELD_BYTES] = std::array::from_fn(|i| (i as u8) * 17 + 0x0f);
+        let want: String = field.iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(std::str::from_utf8(&hex(&field)).unwrap(), want);
+    }
 
     #[test]
     fn slot_is_the_one_redis_computes() {

@@ -54,6 +54,7 @@ impl<'a> Call<'a> {
         self.positions.push(position);
         self.args.push(table.to_string().into_bytes());
         self.args.push(key.field.to_vec());
+        self.args.push(layout::hex(&key.field).to_vec());
         if with_legacy {
             self.args
                 .push(key.legacy.as_deref().unwrap_or("").as_bytes().to_vec());
@@ -102,8 +103,8 @@ pub(super) fn place(
         .collect()
 }
 
-/// Runs `script` over `keys`: `head` arguments first, then each key's table, field and (with
-/// `with_legacy`) 0.1 name. Returns `stride` values per key, in key order. `sent` counts
+/// Runs `script` over `keys`: `head` arguments first, then each key's table, field, field in
+/// hex and (with `with_legacy`) 0.1 name. Returns `stride` values per key, in key order. `sent` counts
 /// commands.
 pub(super) async fn run(
     conn: &mut Conn,

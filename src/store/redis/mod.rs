@@ -526,7 +526,11 @@ impl RedisStore {
         let script = &self.inner.scripts.inspect;
         self.bounded(move |mut conn| async move {
             let p = &placed[0];
-            let cmd = calls::evalsha(script, &[&p.meta], &[b"1", &p.field]);
+            let cmd = calls::evalsha(
+                script,
+                &[&p.meta],
+                &[b"1", &p.field, &layout::hex(&p.field)],
+            );
             let values = array(calls::eval(&mut conn, script, &cmd, &|n| self.sent(n)).await?)?;
             let [owner, lease, left] = values.as_slice() else {
                 return Err(unexpected(format!("inspect returned {values:?}")));
@@ -569,7 +573,11 @@ impl RedisStore {
         let script = &self.inner.scripts.forget;
         self.bounded(move |mut conn| async move {
             let p = &placed[0];
-            let cmd = calls::evalsha(script, &[&p.meta], &[b"1", &p.field]);
+            let cmd = calls::evalsha(
+                script,
+                &[&p.meta],
+                &[b"1", &p.field, &layout::hex(&p.field)],
+            );
             let found = parse_int(&calls::eval(&mut conn, script, &cmd, &|n| self.sent(n)).await?)?;
             self.sent(1);
             let legacy: i64 = ::redis::cmd("DEL").arg(key).query_async(&mut conn).await?;

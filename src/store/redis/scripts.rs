@@ -3,9 +3,11 @@
 //!
 //! Every script that handles keys takes, as `KEYS`, the meta hashes of the tables its keys live
 //! in (one on Redis Cluster, where a call must stay in one slot; any number on a single server,
-//! where a whole batch is one call), and per key two `ARGV` values: the 1-based index of its
-//! table in `KEYS`, and its field (the 15 digest bytes). The shard and claim keys a script
-//! touches are derived from the meta's name, so they share its hash tag and slot.
+//! where a whole batch is one call), and per key three `ARGV` values: the 1-based index of its
+//! table in `KEYS`, its field (the 15 digest bytes), and the field in hex (30 characters, which
+//! name the key's claim: the client spells it, as `string.format` of 15 bytes costs Redis more
+//! than the rest of a claim). The shard and claim keys a script touches are derived from the
+//! meta's name, so they share its hash tag and slot.
 //!
 //! # Remembered keys: one field each, expiry stored, swept in the background
 //!
@@ -76,25 +78,31 @@ local function open(index)
   local lo = 1
   while lo * 2 <= n do lo = lo * 2 end
   t = {meta = meta, base = string.sub(meta, 1, -3), n = n, lo = lo, w = tonumber(got[2]) or 0,
-       added = 0, shards = {}}
+       added = 0, shards = {}, names = {}}
   tables[index] = t
   return t
 end
+-- Shard names are cached per call: turning a number into a string costs Redis a printf.
 local function shard(t, field)
   local h = hash32(field)
   local s = h % t.lo
   if s < t.n - t.lo then s = h % (2 * t.lo) end
-  return t.base .. ':' .. s
+  local name = t.names[s]
+  if not name then
+    name = t.base .. ':' .. s
+    t.names[s] = name
+  end
+  return name
 end
--- Claim names spell the field in hex: key names stay printable for operators' tools.
-local HEX = string.rep('%02x', 15)
-local function claim_key(t, field)
-  return t.base .. ':c:' .. string.format(HEX, string.byte(field, 1, 15))
+-- Claim names spell the field in hex (given by the client): key names stay printable for
+-- operators' tools.
+local function claim_key(t, hex)
+  return t.base .. ':c:' .. hex
 end
 -- The claim key of a field of table `index`, without reading the table's meta (renew and
 -- release touch only claims).
-local function claim_key_in(index, field)
-  return claim_key({base = string.sub(KEYS[tonumber(index)], 1, -3)}, field)
+local function claim_key_in(index, hex)
+  return string.sub(KEYS[tonumber(index)], 1, -3) .. ':c:' .. hex
 end
 ";
 
@@ -130,16 +138,16 @@ local function split(t, now)
 end
 ";
 
-/// ARGV: token, lease ms, instance prefix, our epoch, then per key: table, field, 0.1 name
-/// (or ''). Two values per key: {0, 0} claimed, {1, 0} done, {2, 0} ours, {3, 0} taken over,
+/// ARGV: token, lease ms, instance prefix, our epoch, then per key: table, field, hex, 0.1
+/// name (or ''). Two values per key: {0, 0} claimed, {1, 0} done, {2, 0} ours, {3, 0} taken over,
 /// {4, pttl} in flight elsewhere. Keys are handled in order, so a key repeated in the batch
 /// sees its earlier claim.
 pub const CLAIM_LUA: &str = r"
 local token, lease, prefix, ours = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local now = now_ms()
 local out = {}
-for a = 5, #ARGV, 3 do
-  local t, field, legacy = open(ARGV[a]), ARGV[a + 1], ARGV[a + 2]
+for a = 5, #ARGV, 4 do
+  local t, field, legacy = open(ARGV[a]), ARGV[a + 1], ARGV[a + 3]
   local code, pttl = nil, 0
   if legacy ~= '' then
     local v = redis.call('GET', legacy)
@@ -154,7 +162,7 @@ for a = 5, #ARGV, 3 do
     if tick and alive(tick, now) then code = 1 end
   end
   if not code then
-    local key = claim_key(t, field)
+    local key = claim_key(t, ARGV[a + 2])
     -- One command for the common case (absent: claimed); NX with GET needs Redis 7.0.
     local v = redis.call('SET', key, token, 'NX', 'PX', lease, 'GET')
     code = 4
@@ -184,7 +192,7 @@ end
 return out
 ";
 
-/// ARGV: token, window ms, alpha, then per key: table, field. Per key: 0 committed (ours),
+/// ARGV: token, window ms, alpha, then per key: table, field, hex. Per key: 0 committed (ours),
 /// 1 restored (absent), 2 done already (left alone, keeps its window), 3 overrode another
 /// owner's claim. See `CommitOutcome`.
 pub const COMMIT_LUA: &str = r"
@@ -192,11 +200,11 @@ local token, window, alpha = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local now = now_ms()
 local tick = string.format('%d', math.ceil((now + window - EPOCH) / TICK))
 local out = {}
-for a = 4, #ARGV, 2 do
+for a = 4, #ARGV, 3 do
   local t, field = open(ARGV[a]), ARGV[a + 1]
   local sk = shard(t, field)
   -- The claim ends here whatever it held; what it held says which outcome this is.
-  local v = redis.call('GETDEL', claim_key(t, field))
+  local v = redis.call('GETDEL', claim_key(t, ARGV[a + 2]))
   local code
   if redis.call('HSETNX', sk, field, tick) == 1 then
     t.added = t.added + 1
@@ -218,7 +226,8 @@ for _, t in pairs(tables) do
       t.w = window
       redis.call('HSET', t.meta, 'w', window)
     end
-    local ttl = t.w + 2 * TICK
+    -- A string, formatted once: Redis would printf a Lua number for every call.
+    local ttl = string.format('%d', t.w + 2 * TICK)
     for sk in pairs(t.shards) do redis.call('PEXPIRE', sk, ttl) end
     -- After HINCRBY, which creates the meta of a new table: a TTL on a missing key is lost.
     local c = redis.call('HINCRBY', t.meta, 'c', t.added)
@@ -236,13 +245,13 @@ end
 return out
 ";
 
-/// ARGV: token, lease ms, then per key: table, field. Per key: 1 if the lease was extended,
+/// ARGV: token, lease ms, then per key: table, field, hex. Per key: 1 if the lease was extended,
 /// 0 if the claim no longer carries the token. PEXPIRE is not refused by a full Redis
 /// (noeviction), SET is.
 pub const RENEW_LUA: &str = r"
 local out = {}
-for a = 3, #ARGV, 2 do
-  local key = claim_key_in(ARGV[a], ARGV[a + 1])
+for a = 3, #ARGV, 3 do
+  local key = claim_key_in(ARGV[a], ARGV[a + 2])
   if redis.call('GET', key) == ARGV[1] then
     out[#out + 1] = redis.call('PEXPIRE', key, ARGV[2])
   else
@@ -252,12 +261,12 @@ end
 return out
 ";
 
-/// ARGV: token, then per key: table, field. Per key: 1 if the claim was deleted, 0 if it no
+/// ARGV: token, then per key: table, field, hex. Per key: 1 if the claim was deleted, 0 if it no
 /// longer carries the token. Never touches a remembered key.
 pub const RELEASE_LUA: &str = r"
 local out = {}
-for a = 2, #ARGV, 2 do
-  local key = claim_key_in(ARGV[a], ARGV[a + 1])
+for a = 2, #ARGV, 3 do
+  local key = claim_key_in(ARGV[a], ARGV[a + 2])
   if redis.call('GET', key) == ARGV[1] then
     out[#out + 1] = redis.call('DEL', key)
   else
@@ -267,12 +276,12 @@ end
 return out
 ";
 
-/// KEYS: one meta; ARGV: table (1), field. Returns {claim token or false, claim PTTL, ms left of
+/// KEYS: one meta; ARGV: table (1), field, hex. Returns {claim token or false, claim PTTL, ms left of
 /// the remembered key or -1}.
 pub const INSPECT_LUA: &str = r"
 local t, field = open(ARGV[1]), ARGV[2]
 local now = now_ms()
-local key = claim_key(t, field)
+local key = claim_key(t, ARGV[3])
 local owner = redis.call('GET', key)
 local pttl = owner and redis.call('PTTL', key) or -2
 local tick = redis.call('HGET', shard(t, field), field)
@@ -281,14 +290,14 @@ if tick and alive(tick, now) then left = tonumber(tick) * TICK + EPOCH - now end
 return {owner, pttl, left}
 ";
 
-/// KEYS: one meta; ARGV: table (1), field. Deletes the remembered field and the claim; returns
+/// KEYS: one meta; ARGV: table (1), field, hex. Deletes the remembered field and the claim; returns
 /// how many of the two existed (an expired field counts as absent).
 pub const FORGET_LUA: &str = r"
 local t, field = open(ARGV[1]), ARGV[2]
 local now = now_ms()
 local sk = shard(t, field)
 local tick = redis.call('HGET', sk, field)
-local found = redis.call('DEL', claim_key(t, field))
+local found = redis.call('DEL', claim_key(t, ARGV[3]))
 if tick then
   redis.call('HDEL', sk, field)
   -- Only an existing meta: HINCRBY would create one without a TTL.
