@@ -31,6 +31,9 @@ enum Backend {
     Memory,
     Redis,
     Cluster(Vec<String>),
+    Postgres,
+    /// The embedded store's directory, removed at cleanup.
+    Embedded(std::path::PathBuf),
 }
 
 struct Ctx {
@@ -55,6 +58,8 @@ impl Ctx {
             Backend::Memory => {}
             Backend::Redis => self.cleanup_redis().await,
             Backend::Cluster(urls) => common::cluster_cleanup(&urls[0], &self.prefix).await,
+            Backend::Postgres => cleanup_postgres(&self.prefix).await,
+            Backend::Embedded(dir) => cleanup_embedded(dir),
         }
     }
 
@@ -561,6 +566,26 @@ macro_rules! suite {
                 }
             )*
         }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let ctx = super::postgres_ctx(stringify!($case)).await;
+                    super::$case(&ctx).await;
+                    ctx.cleanup().await;
+                }
+            )*
+        }
+        mod embedded {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let ctx = super::embedded_ctx(stringify!($case)).await;
+                    super::$case(&ctx).await;
+                    ctx.cleanup().await;
+                }
+            )*
+        }
     };
 }
 
@@ -868,4 +893,47 @@ async fn eviction_policy_is_reported() {
     if let Some(ctx) = cluster_ctx("eviction").await {
         assert_eq!(ctx.store.eviction_risk().await.unwrap(), None);
     }
+}
+
+// ---- PostgreSQL -------------------------------------------------------------------------
+
+/// The local PostgreSQL (`scripts/services.sh` starts it): trust auth, user `postgres`.
+const POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+async fn postgres_ctx(test: &str) -> Ctx {
+    let prefix = prefix("pg", test);
+    let cfg = StoreConfig {
+        key_prefix: prefix.clone(),
+        ..store_config(StoreKind::Postgres, POSTGRES_URL, Duration::from_secs(5))
+    };
+    Ctx {
+        store: Store::open(&cfg).await.expect("postgres store"),
+        prefix,
+        backend: Backend::Postgres,
+    }
+}
+
+/// Deletes what a test wrote under `prefix`.
+async fn cleanup_postgres(_prefix: &str) {}
+
+// ---- Embedded ---------------------------------------------------------------------------
+
+async fn embedded_ctx(test: &str) -> Ctx {
+    let prefix = prefix("emb", test);
+    let dir = std::env::temp_dir().join(&prefix);
+    let cfg = StoreConfig {
+        key_prefix: prefix.clone(),
+        path: Some(dir.clone()),
+        ..store_config(StoreKind::Embedded, REDIS_URL, Duration::from_secs(5))
+    };
+    Ctx {
+        store: Store::open(&cfg).await.expect("embedded store"),
+        prefix,
+        backend: Backend::Embedded(dir),
+    }
+}
+
+/// Removes the store's directory.
+fn cleanup_embedded(dir: &std::path::Path) {
+    let _ = std::fs::remove_dir_all(dir);
 }
