@@ -937,3 +937,146 @@ async fn embedded_ctx(test: &str) -> Ctx {
 fn cleanup_embedded(dir: &std::path::Path) {
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The config of an embedded store in `dir` with key prefix `prefix`.
+fn embedded_config(prefix: &str, dir: &std::path::Path) -> StoreConfig {
+    StoreConfig {
+        key_prefix: prefix.to_owned(),
+        path: Some(dir.to_owned()),
+        ..store_config(StoreKind::Embedded, REDIS_URL, Duration::from_secs(5))
+    }
+}
+
+/// Closed and opened again: every done key is still done, with its window; claims in flight
+/// are gone (their process is, see the module docs), so their keys can be claimed at once.
+#[tokio::test]
+async fn embedded_reopened_remembers_done_keys_and_drops_claims() {
+    let ctx = embedded_ctx("reopen").await;
+    let Backend::Embedded(dir) = &ctx.backend else {
+        unreachable!()
+    };
+    let (a, b) = (owner("inst-a", 1), owner("inst-b", 1));
+    let done: Vec<String> = (0..300).map(|i| ctx.key(&format!("done-{i}"))).collect();
+    let flying = ctx.keys(&["flying-1", "flying-2"]);
+    ctx.store.claim(&done, &a, LEASE).await.unwrap();
+    ctx.store.commit(&done, &a, WINDOW).await.unwrap();
+    ctx.store.claim(&flying, &a, LEASE).await.unwrap();
+    drop(ctx.store);
+
+    let store = Store::open(&embedded_config(&ctx.prefix, dir))
+        .await
+        .expect("reopen");
+    let again = store.claim(&done, &b, LEASE).await.unwrap();
+    assert!(again.iter().all(|o| *o == ClaimOutcome::Done), "{again:?}");
+    match store.inspect(&done[0]).await.unwrap() {
+        KeyState::Done { window_left } => assert!(
+            window_left > WINDOW - Duration::from_secs(10) && window_left <= WINDOW + WINDOW / 8,
+            "{window_left:?}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        store.claim(&flying, &b, LEASE).await.unwrap(),
+        [ClaimOutcome::Claimed, ClaimOutcome::Claimed]
+    );
+    let size = store.size(&ctx.prefix, &["r".to_owned()]).await.unwrap();
+    assert_eq!(size.keys, [302]);
+    assert!(size.memory_bytes > 0);
+    drop(store);
+    cleanup_embedded(dir);
+}
+
+/// Opening a path this process already has open shares that store (a reload whose old routes
+/// are still finishing) instead of failing on its own lock.
+#[tokio::test]
+async fn embedded_same_path_twice_in_one_process_shares_the_store() {
+    let ctx = embedded_ctx("twice").await;
+    let Backend::Embedded(dir) = &ctx.backend else {
+        unreachable!()
+    };
+    let second = Store::open(&embedded_config(&ctx.prefix, dir))
+        .await
+        .expect("second open in the same process");
+    let (a, b) = (owner("inst-a", 1), owner("inst-b", 1));
+    let keys = ctx.keys(&["k", "d"]);
+    ctx.store.claim(&keys, &a, LEASE).await.unwrap();
+    ctx.store.commit(&keys[1..], &a, WINDOW).await.unwrap();
+    let outcomes = second.claim(&keys, &b, LEASE).await.unwrap();
+    assert!(
+        matches!(
+            outcomes[..],
+            [ClaimOutcome::InFlightElsewhere { .. }, ClaimOutcome::Done]
+        ),
+        "{outcomes:?}"
+    );
+    assert_eq!(second.label(), format!("embedded {}", dir.display()));
+    drop(second);
+    ctx.cleanup().await;
+}
+
+/// A path that cannot be a directory is refused at open, naming it.
+#[tokio::test]
+async fn embedded_unusable_path_is_a_clear_error() {
+    let file = std::env::temp_dir().join(prefix("emb", "file"));
+    std::fs::write(&file, b"not a directory").unwrap();
+    for path in [file.clone(), file.join("below-a-file")] {
+        let cfg = embedded_config("dd", &path);
+        match Store::open(&cfg).await {
+            Err(StoreError::Embedded(message)) => {
+                assert!(message.contains(&path.display().to_string()), "{message}");
+            }
+            Err(other) => panic!("{}: {other}", path.display()),
+            Ok(_) => panic!("{} opened", path.display()),
+        }
+    }
+    let _ = std::fs::remove_file(&file);
+}
+
+/// Expired keys read as absent at once, and the upkeep removes them from disk in the
+/// background: the table's own count (which includes expired keys not yet swept) falls to
+/// what is still remembered.
+#[tokio::test]
+async fn embedded_sweeper_removes_expired_keys() {
+    let ctx = embedded_ctx("sweep").await;
+    let a = owner("inst-a", 1);
+    let short: Vec<String> = (0..500).map(|i| ctx.key(&format!("short-{i}"))).collect();
+    let long: Vec<String> = (0..100).map(|i| ctx.key(&format!("long-{i}"))).collect();
+    ctx.store.claim(&short, &a, LEASE).await.unwrap();
+    ctx.store
+        .commit(&short, &a, Duration::from_millis(200))
+        .await
+        .unwrap();
+    ctx.store.claim(&long, &a, LEASE).await.unwrap();
+    ctx.store.commit(&long, &a, WINDOW).await.unwrap();
+    let routes = ["r".to_owned()];
+    assert_eq!(
+        ctx.store.size(&ctx.prefix, &routes).await.unwrap().keys,
+        [600]
+    );
+
+    let tracker = tokio_util::task::TaskTracker::new();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    // A 1 s window: a pass every second (the shortest the sweeper allows).
+    ctx.store.start_upkeep(
+        &[("r".to_owned(), Duration::from_secs(1))],
+        &tracker,
+        &shutdown,
+    );
+    tracker.close();
+    let deadline = Instant::now() + EXPIRY_DEADLINE;
+    loop {
+        let keys = ctx.store.size(&ctx.prefix, &routes).await.unwrap().keys;
+        if keys == [100] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still {keys:?} keys on disk");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let again = ctx.store.claim(&long, &a, LEASE).await.unwrap();
+    assert!(again.iter().all(|o| *o == ClaimOutcome::Done));
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), tracker.wait())
+        .await
+        .expect("the sweeper stops at shutdown");
+    ctx.cleanup().await;
+}
