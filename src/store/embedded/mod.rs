@@ -52,9 +52,13 @@
 //! 125 ms ticks since 2026-01-01 (`layout::TICK_MS`, `layout::EPOCH_MS`, as on Redis: a
 //! window ends rounded up by less than a tick, at most `window / 8` for the shortest window,
 //! 1 s; ticks last until 2043). A table per route gives exact per-route counts for free
-//! (redb keeps each table's length). An entry is 20 bytes in a B-tree leaf; measured with
-//! `measure_embedded_store_bytes_per_remembered_key` (`tests/embedded.rs`): see the figures
-//! there (directory growth between 20,000 and 120,000 keys, about 50 bytes per key).
+//! (redb keeps each table's length). An entry is 20 bytes in a B-tree leaf; leaves filled in
+//! random digest order are split half full and never packed, and branch pages and pages
+//! freed by copy-on-write come on top. Measured with
+//! `measure_embedded_store_bytes_per_remembered_key` (`tests/embedded.rs`, keys committed
+//! through the store in batches of 200, three runs): the directory grows by **38.0 bytes per
+//! remembered key** between 20,000 and 120,000 keys (5.8 MB at 120,000 keys, 48.4 bytes per
+//! key with the fixed overhead).
 //!
 //! `memory_bytes` (the `dedupd_store_memory_bytes` gauge) is the disk the store's directory
 //! takes: blocks allocated to its files, not their length (redb grows the file in whole
