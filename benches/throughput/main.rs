@@ -96,6 +96,14 @@ fn main() -> ExitCode {
         };
         eprintln!("cleaning up…");
         cleanup.run(&opts.store.redis_urls()).await;
+        if let StoreChoice::Embedded(dir) = &opts.store {
+            // Every dedupd round of the run wrote its keys there, and nothing else did.
+            if let Err(e) = std::fs::remove_dir_all(dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    eprintln!("cleanup: {}: {e}", dir.display());
+                }
+            }
+        }
         let took = started.elapsed().as_secs_f64();
         match result {
             Ok(()) => {

@@ -516,6 +516,48 @@ mod tests {
         }
     }
 
+    /// An operation stuck past `store.timeout` (here: a batch holding the claims' lock, as a
+    /// slow disk read would) fails with `Timeout` in time, and the store answers again after.
+    #[tokio::test]
+    #[allow(clippy::await_holding_lock)] // holding it across the call is the point
+    async fn an_operation_past_the_timeout_fails_with_timeout() {
+        let dir = std::env::temp_dir().join(format!(
+            "dedupd-unit-emb-timeout-{:016x}",
+            rand::random::<u64>()
+        ));
+        let timeout = Duration::from_millis(100);
+        let cfg = StoreConfig {
+            kind: crate::config::StoreKind::Embedded,
+            path: Some(dir.clone()),
+            key_prefix: "dd".to_owned(),
+            timeout,
+            ..StoreConfig::default()
+        };
+        let store = EmbeddedStore::open(&cfg).await.expect("open");
+        let owner = Owner::new("inst-a".into(), 1);
+        let keys = vec!["dd:r:1".to_owned()];
+        let lease = Duration::from_secs(30);
+        {
+            let _stuck = store.shared.lock_claims();
+            let started = Instant::now();
+            let result = store.claim(&keys, &owner, lease).await;
+            assert!(
+                matches!(result, Err(StoreError::Timeout(t)) if t == timeout),
+                "{result:?}"
+            );
+            assert!(started.elapsed() < timeout + Duration::from_secs(1));
+        }
+        // The timed-out claim went through once the lock was free: its outcome was unknown
+        // to the caller, and the key is ours.
+        let again = store.claim(&keys, &owner, lease).await.expect("claim");
+        assert!(
+            matches!(again[..], [ClaimOutcome::Ours] | [ClaimOutcome::Claimed]),
+            "{again:?}"
+        );
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
     #[test]
     fn expiry_saturates_instead_of_wrapping() {
         let now = layout::EPOCH_MS;
