@@ -300,6 +300,61 @@ async fn sigkill_three_times_mid_stream() {
     e.cleanup();
 }
 
+/// SIGHUP: the routes restart and open the store again in the same process, which still holds
+/// it (or is closing it): the reopen works, and what was remembered before still is.
+#[tokio::test]
+async fn reload_reopens_the_store_and_keeps_memory() {
+    let _serial = SERIAL.lock().await;
+    let e = Embedded::new("emb-reload");
+    let mut broker = Broker::connect().await;
+    e.setup.declare(&mut broker).await;
+    let (messages, unique) = workload("h", 500, 0.0);
+    broker.publish_all(&e.setup.queue, &messages).await;
+    let mut proxy = e.start().await;
+    wait_drained(&broker, &e.setup, proxy.port, messages.len() as f64).await;
+
+    proxy.signal(1);
+    proxy
+        .wait_line("configuration reloaded", LONG)
+        .await
+        .unwrap_or_else(|err| panic!("{err:#}"));
+    wait_for("the reloaded routes running", LONG, || async {
+        let starts = proxy
+            .lines()
+            .iter()
+            .filter(|l| l.contains("dedupd starting"))
+            .count();
+        let port = proxy.latest_port()?;
+        (starts == 2 && status(port, "/readyz").await == Some(200)).then_some(())
+    })
+    .await;
+    proxy.check_alive().unwrap_or_else(|err| panic!("{err:#}"));
+
+    let mut after = copies("h again", &unique);
+    let (fresh, fresh_ids) = workload("fresh", 200, 0.0);
+    after.extend(fresh);
+    broker.publish_all(&e.setup.queue, &after).await;
+    let expected = (unique.len() + fresh_ids.len()) as u32;
+    wait_downstream(&broker, &e.setup.out, expected).await;
+    wait_for("upstream drained", LONG, || async {
+        (broker.ready(&e.setup.queue).await == 0).then_some(())
+    })
+    .await;
+    proxy.stop().await;
+
+    let counts = drain_counts(&broker, &e.setup.out).await;
+    let all: HashSet<String> = unique.union(&fresh_ids).cloned().collect();
+    let got: HashSet<String> = counts.keys().cloned().collect();
+    assert_eq!(got, all, "every id arrived");
+    assert!(
+        counts.values().all(|&c| c == 1),
+        "an id remembered before the reload was forwarded again"
+    );
+    assert_nothing_left(&broker, &e.setup).await;
+    broker.cleanup().await;
+    e.cleanup();
+}
+
 /// A second `dedupd run` on the same path exits 1 at start, naming the path, while the first
 /// keeps forwarding; so does `dedupd inspect`. Once the first has stopped, the path is free.
 #[tokio::test]

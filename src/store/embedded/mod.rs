@@ -102,7 +102,9 @@
 //! with it (`tests/embedded.rs` starts two). So are `dedupd inspect`, `forget` and `check
 //! --connect` while the daemon runs: stop it first. Within one process, opening the same path
 //! again (a configuration reload whose old routes are still finishing) shares the open store
-//! instead of failing on its own lock, so nothing is opened twice.
+//! instead of failing on its own lock, so nothing is opened twice; if the last handle of the
+//! old one is being dropped right then, the open waits up to 2 s for redb to give the lock
+//! back.
 //!
 //! # Blocking work
 //!
@@ -164,6 +166,9 @@ impl Shared {
         metrics::counter!(crate::telemetry::STORE_COMMANDS).increment(1);
     }
 }
+
+/// How long an open waits for this process's own lock on a file it just closed.
+const CLOSING: Duration = Duration::from_secs(2);
 
 /// The stores open in this process, by canonical directory.
 static OPEN: Mutex<Vec<(PathBuf, Weak<Shared>)>> = Mutex::new(Vec::new());
@@ -462,17 +467,30 @@ fn open_shared(dir: &Path) -> Result<Arc<Shared>, StoreError> {
         .canonicalize()
         .map_err(|e| StoreError::Embedded(format!("cannot resolve {shown}: {e}")))?;
     let mut open = OPEN.lock().unwrap_or_else(PoisonError::into_inner);
-    open.retain(|(_, weak)| weak.strong_count() > 0);
-    if let Some(shared) = open
-        .iter()
-        .find(|(path, _)| *path == canonical)
-        .and_then(|(_, weak)| weak.upgrade())
-    {
-        return Ok(shared);
+    // An entry whose store is gone: this process had the file open a moment ago, and the
+    // lock may not be given back yet (the last handle can be dropped on another thread,
+    // where closing the file takes a sync).
+    let mut ours_closing = false;
+    if let Some(i) = open.iter().position(|(path, _)| *path == canonical) {
+        if let Some(shared) = open[i].1.upgrade() {
+            return Ok(shared);
+        }
+        open.swap_remove(i);
+        ours_closing = true;
     }
+    open.retain(|(_, weak)| weak.strong_count() > 0);
     let file = canonical.join(disk::FILE_NAME);
+    let fresh = !file.exists();
     let started = Instant::now();
-    let disk = Disk::open(&file).map_err(|e| match e {
+    let disk = loop {
+        match Disk::open(&file) {
+            Err(OpenError::Locked) if ours_closing && started.elapsed() < CLOSING => {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            result => break result,
+        }
+    };
+    let disk = disk.map_err(|e| match e {
         OpenError::Locked => StoreError::Embedded(format!(
             "{shown} is in use by another process (lock held on {}): one dedupd at a time \
              per store.path; stop the other one (dedupd inspect, forget and check --connect \
@@ -483,6 +501,12 @@ fn open_shared(dir: &Path) -> Result<Arc<Shared>, StoreError> {
             StoreError::Embedded(format!("cannot open {}: {why}", file.display()))
         }
     })?;
+    if fresh {
+        // The new file's directory entry, so a crash cannot lose the file itself.
+        std::fs::File::open(&canonical)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| StoreError::Embedded(format!("cannot sync {shown}: {e}")))?;
+    }
     let shared = Arc::new(Shared {
         disk,
         claims: Mutex::default(),
