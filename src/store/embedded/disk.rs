@@ -79,8 +79,8 @@ impl Disk {
     /// state: about 50 ms per million keys, measured in the parent module).
     pub fn open(file: &Path) -> Result<Disk, OpenError> {
         let db = Database::builder()
-            // Format 3 keeps no allocator state per commit (commits cost half as much at a
-            // million keys, see the parent module), and redb 3 and later read it as it is.
+            // Commits on format 3 cost half as much at a million keys (see the parent
+            // module), and redb 3 and later read it as it is.
             .create_with_file_format_v3(true)
             .create(file)
             .map_err(|e| match e {

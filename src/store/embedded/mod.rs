@@ -8,16 +8,19 @@
 //!
 //! # Why redb
 //!
-//! Two well-kept embedded Rust stores were measured on dedupd's pattern (scratch crate, not
-//! in the repository: `scratch-emb ENGINE PATTERN DIR KEYS`, release build, this 2-core
-//! machine shared with other builds, ext4 on a virtual disk): batches of 200 keys, half of
-//! them copies of keys committed earlier; a claim reads each key (16-byte BLAKE3 digest) and
-//! claims the absent ones, a commit writes each claimed key done (digest → u32 expiry) and
-//! syncs once (redb: a `Durability::Immediate` commit; fjall: a batch, then
-//! `persist(SyncAll)`). "disk claims" writes claims in an unsynced write per batch
-//! (redb `Durability::None`, fjall journal without persist); "memory claims" keeps them in
-//! memory (what this store does, see below). µs per key claimed and per key committed, disk
-//! use as blocks allocated (the file or journal is sparse), over the run's distinct keys:
+//! Two well-kept embedded Rust stores were measured on dedupd's pattern, in a scratch crate
+//! outside the repository (redb 2.6.4, fjall 2.11.2 with lz4, blake3 1, rand 0.9; Rust 1.95,
+//! `cargo build --release`; this 2-core machine shared with other builds, ext4 on a virtual
+//! disk). `scratch-emb ENGINE PATTERN DIR KEYS` commits KEYS distinct keys in batches of 200,
+//! half of each batch copies of keys committed earlier; a claim reads each key (16-byte
+//! BLAKE3 digest) and claims the absent ones, a commit writes each claimed key done (digest →
+//! u32 expiry) and syncs once (redb: a `Durability::Immediate` commit; fjall: a batch, then
+//! `persist(SyncAll)`). PATTERN `disk-claims` writes the claims in an unsynced write per
+//! batch (redb `Durability::None`, fjall's journal without persist), `mem-claims` keeps them
+//! in memory (what this store does, see below). `V3=1` creates redb files in format 3;
+//! `CRASH=1` leaves the store as a killed process would, and `scratch-emb ENGINE reopen DIR`
+//! then times the open. Per key claimed and per key committed; disk use as blocks allocated
+//! after the store was closed (the file or journal is sparse), over the distinct keys:
 //!
 //! | crate | claims | keys | claim µs/key | commit µs/key (per batch, p50) | bytes/key | reopen after kill |
 //! |---|---|---|---|---|---|---|
@@ -32,16 +35,20 @@
 //! A commit costs its fsync on both (about 3 ms a batch here, noisy: other builds shared
 //! the disk). redb answers claims two to three times faster at a million keys (one B-tree
 //! lookup against an LSM's memtable and segments), reopens after a kill in 53 ms against
-//! fjall's 1.1 s of journal replay, takes the cross-process lock itself (`flock`, see below;
-//! fjall 2 takes none), is one file with no background threads (fjall's flush and compaction
-//! workers would compete for the same two cores as the routes) and depends on nothing but
-//! libc. fjall keeps 4 bytes less per key and its commits do not grow with the tree, but
-//! neither matters at this scale. So: **redb**, with two choices the figures made:
+//! fjall's 1.1 s (1.4 s for a second, clean open), takes the cross-process lock itself
+//! (`flock`, see below; fjall 2 takes none), is one file with no background threads (fjall's
+//! flush and compaction workers would compete for the same two cores as the routes) and
+//! depends on nothing but libc. fjall keeps 4 bytes less per key at a million keys, which
+//! does not weigh against the rest. Expiry does not decide it either: fjall could drop whole
+//! time-bucketed partitions, but a claim would then look a key up in each live bucket (nine
+//! for buckets of `window / 8`), and a claim on fjall is already the slower one. So:
+//! **redb**, with two choices the figures made:
 //!
-//! - **File format 3** (`create_with_file_format_v3`): format 2 writes the allocator state at
-//!   every commit, which doubled the commit's cost at a million keys (7.3 against 3.1 ms). redb
-//!   3 and later read format 3 files as they are, so a later upgrade of the crate (they need
-//!   Rust 1.89 and 1.90; dedupd builds with 1.88, hence redb 2.6) keeps the file.
+//! - **File format 3** (`create_with_file_format_v3`, which redb 2.6 writes only when asked):
+//!   a commit on a format 2 file cost twice as much at a million keys (7.3 against 3.1 ms a
+//!   batch; its bookkeeping of freed pages differs). redb 3 and later read format 3 files as
+//!   they are, so a later upgrade of the crate (redb 3 needs Rust 1.89, redb 4 1.90; dedupd
+//!   builds with 1.88, hence redb 2.6) keeps the file.
 //! - **Claims in memory**, not on disk (below): they cost no write at all.
 //!
 //! # What is on disk, and what a key costs
