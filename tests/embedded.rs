@@ -466,3 +466,73 @@ fn file_len(dir: &Path) -> u64 {
         })
         .unwrap_or(0)
 }
+
+/// A full disk: commits fail (and are counted as store errors by the caller, which retries),
+/// and once there is room again the store works without a restart (redb needs its file opened
+/// again after an I/O error; the store does that itself). Needs a small filesystem of its own:
+/// `DEDUPD_TEST_SMALL_FS=/mnt/small` (e.g. `mount -t tmpfs -o size=4m tmpfs /mnt/small`).
+#[tokio::test]
+#[ignore = "needs a small filesystem: set DEDUPD_TEST_SMALL_FS"]
+async fn full_disk_fails_commits_then_recovers() {
+    use dedupd::config::{StoreConfig, StoreKind};
+    use dedupd::store::{ClaimOutcome, CommitOutcome, Owner, Store};
+
+    let Ok(fs) = std::env::var("DEDUPD_TEST_SMALL_FS") else {
+        panic!("set DEDUPD_TEST_SMALL_FS to a small filesystem's mount point");
+    };
+    let dir = Path::new(&fs).join(unique("emb-full"));
+    let filler = Path::new(&fs).join(unique("filler"));
+    let cfg = StoreConfig {
+        kind: StoreKind::Embedded,
+        path: Some(dir.clone()),
+        key_prefix: "dd".to_owned(),
+        ..StoreConfig::default()
+    };
+    let store = Store::open(&cfg).await.expect("open");
+    let owner = Owner::new("full".into(), 1);
+    let (lease, window) = (Duration::from_secs(30), Duration::from_secs(3600));
+    let first: Vec<String> = (0..200).map(|i| format!("dd:r:first-{i}")).collect();
+    store.claim(&first, &owner, lease).await.expect("claim");
+    store.commit(&first, &owner, window).await.expect("commit");
+
+    // Fill the filesystem, then commit until a commit fails.
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&filler).expect("filler");
+        let block = vec![0u8; 64 * 1024];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.sync_all();
+    }
+    let mut failed = None;
+    for batch in 0..2_000 {
+        let keys: Vec<String> = (0..200).map(|i| format!("dd:r:fill-{batch}-{i}")).collect();
+        store
+            .claim(&keys, &owner, lease)
+            .await
+            .expect("claims need no disk space");
+        if let Err(e) = store.commit(&keys, &owner, window).await {
+            failed = Some((keys, e));
+            break;
+        }
+    }
+    let (keys, error) = failed.expect("a commit failed on a full disk");
+    println!("EMBEDDED-FIGURES full disk: {error}");
+    assert!(
+        store.commit(&keys, &owner, window).await.is_err(),
+        "still full"
+    );
+
+    std::fs::remove_file(&filler).expect("remove filler");
+    let retried = store
+        .commit(&keys, &owner, window)
+        .await
+        .expect("commit after room");
+    assert!(
+        retried.iter().all(|o| *o == CommitOutcome::Committed),
+        "{retried:?}"
+    );
+    let again = store.claim(&first, &owner, lease).await.expect("claim");
+    assert!(again.iter().all(|o| *o == ClaimOutcome::Done));
+    drop(store);
+    let _ = std::fs::remove_dir_all(&dir);
+}

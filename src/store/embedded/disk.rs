@@ -14,6 +14,7 @@ use std::collections::HashMap;
 use std::fmt::Display;
 use std::ops::Bound;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use redb::{
     Database, DatabaseError, Durability, ReadOnlyTable, ReadTransaction, ReadableTable,
@@ -53,9 +54,10 @@ fn is_done_table(name: &str) -> bool {
     name == NO_ROUTE || name.starts_with(ROUTE_PREFIX)
 }
 
-/// An error of the store file, with what was being done.
-fn failed(what: impl Display, e: impl Display) -> StoreError {
-    StoreError::Embedded(format!("{what}: {e}"))
+/// Whether redb refuses every later operation after `e` until the file is opened again: an
+/// I/O error (a full disk, a failed sync) leaves it answering `PreviousIo` from then on.
+fn needs_reopen(e: &redb::Error) -> bool {
+    matches!(e, redb::Error::Io(_) | redb::Error::PreviousIo)
 }
 
 /// Why a file could not be opened.
@@ -71,6 +73,8 @@ pub enum OpenError {
 pub struct Disk {
     db: Database,
     file: PathBuf,
+    /// Set by an error after which redb answers nothing until the file is opened again.
+    broken: AtomicBool,
 }
 
 impl Disk {
@@ -90,20 +94,42 @@ impl Disk {
         let disk = Disk {
             db,
             file: file.to_owned(),
+            broken: AtomicBool::new(false),
         };
         disk.check_layout()
             .map_err(|e| OpenError::Other(e.to_string()))?;
         Ok(disk)
     }
 
+    /// An error of the store file, with what was being done; marks the file for reopening
+    /// when redb will refuse everything after it.
+    fn failed(&self, what: impl Display, e: impl Into<redb::Error>) -> StoreError {
+        let e = e.into();
+        if needs_reopen(&e) {
+            self.broken.store(true, Ordering::Relaxed);
+        }
+        StoreError::Embedded(format!("{what}: {e}"))
+    }
+
+    /// Whether the file must be closed and opened again before it can be used.
+    pub fn is_broken(&self) -> bool {
+        self.broken.load(Ordering::Relaxed)
+    }
+
+    /// Marks the file for reopening, as an I/O error would.
+    #[cfg(test)]
+    pub fn break_for_test(&self) {
+        self.broken.store(true, Ordering::Relaxed);
+    }
+
     fn check_layout(&self) -> Result<(), StoreError> {
         let what = "writing the layout version";
-        let tx = self.db.begin_write().map_err(|e| failed(what, e))?;
+        let tx = self.db.begin_write().map_err(|e| self.failed(what, e))?;
         {
-            let mut meta = tx.open_table(META).map_err(|e| failed(what, e))?;
+            let mut meta = tx.open_table(META).map_err(|e| self.failed(what, e))?;
             let found = meta
                 .get("layout")
-                .map_err(|e| failed(what, e))?
+                .map_err(|e| self.failed(what, e))?
                 .map(|v| v.value());
             match found {
                 Some(LAYOUT) => {}
@@ -115,20 +141,22 @@ impl Disk {
                     )))
                 }
                 None => {
-                    meta.insert("layout", LAYOUT).map_err(|e| failed(what, e))?;
+                    meta.insert("layout", LAYOUT)
+                        .map_err(|e| self.failed(what, e))?;
                 }
             }
         }
-        tx.commit().map_err(|e| failed(what, e))
+        tx.commit().map_err(|e| self.failed(what, e))
     }
 
     /// A consistent view of the file as of now, for a batch of reads.
-    pub fn reader(&self) -> Result<Reader, StoreError> {
+    pub fn reader(&self) -> Result<Reader<'_>, StoreError> {
         let txn = self
             .db
             .begin_read()
-            .map_err(|e| failed("starting a read", e))?;
+            .map_err(|e| self.failed("starting a read", e))?;
         Ok(Reader {
+            disk: self,
             txn,
             tables: HashMap::new(),
         })
@@ -138,7 +166,7 @@ impl Disk {
     /// durable (fsync) before this returns. One disk sync, whatever the batch's size.
     pub fn write_done(&self, keys: &[(&str, Digest)], expiry: u32) -> Result<(), StoreError> {
         let what = "writing done keys";
-        let tx = self.db.begin_write().map_err(|e| failed(what, e))?;
+        let tx = self.db.begin_write().map_err(|e| self.failed(what, e))?;
         {
             let mut tables: HashMap<&str, redb::Table<Digest, u32>> = HashMap::new();
             for (route, digest) in keys {
@@ -146,38 +174,40 @@ impl Disk {
                     let name = table_name(route);
                     let table = tx
                         .open_table(DoneTable::new(&name))
-                        .map_err(|e| failed(what, e))?;
+                        .map_err(|e| self.failed(what, e))?;
                     tables.insert(route, table);
                 }
                 if let Some(table) = tables.get_mut(route) {
-                    table.insert(digest, expiry).map_err(|e| failed(what, e))?;
+                    table
+                        .insert(digest, expiry)
+                        .map_err(|e| self.failed(what, e))?;
                 }
             }
         }
-        tx.commit().map_err(|e| failed(what, e))
+        tx.commit().map_err(|e| self.failed(what, e))
     }
 
     /// Deletes `digest` from `route`'s table, durably; its expiry if it was there.
     pub fn remove(&self, route: &str, digest: &Digest) -> Result<Option<u32>, StoreError> {
         let what = "deleting a key";
-        let tx = self.db.begin_write().map_err(|e| failed(what, e))?;
+        let tx = self.db.begin_write().map_err(|e| self.failed(what, e))?;
         let name = table_name(route);
         let removed = {
             let mut table = tx
                 .open_table(DoneTable::new(&name))
-                .map_err(|e| failed(what, e))?;
-            let removed = table.remove(digest).map_err(|e| failed(what, e))?;
+                .map_err(|e| self.failed(what, e))?;
+            let removed = table.remove(digest).map_err(|e| self.failed(what, e))?;
             removed.map(|v| v.value())
         };
-        tx.commit().map_err(|e| failed(what, e))?;
+        tx.commit().map_err(|e| self.failed(what, e))?;
         Ok(removed)
     }
 
     /// The names of every table of done keys.
     pub fn done_tables(&self) -> Result<Vec<String>, StoreError> {
         let what = "listing tables";
-        let tx = self.db.begin_read().map_err(|e| failed(what, e))?;
-        let tables = tx.list_tables().map_err(|e| failed(what, e))?;
+        let tx = self.db.begin_read().map_err(|e| self.failed(what, e))?;
+        let tables = tx.list_tables().map_err(|e| self.failed(what, e))?;
         Ok(tables
             .map(|t| t.name().to_owned())
             .filter(|name| is_done_table(name))
@@ -199,21 +229,21 @@ impl Disk {
         let what = "sweeping expired keys";
         let definition = DoneTable::new(table);
         let (expired, next) = {
-            let tx = self.db.begin_read().map_err(|e| failed(what, e))?;
+            let tx = self.db.begin_read().map_err(|e| self.failed(what, e))?;
             let table = match tx.open_table(definition) {
                 Ok(t) => t,
                 Err(TableError::TableDoesNotExist(_)) => return Ok(SweepStep::default()),
-                Err(e) => return Err(failed(what, e)),
+                Err(e) => return Err(self.failed(what, e)),
             };
             let range = match &after {
                 Some(after) => table.range::<&Digest>((Bound::Excluded(after), Bound::Unbounded)),
                 None => table.range::<&Digest>(..),
             }
-            .map_err(|e| failed(what, e))?;
+            .map_err(|e| self.failed(what, e))?;
             let mut expired = Vec::new();
             let (mut seen, mut last) = (0, None);
             for entry in range {
-                let (digest, expiry) = entry.map_err(|e| failed(what, e))?;
+                let (digest, expiry) = entry.map_err(|e| self.failed(what, e))?;
                 let digest = digest.value();
                 if u64::from(expiry.value()) <= now_tick {
                     expired.push(digest);
@@ -233,25 +263,27 @@ impl Disk {
                 wrote: false,
             });
         }
-        let mut tx = self.db.begin_write().map_err(|e| failed(what, e))?;
+        let mut tx = self.db.begin_write().map_err(|e| self.failed(what, e))?;
         if !durable {
             tx.set_durability(Durability::None);
         }
         let mut removed = 0;
         {
-            let mut table = tx.open_table(definition).map_err(|e| failed(what, e))?;
+            let mut table = tx
+                .open_table(definition)
+                .map_err(|e| self.failed(what, e))?;
             for digest in &expired {
                 let still_expired = table
                     .get(digest)
-                    .map_err(|e| failed(what, e))?
+                    .map_err(|e| self.failed(what, e))?
                     .is_some_and(|expiry| u64::from(expiry.value()) <= now_tick);
                 if still_expired {
-                    table.remove(digest).map_err(|e| failed(what, e))?;
+                    table.remove(digest).map_err(|e| self.failed(what, e))?;
                     removed += 1;
                 }
             }
         }
-        tx.commit().map_err(|e| failed(what, e))?;
+        tx.commit().map_err(|e| self.failed(what, e))?;
         Ok(SweepStep {
             removed,
             next,
@@ -263,15 +295,15 @@ impl Disk {
     /// ones the sweeper has not removed yet included.
     pub fn counts(&self, routes: &[String]) -> Result<Vec<u64>, StoreError> {
         let what = "counting keys";
-        let tx = self.db.begin_read().map_err(|e| failed(what, e))?;
+        let tx = self.db.begin_read().map_err(|e| self.failed(what, e))?;
         routes
             .iter()
             .map(|route| {
                 let name = table_name(route);
                 match tx.open_table(DoneTable::new(&name)) {
-                    Ok(table) => table.len().map_err(|e| failed(what, e)),
+                    Ok(table) => table.len().map_err(|e| self.failed(what, e)),
                     Err(TableError::TableDoesNotExist(_)) => Ok(0),
-                    Err(e) => Err(failed(what, e)),
+                    Err(e) => Err(self.failed(what, e)),
                 }
             })
             .collect()
@@ -281,7 +313,8 @@ impl Disk {
     /// grows in whole regions and may be sparse, so its length would overstate it).
     pub fn disk_bytes(&self) -> Result<u64, StoreError> {
         let dir = self.file.parent().unwrap_or(Path::new("."));
-        dir_bytes(dir).map_err(|e| failed(format!("measuring {}", dir.display()), e))
+        dir_bytes(dir)
+            .map_err(|e| StoreError::Embedded(format!("measuring {}: {e}", dir.display())))
     }
 }
 
@@ -310,12 +343,13 @@ pub fn dir_bytes(dir: &Path) -> std::io::Result<u64> {
 }
 
 /// One read transaction, with the tables it opened.
-pub struct Reader {
+pub struct Reader<'d> {
+    disk: &'d Disk,
     txn: ReadTransaction,
     tables: HashMap<String, Option<ReadOnlyTable<Digest, u32>>>,
 }
 
-impl Reader {
+impl Reader<'_> {
     /// The expiry of `digest` in `route`'s table, if it is there (expired or not).
     pub fn expiry(&mut self, route: &str, digest: &Digest) -> Result<Option<u32>, StoreError> {
         let what = "reading a key";
@@ -325,14 +359,14 @@ impl Reader {
                 Ok(t) => Some(t),
                 // Nothing was ever written done on this route.
                 Err(TableError::TableDoesNotExist(_)) => None,
-                Err(e) => return Err(failed(what, e)),
+                Err(e) => return Err(self.disk.failed(what, e)),
             };
             self.tables.insert(route.to_owned(), table);
         }
         match self.tables.get(route) {
             Some(Some(table)) => Ok(table
                 .get(digest)
-                .map_err(|e| failed(what, e))?
+                .map_err(|e| self.disk.failed(what, e))?
                 .map(|v| v.value())),
             _ => Ok(None),
         }

@@ -113,6 +113,16 @@
 //! old one is being dropped right then, the open waits up to 2 s for redb to give the lock
 //! back.
 //!
+//! # Disk errors
+//!
+//! A read or write that fails (a full disk, an I/O error) fails the operation with
+//! `StoreError::Embedded` naming what was being done; the caller counts it, marks the store
+//! down and retries, as with Redis away. After an I/O error redb refuses everything until its
+//! file is opened again (`PreviousIo`), so the next operation closes and reopens the file by
+//! itself, once the operations still on it have ended: a disk that was full works again as
+//! soon as it has room, without a restart (`full_disk_fails_commits_then_recovers` in
+//! `tests/embedded.rs`, run on a 4 MiB tmpfs). Claims in memory are kept across the reopen.
+//!
 //! # Blocking work
 //!
 //! Every disk access runs on tokio's blocking pool (`spawn_blocking`): the daemon's runtime is
@@ -128,7 +138,7 @@ mod upkeep;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use self::claims::{digest, Claims, Digest};
@@ -153,10 +163,14 @@ pub struct EmbeddedStore {
 
 /// What every handle on one path shares.
 pub(crate) struct Shared {
-    disk: Disk,
+    /// The open file; `None` only while it is being opened again after an I/O error (or if
+    /// that failed: the next operation tries again).
+    disk: RwLock<Option<Disk>>,
     claims: Mutex<Claims>,
     /// The directory, canonical.
     dir: PathBuf,
+    /// The file in it.
+    file: PathBuf,
     /// Write transactions committed.
     writes: AtomicU64,
 }
@@ -166,6 +180,49 @@ impl Shared {
     /// locked leaves nothing to repair.
     fn lock_claims(&self) -> MutexGuard<'_, Claims> {
         self.claims.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs `f` on the open file, after opening it again if an I/O error left it unusable
+    /// (redb then refuses everything until it is reopened: a disk that was full, once it
+    /// has room again, must not need a restart of dedupd). Lock order: the claims' lock, when
+    /// taken, before this one.
+    fn with_disk<T>(
+        &self,
+        f: impl FnOnce(&Disk) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        {
+            let slot = self.disk.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some(disk) = slot.as_ref().filter(|d| !d.is_broken()) {
+                return f(disk);
+            }
+        }
+        self.reopen()?;
+        let slot = self.disk.read().unwrap_or_else(PoisonError::into_inner);
+        match slot.as_ref() {
+            Some(disk) => f(disk),
+            None => Err(StoreError::Embedded(format!(
+                "{} is closed after an I/O error",
+                self.file.display()
+            ))),
+        }
+    }
+
+    /// Closes the file (once every operation on it has ended) and opens it again, unless
+    /// another thread just did.
+    fn reopen(&self) -> Result<(), StoreError> {
+        let mut slot = self.disk.write().unwrap_or_else(PoisonError::into_inner);
+        if slot.as_ref().is_some_and(|d| !d.is_broken()) {
+            return Ok(());
+        }
+        // Closing gives the file's lock back, so that it can be taken again.
+        *slot = None;
+        let disk = Disk::open(&self.file).map_err(|e| open_error(&self.dir, &self.file, e))?;
+        tracing::warn!(
+            path = %self.dir.display(),
+            "embedded store: opened the file again after an I/O error"
+        );
+        *slot = Some(disk);
+        Ok(())
     }
 
     fn count_write(&self) {
@@ -254,18 +311,20 @@ impl EmbeddedStore {
         self.blocking(move |shared, prefix| {
             let (now, tick) = (Instant::now(), now_tick());
             let mut claims = shared.lock_claims();
-            // Begun under the lock: it sees every commit whose markers are gone.
-            let mut reader = shared.disk.reader()?;
-            keys.iter()
-                .map(|key| {
-                    let route = route_of(prefix, key);
-                    let digest = digest(key);
-                    let done = reader
-                        .expiry(route, &digest)?
-                        .is_some_and(|e| is_live(e, tick));
-                    Ok(claims.claim(digest, route, done, &owner, now, lease))
-                })
-                .collect()
+            shared.with_disk(|disk| {
+                // Begun under the lock: it sees every commit whose markers are gone.
+                let mut reader = disk.reader()?;
+                keys.iter()
+                    .map(|key| {
+                        let route = route_of(prefix, key);
+                        let digest = digest(key);
+                        let done = reader
+                            .expiry(route, &digest)?
+                            .is_some_and(|e| is_live(e, tick));
+                        Ok(claims.claim(digest, route, done, &owner, now, lease))
+                    })
+                    .collect()
+            })
         })
         .await
     }
@@ -285,29 +344,38 @@ impl EmbeddedStore {
             let digests: Vec<Digest> = keys.iter().map(|k| digest(k)).collect();
             let mut outcomes = Vec::with_capacity(keys.len());
             let mut writes: Vec<(&str, Digest)> = Vec::with_capacity(keys.len());
-            let id = {
-                let mut claims = shared.lock_claims();
-                let mut reader = shared.disk.reader()?;
-                let id = claims.commit_id();
-                let mut seen = std::collections::HashSet::with_capacity(keys.len());
-                for (route, digest) in routes.iter().zip(&digests) {
-                    let done = reader
-                        .expiry(route, digest)?
-                        .is_some_and(|e| is_live(e, tick));
-                    let again = !seen.insert(*digest);
-                    let step =
-                        claims.begin_commit(id, *digest, route, done, again, &owner, now, lease);
-                    if step.write {
-                        writes.push((route, *digest));
+            let mut claims = shared.lock_claims();
+            let id = claims.commit_id();
+            shared
+                .with_disk(|disk| {
+                    let mut reader = disk.reader()?;
+                    let mut seen = std::collections::HashSet::with_capacity(keys.len());
+                    for (route, digest) in routes.iter().zip(&digests) {
+                        let done = reader
+                            .expiry(route, digest)?
+                            .is_some_and(|e| is_live(e, tick));
+                        let again = !seen.insert(*digest);
+                        let step = claims
+                            .begin_commit(id, *digest, route, done, again, &owner, now, lease);
+                        if step.write {
+                            writes.push((route, *digest));
+                        }
+                        outcomes.push(step.outcome);
                     }
-                    outcomes.push(step.outcome);
-                }
-                id
-            };
+                    Ok(())
+                })
+                .inspect_err(|_| {
+                    // Markers placed before a read failed: nothing was written, the keys are
+                    // their committer's claims again.
+                    let marked: Vec<Digest> = writes.iter().map(|(_, d)| *d).collect();
+                    claims.end_commit(id, &marked, false, now, lease);
+                })?;
+            drop(claims);
             let written = if writes.is_empty() {
                 Ok(())
             } else {
-                let written = shared.disk.write_done(&writes, expiry_at(now_ms, window));
+                let expiry = expiry_at(now_ms, window);
+                let written = shared.with_disk(|disk| disk.write_done(&writes, expiry));
                 if written.is_ok() {
                     shared.count_write();
                 }
@@ -364,10 +432,8 @@ impl EmbeddedStore {
             let (now, now_ms) = (Instant::now(), now_ms());
             let claims = shared.lock_claims();
             let digest = digest(&key);
-            let expiry = shared
-                .disk
-                .reader()?
-                .expiry(route_of(prefix, &key), &digest)?;
+            let route = route_of(prefix, &key);
+            let expiry = shared.with_disk(|disk| disk.reader()?.expiry(route, &digest))?;
             if let Some(expiry) = expiry.filter(|&e| is_live(e, tick_at(now_ms))) {
                 let left = tick_to_ms(u64::from(expiry)).saturating_sub(now_ms);
                 return Ok(KeyState::Done {
@@ -389,7 +455,8 @@ impl EmbeddedStore {
             let (now, tick) = (Instant::now(), now_tick());
             let digest = digest(&key);
             let claimed = shared.lock_claims().forget(&digest, now);
-            let removed = shared.disk.remove(route_of(prefix, &key), &digest)?;
+            let route = route_of(prefix, &key);
+            let removed = shared.with_disk(|disk| disk.remove(route, &digest))?;
             shared.count_write();
             Ok(claimed || removed.is_some_and(|e| is_live(e, tick)))
         })
@@ -404,7 +471,8 @@ impl EmbeddedStore {
         let own = prefix == &*self.prefix;
         let routes = routes.to_vec();
         self.blocking(move |shared, _| {
-            let counts = shared.disk.counts(&routes)?;
+            let (counts, memory_bytes) =
+                shared.with_disk(|disk| Ok((disk.counts(&routes)?, disk.disk_bytes()?)))?;
             let claimed = shared.lock_claims().per_route(Instant::now());
             let keys = routes
                 .iter()
@@ -421,7 +489,7 @@ impl EmbeddedStore {
             Ok(StoreSize {
                 keys,
                 exact: false,
-                memory_bytes: shared.disk.disk_bytes()?,
+                memory_bytes,
             })
         })
         .await
@@ -429,7 +497,7 @@ impl EmbeddedStore {
 
     /// See `Store::ping`: a read transaction, so a file that cannot be read fails it.
     pub async fn ping(&self) -> Result<(), StoreError> {
-        self.blocking(|shared, _| shared.disk.reader().map(drop))
+        self.blocking(|shared, _| shared.with_disk(|disk| disk.reader().map(drop)))
             .await
     }
 
@@ -497,17 +565,7 @@ fn open_shared(dir: &Path) -> Result<Arc<Shared>, StoreError> {
             result => break result,
         }
     };
-    let disk = disk.map_err(|e| match e {
-        OpenError::Locked => StoreError::Embedded(format!(
-            "{shown} is in use by another process (lock held on {}): one dedupd at a time \
-             per store.path; stop the other one (dedupd inspect, forget and check --connect \
-             need the daemon stopped too)",
-            file.display()
-        )),
-        OpenError::Other(why) => {
-            StoreError::Embedded(format!("cannot open {}: {why}", file.display()))
-        }
-    })?;
+    let disk = disk.map_err(|e| open_error(dir, &file, e))?;
     if fresh {
         // The new file's directory entry, so a crash cannot lose the file itself.
         std::fs::File::open(&canonical)
@@ -515,9 +573,10 @@ fn open_shared(dir: &Path) -> Result<Arc<Shared>, StoreError> {
             .map_err(|e| StoreError::Embedded(format!("cannot sync {shown}: {e}")))?;
     }
     let shared = Arc::new(Shared {
-        disk,
+        disk: RwLock::new(Some(disk)),
         claims: Mutex::default(),
         dir: canonical.clone(),
+        file,
         writes: AtomicU64::new(0),
     });
     tracing::info!(
@@ -527,6 +586,22 @@ fn open_shared(dir: &Path) -> Result<Arc<Shared>, StoreError> {
     );
     open.push((canonical, Arc::downgrade(&shared)));
     Ok(shared)
+}
+
+/// What a failed open of `file` in `dir` says.
+fn open_error(dir: &Path, file: &Path, e: OpenError) -> StoreError {
+    match e {
+        OpenError::Locked => StoreError::Embedded(format!(
+            "{} is in use by another process (lock held on {}): one dedupd at a time per \
+             store.path; stop the other one (dedupd inspect, forget and check --connect need \
+             the daemon stopped too)",
+            dir.display(),
+            file.display()
+        )),
+        OpenError::Other(why) => {
+            StoreError::Embedded(format!("cannot open {}: {why}", file.display()))
+        }
+    }
 }
 
 #[cfg(test)]
@@ -584,6 +659,76 @@ mod tests {
         assert!(
             matches!(again[..], [ClaimOutcome::Ours] | [ClaimOutcome::Claimed]),
             "{again:?}"
+        );
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// After an I/O error redb answers nothing until the file is opened again: the next
+    /// operation reopens it, and nothing done or claimed is lost.
+    #[tokio::test]
+    async fn a_file_broken_by_an_io_error_is_opened_again() {
+        let dir = std::env::temp_dir().join(format!(
+            "dedupd-unit-emb-reopen-{:016x}",
+            rand::random::<u64>()
+        ));
+        let cfg = StoreConfig {
+            kind: crate::config::StoreKind::Embedded,
+            path: Some(dir.clone()),
+            key_prefix: "dd".to_owned(),
+            ..StoreConfig::default()
+        };
+        let store = EmbeddedStore::open(&cfg).await.expect("open");
+        let (a, b) = (
+            Owner::new("inst-a".into(), 1),
+            Owner::new("inst-b".into(), 1),
+        );
+        let lease = Duration::from_secs(30);
+        let done = vec!["dd:r:done".to_owned()];
+        let flying = vec!["dd:r:flying".to_owned()];
+        store.claim(&done, &a, lease).await.expect("claim");
+        store
+            .commit(&done, &a, Duration::from_secs(60))
+            .await
+            .expect("commit");
+        store.claim(&flying, &a, lease).await.expect("claim");
+        let broken = |store: &EmbeddedStore| {
+            let slot = store
+                .shared
+                .disk
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            slot.as_ref().is_none_or(|d| d.is_broken())
+        };
+        {
+            let slot = store
+                .shared
+                .disk
+                .read()
+                .unwrap_or_else(PoisonError::into_inner);
+            slot.as_ref().expect("open").break_for_test();
+        }
+        assert!(broken(&store));
+
+        let both = vec![done[0].clone(), flying[0].clone()];
+        let outcomes = store
+            .claim(&both, &b, lease)
+            .await
+            .expect("claim after reopen");
+        assert!(!broken(&store), "opened again");
+        assert!(
+            matches!(
+                outcomes[..],
+                [ClaimOutcome::Done, ClaimOutcome::InFlightElsewhere { .. }]
+            ),
+            "{outcomes:?}"
+        );
+        assert_eq!(
+            store
+                .commit(&flying, &a, Duration::from_secs(60))
+                .await
+                .expect("commit after reopen"),
+            [CommitOutcome::Committed]
         );
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);

@@ -75,7 +75,7 @@ async fn pass(shared: &Arc<Shared>, shutdown: &CancellationToken) -> Result<Opti
         let mut claims = shared.lock_claims();
         claims.remove_expired(Instant::now())
     };
-    let tables = blocking(shared, |s| s.disk.done_tables()).await?;
+    let tables = blocking(shared, |s| s.with_disk(|disk| disk.done_tables())).await?;
     let mut removed = claims_removed as u64;
     let mut unsynced = 0u32;
     for table in tables {
@@ -87,7 +87,8 @@ async fn pass(shared: &Arc<Shared>, shutdown: &CancellationToken) -> Result<Opti
             let durable = unsynced + 1 >= SYNC_EVERY;
             let name = table.clone();
             let step = blocking(shared, move |s| {
-                let step = s.disk.sweep_step(&name, after, now_tick(), durable)?;
+                let step =
+                    s.with_disk(|disk| disk.sweep_step(&name, after, now_tick(), durable))?;
                 if step.wrote {
                     s.count_write();
                 }
@@ -107,7 +108,7 @@ async fn pass(shared: &Arc<Shared>, shutdown: &CancellationToken) -> Result<Opti
     if unsynced > 0 {
         // An empty durable write: syncs the pass's deletions and frees their pages.
         blocking(shared, |s| {
-            s.disk.write_done(&[], 0)?;
+            s.with_disk(|disk| disk.write_done(&[], 0))?;
             s.count_write();
             Ok(())
         })
