@@ -309,6 +309,20 @@ impl Disk {
             .collect()
     }
 
+    /// Keys in every table of done keys, expired ones not yet swept included.
+    pub fn total_keys(&self) -> Result<u64, StoreError> {
+        let what = "counting keys";
+        let tx = self.db.begin_read().map_err(|e| self.failed(what, e))?;
+        let mut total = 0;
+        for name in self.done_tables()? {
+            let table = tx
+                .open_table(DoneTable::new(&name))
+                .map_err(|e| self.failed(what, e))?;
+            total += table.len().map_err(|e| self.failed(what, e))?;
+        }
+        Ok(total)
+    }
+
     /// Bytes the store's directory takes on disk: blocks allocated to its files (the file
     /// grows in whole regions and may be sparse, so its length would overstate it).
     pub fn disk_bytes(&self) -> Result<u64, StoreError> {

@@ -572,6 +572,8 @@ fn open_shared(dir: &Path) -> Result<Arc<Shared>, StoreError> {
             .and_then(|d| d.sync_all())
             .map_err(|e| StoreError::Embedded(format!("cannot sync {shown}: {e}")))?;
     }
+    let took_ms = started.elapsed().as_millis() as u64;
+    let keys = disk.total_keys()?;
     let shared = Arc::new(Shared {
         disk: RwLock::new(Some(disk)),
         claims: Mutex::default(),
@@ -581,8 +583,9 @@ fn open_shared(dir: &Path) -> Result<Arc<Shared>, StoreError> {
     });
     tracing::info!(
         path = %canonical.display(),
-        took_ms = started.elapsed().as_millis() as u64,
-        "embedded store open"
+        keys,
+        took_ms,
+        "embedded store open: remembers {keys} keys"
     );
     open.push((canonical, Arc::downgrade(&shared)));
     Ok(shared)
