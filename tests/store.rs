@@ -1080,3 +1080,69 @@ async fn embedded_sweeper_removes_expired_keys() {
         .expect("the sweeper stops at shutdown");
     ctx.cleanup().await;
 }
+
+/// Claims racing commits of the same keys (other threads, other owners) never find a key
+/// absent: in flight until the commit's write is visible, done after. Claims racing each
+/// other claim each key exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_racing_claims_and_commits() {
+    let ctx = embedded_ctx("race").await;
+    let (a, b) = (owner("inst-a", 1), owner("inst-b", 1));
+    let keys: Vec<String> = (0..2000).map(|i| ctx.key(&format!("k{i}"))).collect();
+    let claimed = ctx.store.claim(&keys, &a, LEASE).await.unwrap();
+    assert!(claimed.iter().all(|o| *o == ClaimOutcome::Claimed));
+
+    let committer = {
+        let (store, keys, a) = (ctx.store.clone(), keys.clone(), a.clone());
+        tokio::spawn(async move {
+            for batch in keys.chunks(200) {
+                let outcomes = store.commit(batch, &a, WINDOW).await.unwrap();
+                assert!(outcomes.iter().all(|o| *o == CommitOutcome::Committed));
+            }
+        })
+    };
+    let mut rounds = 0;
+    while !committer.is_finished() {
+        for batch in keys.chunks(200) {
+            for outcome in ctx.store.claim(batch, &b, LEASE).await.unwrap() {
+                assert!(
+                    matches!(
+                        outcome,
+                        ClaimOutcome::Done | ClaimOutcome::InFlightElsewhere { .. }
+                    ),
+                    "round {rounds}: {outcome:?}"
+                );
+            }
+        }
+        rounds += 1;
+    }
+    committer.await.expect("committer");
+    println!("{rounds} rounds of claims raced the commits");
+    let after = ctx.store.claim(&keys, &b, LEASE).await.unwrap();
+    assert!(after.iter().all(|o| *o == ClaimOutcome::Done));
+
+    let fresh: Vec<String> = (0..2000).map(|i| ctx.key(&format!("f{i}"))).collect();
+    let racers: Vec<_> = (0..4)
+        .map(|i| {
+            let (store, keys) = (ctx.store.clone(), fresh.clone());
+            tokio::spawn(async move {
+                let by = owner(&format!("racer-{i}"), 1);
+                let mut outcomes = Vec::new();
+                for batch in keys.chunks(100) {
+                    outcomes.extend(store.claim(batch, &by, LEASE).await.unwrap());
+                }
+                outcomes
+            })
+        })
+        .collect();
+    let mut won = vec![0; fresh.len()];
+    for racer in racers {
+        for (k, outcome) in racer.await.expect("racer").iter().enumerate() {
+            if *outcome == ClaimOutcome::Claimed {
+                won[k] += 1;
+            }
+        }
+    }
+    assert!(won.iter().all(|&n| n == 1), "each key claimed exactly once");
+    ctx.cleanup().await;
+}
