@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Makes sure RabbitMQ (127.0.0.1:5672, guest/guest) and Redis (127.0.0.1:6379) are installed and
-# running, as the tests and the local run expect. Safe to run again: it only starts what is down.
+# Makes sure RabbitMQ (127.0.0.1:5672, guest/guest), Redis (127.0.0.1:6379) and PostgreSQL
+# (127.0.0.1:5432, user postgres) are installed and running, as the tests and the local run expect. Safe to run again: it only starts what is down.
 set -euo pipefail
 
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -12,6 +12,7 @@ as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 missing=()
 command -v rabbitmq-server >/dev/null || missing+=(rabbitmq-server)
 command -v redis-server >/dev/null || missing+=(redis-server)
+command -v pg_ctlcluster >/dev/null || missing+=(postgresql)
 command -v openssl >/dev/null || missing+=(openssl)
 command -v socat >/dev/null || missing+=(socat)
 command -v chromium >/dev/null || missing+=(chromium)
@@ -39,10 +40,22 @@ if ! as_root rabbitmqctl -q status >/dev/null 2>&1; then
   as_root rabbitmq-server -detached
 fi
 
-# Both must answer before anything runs against them.
+if ! pg_isready -q -h 127.0.0.1 -p 5432; then
+  # The first cluster Debian's tools know of (15/main on Debian 12).
+  read -r pg_version pg_cluster _ < <(pg_lsclusters -h | head -n 1)
+  echo "starting postgresql $pg_version/$pg_cluster" >&2
+  as_root pg_ctlcluster --skip-systemctl-redirect "$pg_version" "$pg_cluster" start
+fi
+
+# All must answer before anything runs against them.
 for _ in $(seq 1 120); do
   redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break
   sleep 0.5
 done
 redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null
 as_root rabbitmqctl -q await_startup --timeout 120 >/dev/null
+for _ in $(seq 1 120); do
+  pg_isready -q -h 127.0.0.1 -p 5432 && break
+  sleep 0.5
+done
+pg_isready -q -h 127.0.0.1 -p 5432

@@ -52,8 +52,10 @@
 //! table counts its keys) and `INFO memory` (summed over a cluster's primaries); in memory, the
 //! tables' counts and an estimate of their allocation (see the `memory` module).
 
+mod embedded;
 pub mod layout;
 mod memory;
+mod postgres;
 mod redis;
 pub mod watched;
 
@@ -188,6 +190,12 @@ pub enum StoreError {
     /// Redis answered with an error or the connection failed.
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),
+    /// PostgreSQL answered with an error or the connection failed.
+    #[error("postgres: {0}")]
+    Postgres(String),
+    /// The embedded store's files could not be read or written.
+    #[error("embedded store: {0}")]
+    Embedded(String),
     /// The store URL or TLS files are unusable.
     #[error("store config: {0}")]
     Config(String),
@@ -200,6 +208,10 @@ pub enum Store {
     Memory(memory::MemoryStore),
     /// Redis or Redis Cluster.
     Redis(redis::RedisStore),
+    /// PostgreSQL.
+    Postgres(postgres::PostgresStore),
+    /// Files on local disk, one instance.
+    Embedded(embedded::EmbeddedStore),
 }
 
 impl Store {
@@ -210,6 +222,8 @@ impl Store {
         match cfg.kind {
             StoreKind::Memory => Ok(Store::Memory(memory::MemoryStore::new(&cfg.key_prefix))),
             StoreKind::Redis => Ok(Store::Redis(redis::RedisStore::open(cfg)?)),
+            StoreKind::Postgres => Ok(Store::Postgres(postgres::PostgresStore::open(cfg).await?)),
+            StoreKind::Embedded => Ok(Store::Embedded(embedded::EmbeddedStore::open(cfg).await?)),
         }
     }
 
@@ -228,6 +242,8 @@ impl Store {
         let result = match self {
             Store::Memory(m) => Ok(m.claim(keys, owner, lease)),
             Store::Redis(r) => r.claim(keys, owner, lease).await,
+            Store::Postgres(p) => p.claim(keys, owner, lease).await,
+            Store::Embedded(e) => e.claim(keys, owner, lease).await,
         };
         record("claim", started);
         result
@@ -248,6 +264,8 @@ impl Store {
         let result = match self {
             Store::Memory(m) => Ok(m.commit(keys, owner, window)),
             Store::Redis(r) => r.commit(keys, owner, window).await,
+            Store::Postgres(p) => p.commit(keys, owner, window).await,
+            Store::Embedded(e) => e.commit(keys, owner, window).await,
         };
         record("commit", started);
         result
@@ -268,6 +286,8 @@ impl Store {
         let result = match self {
             Store::Memory(m) => Ok(m.renew(keys, owner, lease)),
             Store::Redis(r) => r.renew(keys, owner, lease).await,
+            Store::Postgres(p) => p.renew(keys, owner, lease).await,
+            Store::Embedded(e) => e.renew(keys, owner, lease).await,
         };
         record("renew", started);
         result
@@ -282,6 +302,8 @@ impl Store {
         let result = match self {
             Store::Memory(m) => Ok(m.release(keys, owner)),
             Store::Redis(r) => r.release(keys, owner).await,
+            Store::Postgres(p) => p.release(keys, owner).await,
+            Store::Embedded(e) => e.release(keys, owner).await,
         };
         record("release", started);
         result
@@ -293,6 +315,8 @@ impl Store {
         let result = match self {
             Store::Memory(m) => Ok(m.inspect(key)),
             Store::Redis(r) => r.inspect(key).await,
+            Store::Postgres(p) => p.inspect(key).await,
+            Store::Embedded(e) => e.inspect(key).await,
         };
         record("inspect", started);
         result
@@ -304,6 +328,8 @@ impl Store {
         let result = match self {
             Store::Memory(m) => Ok(m.forget(key)),
             Store::Redis(r) => r.forget(key).await,
+            Store::Postgres(p) => p.forget(key).await,
+            Store::Embedded(e) => e.forget(key).await,
         };
         record("forget", started);
         result
@@ -314,7 +340,7 @@ impl Store {
     /// An evicted done key is a forgotten key: the next copy is forwarded again.
     pub async fn eviction_risk(&self) -> Result<Option<String>, StoreError> {
         match self {
-            Store::Memory(_) => Ok(None),
+            Store::Memory(_) | Store::Postgres(_) | Store::Embedded(_) => Ok(None),
             Store::Redis(r) => r.eviction_risk().await,
         }
     }
@@ -324,7 +350,7 @@ impl Store {
     /// at most `hash-max-listpack-value` bytes. `Ok(None)` when the settings fit dedupd's layout.
     pub async fn layout_risk(&self) -> Result<Option<String>, StoreError> {
         match self {
-            Store::Memory(_) => Ok(None),
+            Store::Memory(_) | Store::Postgres(_) | Store::Embedded(_) => Ok(None),
             Store::Redis(r) => r.layout_risk().await,
         }
     }
@@ -336,6 +362,8 @@ impl Store {
         let result = match self {
             Store::Memory(m) => Ok(m.size(prefix, routes)),
             Store::Redis(r) => r.size(prefix, routes).await,
+            Store::Postgres(p) => p.size(prefix, routes).await,
+            Store::Embedded(e) => e.size(prefix, routes).await,
         };
         record("size", started);
         result
@@ -350,8 +378,11 @@ impl Store {
         tracker: &tokio_util::task::TaskTracker,
         shutdown: &tokio_util::sync::CancellationToken,
     ) {
-        if let Store::Redis(r) = self {
-            r.start_upkeep(routes, tracker, shutdown);
+        match self {
+            Store::Memory(_) => {}
+            Store::Redis(r) => r.start_upkeep(routes, tracker, shutdown),
+            Store::Postgres(p) => p.start_upkeep(routes, tracker, shutdown),
+            Store::Embedded(e) => e.start_upkeep(routes, tracker, shutdown),
         }
     }
 
@@ -360,16 +391,19 @@ impl Store {
     /// until the last such key expires. Always `false` for the memory store.
     pub fn reads_old_layout(&self, route: &str) -> bool {
         match self {
-            Store::Memory(_) => false,
+            Store::Memory(_) | Store::Postgres(_) | Store::Embedded(_) => false,
             Store::Redis(r) => r.legacy_possible(route),
         }
     }
 
-    /// Commands sent to Redis so far (a script call counts as one); 0 for the memory store.
+    /// Operations sent to the store so far: Redis commands (a script call counts as one),
+    /// PostgreSQL statements, embedded write transactions; 0 for the memory store.
     pub fn commands_sent(&self) -> u64 {
         match self {
             Store::Memory(_) => 0,
             Store::Redis(r) => r.commands_sent(),
+            Store::Postgres(p) => p.commands_sent(),
+            Store::Embedded(e) => e.commands_sent(),
         }
     }
 
@@ -378,6 +412,8 @@ impl Store {
         match self {
             Store::Memory(_) => "memory (in-process)".to_owned(),
             Store::Redis(r) => r.label(),
+            Store::Postgres(p) => p.label(),
+            Store::Embedded(e) => e.label(),
         }
     }
 
@@ -387,6 +423,8 @@ impl Store {
         let result = match self {
             Store::Memory(_) => Ok(()),
             Store::Redis(r) => r.ping().await,
+            Store::Postgres(p) => p.ping().await,
+            Store::Embedded(e) => e.ping().await,
         };
         record("ping", started);
         result

@@ -31,6 +31,9 @@ enum Backend {
     Memory,
     Redis,
     Cluster(Vec<String>),
+    Postgres,
+    /// The embedded store's directory, removed at cleanup.
+    Embedded(std::path::PathBuf),
 }
 
 struct Ctx {
@@ -55,6 +58,8 @@ impl Ctx {
             Backend::Memory => {}
             Backend::Redis => self.cleanup_redis().await,
             Backend::Cluster(urls) => common::cluster_cleanup(&urls[0], &self.prefix).await,
+            Backend::Postgres => cleanup_postgres(&self.prefix).await,
+            Backend::Embedded(dir) => cleanup_embedded(dir),
         }
     }
 
@@ -561,6 +566,26 @@ macro_rules! suite {
                 }
             )*
         }
+        mod postgres {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let ctx = super::postgres_ctx(stringify!($case)).await;
+                    super::$case(&ctx).await;
+                    ctx.cleanup().await;
+                }
+            )*
+        }
+        mod embedded {
+            $(
+                #[tokio::test]
+                async fn $case() {
+                    let ctx = super::embedded_ctx(stringify!($case)).await;
+                    super::$case(&ctx).await;
+                    ctx.cleanup().await;
+                }
+            )*
+        }
     };
 }
 
@@ -868,4 +893,256 @@ async fn eviction_policy_is_reported() {
     if let Some(ctx) = cluster_ctx("eviction").await {
         assert_eq!(ctx.store.eviction_risk().await.unwrap(), None);
     }
+}
+
+// ---- PostgreSQL -------------------------------------------------------------------------
+
+/// The local PostgreSQL (`scripts/services.sh` starts it): trust auth, user `postgres`.
+const POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+async fn postgres_ctx(test: &str) -> Ctx {
+    let prefix = prefix("pg", test);
+    let cfg = StoreConfig {
+        key_prefix: prefix.clone(),
+        ..store_config(StoreKind::Postgres, POSTGRES_URL, Duration::from_secs(5))
+    };
+    Ctx {
+        store: Store::open(&cfg).await.expect("postgres store"),
+        prefix,
+        backend: Backend::Postgres,
+    }
+}
+
+/// Deletes what a test wrote under `prefix`.
+async fn cleanup_postgres(_prefix: &str) {}
+
+// ---- Embedded ---------------------------------------------------------------------------
+
+async fn embedded_ctx(test: &str) -> Ctx {
+    let prefix = prefix("emb", test);
+    let dir = std::env::temp_dir().join(&prefix);
+    let cfg = StoreConfig {
+        key_prefix: prefix.clone(),
+        path: Some(dir.clone()),
+        ..store_config(StoreKind::Embedded, REDIS_URL, Duration::from_secs(5))
+    };
+    Ctx {
+        store: Store::open(&cfg).await.expect("embedded store"),
+        prefix,
+        backend: Backend::Embedded(dir),
+    }
+}
+
+/// Removes the store's directory.
+fn cleanup_embedded(dir: &std::path::Path) {
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The config of an embedded store in `dir` with key prefix `prefix`.
+fn embedded_config(prefix: &str, dir: &std::path::Path) -> StoreConfig {
+    StoreConfig {
+        key_prefix: prefix.to_owned(),
+        path: Some(dir.to_owned()),
+        ..store_config(StoreKind::Embedded, REDIS_URL, Duration::from_secs(5))
+    }
+}
+
+/// Closed and opened again: every done key is still done, with its window; claims in flight
+/// are gone (their process is, see the module docs), so their keys can be claimed at once.
+#[tokio::test]
+async fn embedded_reopened_remembers_done_keys_and_drops_claims() {
+    let ctx = embedded_ctx("reopen").await;
+    let Backend::Embedded(dir) = &ctx.backend else {
+        unreachable!()
+    };
+    let (a, b) = (owner("inst-a", 1), owner("inst-b", 1));
+    let done: Vec<String> = (0..300).map(|i| ctx.key(&format!("done-{i}"))).collect();
+    let flying = ctx.keys(&["flying-1", "flying-2"]);
+    ctx.store.claim(&done, &a, LEASE).await.unwrap();
+    ctx.store.commit(&done, &a, WINDOW).await.unwrap();
+    ctx.store.claim(&flying, &a, LEASE).await.unwrap();
+    drop(ctx.store);
+
+    let store = Store::open(&embedded_config(&ctx.prefix, dir))
+        .await
+        .expect("reopen");
+    let again = store.claim(&done, &b, LEASE).await.unwrap();
+    assert!(again.iter().all(|o| *o == ClaimOutcome::Done), "{again:?}");
+    match store.inspect(&done[0]).await.unwrap() {
+        KeyState::Done { window_left } => assert!(
+            window_left > WINDOW - Duration::from_secs(10) && window_left <= WINDOW + WINDOW / 8,
+            "{window_left:?}"
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        store.claim(&flying, &b, LEASE).await.unwrap(),
+        [ClaimOutcome::Claimed, ClaimOutcome::Claimed]
+    );
+    let size = store.size(&ctx.prefix, &["r".to_owned()]).await.unwrap();
+    assert_eq!(size.keys, [302]);
+    assert!(size.memory_bytes > 0);
+    drop(store);
+    cleanup_embedded(dir);
+}
+
+/// Opening a path this process already has open shares that store (a reload whose old routes
+/// are still finishing) instead of failing on its own lock.
+#[tokio::test]
+async fn embedded_same_path_twice_in_one_process_shares_the_store() {
+    let ctx = embedded_ctx("twice").await;
+    let Backend::Embedded(dir) = &ctx.backend else {
+        unreachable!()
+    };
+    let second = Store::open(&embedded_config(&ctx.prefix, dir))
+        .await
+        .expect("second open in the same process");
+    let (a, b) = (owner("inst-a", 1), owner("inst-b", 1));
+    let keys = ctx.keys(&["k", "d"]);
+    ctx.store.claim(&keys, &a, LEASE).await.unwrap();
+    ctx.store.commit(&keys[1..], &a, WINDOW).await.unwrap();
+    let outcomes = second.claim(&keys, &b, LEASE).await.unwrap();
+    assert!(
+        matches!(
+            outcomes[..],
+            [ClaimOutcome::InFlightElsewhere { .. }, ClaimOutcome::Done]
+        ),
+        "{outcomes:?}"
+    );
+    assert_eq!(second.label(), format!("embedded {}", dir.display()));
+    drop(second);
+    ctx.cleanup().await;
+}
+
+/// A path that cannot be a directory is refused at open, naming it.
+#[tokio::test]
+async fn embedded_unusable_path_is_a_clear_error() {
+    let file = std::env::temp_dir().join(prefix("emb", "file"));
+    std::fs::write(&file, b"not a directory").unwrap();
+    for path in [file.clone(), file.join("below-a-file")] {
+        let cfg = embedded_config("dd", &path);
+        match Store::open(&cfg).await {
+            Err(StoreError::Embedded(message)) => {
+                assert!(message.contains(&path.display().to_string()), "{message}");
+            }
+            Err(other) => panic!("{}: {other}", path.display()),
+            Ok(_) => panic!("{} opened", path.display()),
+        }
+    }
+    let _ = std::fs::remove_file(&file);
+}
+
+/// Expired keys read as absent at once, and the upkeep removes them from disk in the
+/// background: the table's own count (which includes expired keys not yet swept) falls to
+/// what is still remembered.
+#[tokio::test]
+async fn embedded_sweeper_removes_expired_keys() {
+    let ctx = embedded_ctx("sweep").await;
+    let a = owner("inst-a", 1);
+    let short: Vec<String> = (0..500).map(|i| ctx.key(&format!("short-{i}"))).collect();
+    let long: Vec<String> = (0..100).map(|i| ctx.key(&format!("long-{i}"))).collect();
+    ctx.store.claim(&short, &a, LEASE).await.unwrap();
+    ctx.store
+        .commit(&short, &a, Duration::from_millis(200))
+        .await
+        .unwrap();
+    ctx.store.claim(&long, &a, LEASE).await.unwrap();
+    ctx.store.commit(&long, &a, WINDOW).await.unwrap();
+    let routes = ["r".to_owned()];
+    assert_eq!(
+        ctx.store.size(&ctx.prefix, &routes).await.unwrap().keys,
+        [600]
+    );
+
+    let tracker = tokio_util::task::TaskTracker::new();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    // A 1 s window: a pass every second (the shortest the sweeper allows).
+    ctx.store.start_upkeep(
+        &[("r".to_owned(), Duration::from_secs(1))],
+        &tracker,
+        &shutdown,
+    );
+    tracker.close();
+    let deadline = Instant::now() + EXPIRY_DEADLINE;
+    loop {
+        let keys = ctx.store.size(&ctx.prefix, &routes).await.unwrap().keys;
+        if keys == [100] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still {keys:?} keys on disk");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let again = ctx.store.claim(&long, &a, LEASE).await.unwrap();
+    assert!(again.iter().all(|o| *o == ClaimOutcome::Done));
+    shutdown.cancel();
+    tokio::time::timeout(Duration::from_secs(10), tracker.wait())
+        .await
+        .expect("the sweeper stops at shutdown");
+    ctx.cleanup().await;
+}
+
+/// Claims racing commits of the same keys (other threads, other owners) never find a key
+/// absent: in flight until the commit's write is visible, done after. Claims racing each
+/// other claim each key exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_racing_claims_and_commits() {
+    let ctx = embedded_ctx("race").await;
+    let (a, b) = (owner("inst-a", 1), owner("inst-b", 1));
+    let keys: Vec<String> = (0..2000).map(|i| ctx.key(&format!("k{i}"))).collect();
+    let claimed = ctx.store.claim(&keys, &a, LEASE).await.unwrap();
+    assert!(claimed.iter().all(|o| *o == ClaimOutcome::Claimed));
+
+    let committer = {
+        let (store, keys, a) = (ctx.store.clone(), keys.clone(), a.clone());
+        tokio::spawn(async move {
+            for batch in keys.chunks(200) {
+                let outcomes = store.commit(batch, &a, WINDOW).await.unwrap();
+                assert!(outcomes.iter().all(|o| *o == CommitOutcome::Committed));
+            }
+        })
+    };
+    let mut rounds = 0;
+    while !committer.is_finished() {
+        for batch in keys.chunks(200) {
+            for outcome in ctx.store.claim(batch, &b, LEASE).await.unwrap() {
+                assert!(
+                    matches!(
+                        outcome,
+                        ClaimOutcome::Done | ClaimOutcome::InFlightElsewhere { .. }
+                    ),
+                    "round {rounds}: {outcome:?}"
+                );
+            }
+        }
+        rounds += 1;
+    }
+    committer.await.expect("committer");
+    println!("{rounds} rounds of claims raced the commits");
+    let after = ctx.store.claim(&keys, &b, LEASE).await.unwrap();
+    assert!(after.iter().all(|o| *o == ClaimOutcome::Done));
+
+    let fresh: Vec<String> = (0..2000).map(|i| ctx.key(&format!("f{i}"))).collect();
+    let racers: Vec<_> = (0..4)
+        .map(|i| {
+            let (store, keys) = (ctx.store.clone(), fresh.clone());
+            tokio::spawn(async move {
+                let by = owner(&format!("racer-{i}"), 1);
+                let mut outcomes = Vec::new();
+                for batch in keys.chunks(100) {
+                    outcomes.extend(store.claim(batch, &by, LEASE).await.unwrap());
+                }
+                outcomes
+            })
+        })
+        .collect();
+    let mut won = vec![0; fresh.len()];
+    for racer in racers {
+        for (k, outcome) in racer.await.expect("racer").iter().enumerate() {
+            if *outcome == ClaimOutcome::Claimed {
+                won[k] += 1;
+            }
+        }
+    }
+    assert!(won.iter().all(|&n| n == 1), "each key claimed exactly once");
+    ctx.cleanup().await;
 }

@@ -34,7 +34,7 @@
 //! | `DEDUPD_BENCH_LATENCY_RATE` | half the median dedupd rate (or 2000) | msg/s |
 //! | `DEDUPD_BENCH_RSS` | 0 | 1: move `DEDUPD_BENCH_RSS_N` messages through dedupd, sampling RSS |
 //! | `DEDUPD_BENCH_RSS_N` | 1000000 | messages of the RSS scenario |
-//! | `DEDUPD_BENCH_STORE` | `redis` | dedupd's store: `redis` (127.0.0.1:6379), `cluster` (a 3-master Redis Cluster on 127.0.0.1:30001-30003, started by `scripts/redis-cluster.sh` if it is not running), `memory` |
+//! | `DEDUPD_BENCH_STORE` | `redis` | dedupd's store: `redis` (127.0.0.1:6379), `cluster` (a 3-master Redis Cluster on 127.0.0.1:30001-30003, started by `scripts/redis-cluster.sh` if it is not running), `postgres` (127.0.0.1:5432, user and database `postgres`), `embedded` (a fresh directory under the temp dir), `memory` |
 //!
 //! Layout: `scenarios.rs` (the rounds and what each checks), `movers.rs` (the shovel and the
 //! dedupd child process), `measure.rs` (CPU, RSS, Redis counters, latency), `report.rs` (the
@@ -96,6 +96,14 @@ fn main() -> ExitCode {
         };
         eprintln!("cleaning up…");
         cleanup.run(&opts.store.redis_urls()).await;
+        if let StoreChoice::Embedded(dir) = &opts.store {
+            // Every dedupd round of the run wrote its keys there, and nothing else did.
+            if let Err(e) = std::fs::remove_dir_all(dir) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    eprintln!("cleanup: {}: {e}", dir.display());
+                }
+            }
+        }
         let took = started.elapsed().as_secs_f64();
         match result {
             Ok(()) => {
@@ -142,7 +150,14 @@ pub enum StoreChoice {
     Cluster(Vec<String>),
     /// dedupd's in-process store.
     Memory,
+    /// PostgreSQL at 127.0.0.1:5432 (database `postgres`, user `postgres`).
+    Postgres,
+    /// The embedded store, in a directory of its own under the system's temp dir.
+    Embedded(std::path::PathBuf),
 }
+
+/// The PostgreSQL the `postgres` choice uses.
+const POSTGRES_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
 
 impl StoreChoice {
     /// `DEDUPD_BENCH_STORE`; a cluster is started when it does not answer.
@@ -153,6 +168,11 @@ impl StoreChoice {
         {
             Err(_) | Ok("" | "redis") => Ok(StoreChoice::Redis),
             Ok("memory") => Ok(StoreChoice::Memory),
+            Ok("postgres") => Ok(StoreChoice::Postgres),
+            Ok("embedded") => Ok(StoreChoice::Embedded(std::env::temp_dir().join(format!(
+                "dedupd-bench-embedded-{:016x}",
+                rand::random::<u64>()
+            )))),
             Ok("cluster") => {
                 let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/redis-cluster.sh");
                 let urls = command(script, &["start"]).await?;
@@ -163,7 +183,9 @@ impl StoreChoice {
                         .collect(),
                 ))
             }
-            Ok(other) => bail!("DEDUPD_BENCH_STORE={other:?}: use redis, cluster or memory"),
+            Ok(other) => bail!(
+                "DEDUPD_BENCH_STORE={other:?}: use redis, cluster, postgres, embedded or memory"
+            ),
         }
     }
 
@@ -182,6 +204,11 @@ impl StoreChoice {
             StoreChoice::Redis => format!("kind = \"redis\"\nurl = \"{}\"", harness::REDIS_URL),
             StoreChoice::Cluster(urls) => format!("kind = \"redis\"\nurl = {urls:?}"),
             StoreChoice::Memory => "kind = \"memory\"".to_owned(),
+            StoreChoice::Postgres => format!("kind = \"postgres\"\nurl = \"{POSTGRES_URL}\""),
+            StoreChoice::Embedded(path) => format!(
+                "kind = \"embedded\"\npath = {:?}",
+                path.display().to_string()
+            ),
         }
     }
 
@@ -191,6 +218,8 @@ impl StoreChoice {
             StoreChoice::Redis => "Redis store",
             StoreChoice::Cluster(_) => "Redis Cluster store (3 primaries)",
             StoreChoice::Memory => "memory store",
+            StoreChoice::Postgres => "PostgreSQL store",
+            StoreChoice::Embedded(_) => "embedded store",
         }
     }
 }

@@ -123,6 +123,15 @@ impl Config {
         let tls = |t: Option<&Tls>| if t.is_some() { " (tls settings)" } else { "" };
         let store_url = match (&s.kind, &s.url) {
             (StoreKind::Memory, _) => "in-process, not shared".to_owned(),
+            (StoreKind::Embedded, _) => match &s.path {
+                Some(path) => format!("{}, not shared", path.display()),
+                None => "(no path)".to_owned(),
+            },
+            (StoreKind::Postgres, StoreUrl::One(url)) => redact_url(url),
+            (StoreKind::Postgres, StoreUrl::Cluster(urls)) => {
+                let urls: Vec<String> = urls.iter().map(|u| redact_url(u)).collect();
+                format!("[{}]", urls.join(", "))
+            }
             (StoreKind::Redis, StoreUrl::One(url)) => redact_url(url),
             (StoreKind::Redis, StoreUrl::Cluster(urls)) => {
                 let urls: Vec<String> = urls.iter().map(|u| redact_url(u)).collect();
@@ -142,7 +151,10 @@ impl Config {
             tls(self.downstream_tls()),
             s.kind,
             store_url,
-            tls(s.tls.as_ref().filter(|_| s.kind == StoreKind::Redis)),
+            tls(s
+                .tls
+                .as_ref()
+                .filter(|_| matches!(s.kind, StoreKind::Redis | StoreKind::Postgres))),
             s.key_prefix,
             fmt_duration(s.lease),
             fmt_duration(s.timeout),

@@ -84,13 +84,18 @@ pub struct Tls {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
-    /// `"redis"` or `"memory"`. Default `"redis"`.
+    /// `"redis"`, `"postgres"`, `"embedded"` or `"memory"`. Default `"redis"`.
     #[serde(default)]
     pub kind: StoreKind,
-    /// One URL (`redis://`, `rediss://`) or a list of them (Redis Cluster).
+    /// For `redis`: one URL (`redis://`, `rediss://`) or a list of them (Redis Cluster).
+    /// For `postgres`: one `postgres://user:password@host:5432/database` URL.
     /// Default `redis://127.0.0.1:6379/0`.
     #[serde(default = "default_store_url")]
     pub url: StoreUrl,
+    /// For `embedded` only, and required there: the directory that holds the store's files,
+    /// created if missing. One process at a time. Default: none.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
     /// Prefix of every key dedupd writes: at most 64 bytes, no whitespace, no braces (dedupd
     /// places its own hash tags). Default `"dedupd"`.
     #[serde(default = "default_key_prefix")]
@@ -124,6 +129,10 @@ pub enum StoreKind {
     Redis,
     /// In-process map: one instance, forgets everything on restart.
     Memory,
+    /// PostgreSQL: shared by any number of instances, durable, one row per remembered key.
+    Postgres,
+    /// Files on local disk under `path`: one instance, survives restarts and SIGKILL.
+    Embedded,
 }
 
 /// `store.url`: one URL, or a list of seed URLs for Redis Cluster. `Debug` shows them with
@@ -343,6 +352,7 @@ impl Default for StoreConfig {
         Self {
             kind: StoreKind::default(),
             url: default_store_url(),
+            path: None,
             key_prefix: default_key_prefix(),
             lease: default_lease(),
             on_error: OnStoreError::default(),
@@ -386,7 +396,7 @@ macro_rules! display_as_config {
 }
 
 display_as_config! {
-    StoreKind { Redis => "redis", Memory => "memory" }
+    StoreKind { Redis => "redis", Memory => "memory", Postgres => "postgres", Embedded => "embedded" }
     OnStoreError { Block => "block", Forward => "forward" }
     OnMissingKey { Reject => "reject", Forward => "forward", HashBody => "hash_body" }
     Mode { Enforce => "enforce", Observe => "observe" }

@@ -340,11 +340,24 @@ fn default_exchange_route(
     }
 }
 
-/// `[store]`. `kind = "memory"` never connects, so its url and tls are ignored rather than
-/// checked.
+/// `[store]`. `kind = "memory"` and `"embedded"` never connect, so their url and tls are
+/// ignored rather than checked; `path` belongs to `embedded` alone.
 fn store(s: &StoreConfig) -> Result<(), ConfigError> {
-    if s.kind == StoreKind::Redis {
-        redis_urls(s)?;
+    match s.kind {
+        StoreKind::Redis => redis_urls(s)?,
+        StoreKind::Postgres => postgres_url(s)?,
+        StoreKind::Embedded => embedded_path(s)?,
+        StoreKind::Memory => {}
+    }
+    if s.path.is_some() && s.kind != StoreKind::Embedded {
+        return Err(invalid(
+            "store.path",
+            format!(
+                "is only read by kind = \"embedded\" (this store is kind = \"{}\"): \
+                 remove it, or set kind = \"embedded\"",
+                s.kind
+            ),
+        ));
     }
     if s.key_prefix.len() > MAX_KEY_PREFIX {
         return Err(invalid(
@@ -393,6 +406,53 @@ fn store(s: &StoreConfig) -> Result<(), ConfigError> {
          longer stalls every route behind a dead one",
         "2s",
     )
+}
+
+/// `store.url` of a PostgreSQL store: one `postgres://` URL that the client can parse.
+fn postgres_url(s: &StoreConfig) -> Result<(), ConfigError> {
+    let StoreUrl::One(url) = &s.url else {
+        return Err(invalid(
+            "store.url",
+            "kind = \"postgres\" takes one URL, not a list: \
+             write url = \"postgres://user:password@host:5432/database\"",
+        ));
+    };
+    let shown = redact_url(url);
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(invalid(
+            "store.url",
+            format!(
+                "{shown:?} is not a PostgreSQL URL (kind = \"postgres\"): write \
+                 postgres://user:password@host:5432/database"
+            ),
+        ));
+    }
+    match url.parse::<tokio_postgres::Config>() {
+        Err(e) => Err(invalid(
+            "store.url",
+            format!(
+                "{shown:?} does not parse ({}): write postgres://user:password@host:5432/database",
+                redact_in_text(&e.to_string().replace(url.as_str(), &shown))
+            ),
+        )),
+        Ok(_) => Ok(()),
+    }
+}
+
+/// `store.path` of an embedded store: required, a directory name.
+fn embedded_path(s: &StoreConfig) -> Result<(), ConfigError> {
+    match &s.path {
+        None => Err(invalid(
+            "store.path",
+            "is required with kind = \"embedded\": name a directory on local disk for the \
+             store's files, e.g. path = \"/var/lib/dedupd\"",
+        )),
+        Some(p) if p.as_os_str().is_empty() => Err(invalid(
+            "store.path",
+            "is empty: name a directory on local disk, e.g. path = \"/var/lib/dedupd\"",
+        )),
+        Some(_) => Ok(()),
+    }
 }
 
 /// `store.url` and `store.tls` of a Redis store: one URL, or a cluster list of one scheme.
