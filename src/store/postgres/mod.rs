@@ -100,6 +100,9 @@ struct Inner {
     /// Whether the table is known to exist and be usable; cleared when a statement says the
     /// table is missing, so the next operation creates it again.
     ready: AtomicBool,
+    /// Held while a session sets the table up, so the concurrent first operations of a process
+    /// probe and create it once rather than racing each other's `CREATE TABLE`.
+    setup: tokio::sync::Mutex<()>,
     commands: AtomicU64,
     label: String,
 }
@@ -232,6 +235,7 @@ impl PostgresStore {
                 sql: Statements::new(&table, &cfg.key_prefix),
                 table,
                 ready: AtomicBool::new(false),
+                setup: tokio::sync::Mutex::new(()),
                 commands: AtomicU64::new(0),
                 label,
             }),
@@ -501,7 +505,14 @@ impl PostgresStore {
             probed: false,
         };
         if !self.inner.ready.load(Ordering::Relaxed) {
-            session.prepare_table().await?;
+            let Ok(_setting_up) = tokio::time::timeout_at(deadline, self.inner.setup.lock()).await
+            else {
+                return Err(StoreError::Timeout(self.inner.timeout));
+            };
+            // Another session may have set it up while this one waited.
+            if !self.inner.ready.load(Ordering::Relaxed) {
+                session.prepare_table().await?;
+            }
         }
         Ok(session)
     }
@@ -662,11 +673,16 @@ impl Session<'_> {
             Ok(Ok(())) => {
                 tracing::info!(store = %inner.label, "created the table of the key store");
             }
-            // Another instance created it at the same moment.
+            // Another instance created it at the same moment: the table, or its row type
+            // (42710), or a catalog row (23505) was there first.
             Ok(Err(e))
                 if matches!(
                     e.code(),
-                    Some(&SqlState::DUPLICATE_TABLE | &SqlState::UNIQUE_VIOLATION)
+                    Some(
+                        &SqlState::DUPLICATE_TABLE
+                            | &SqlState::DUPLICATE_OBJECT
+                            | &SqlState::UNIQUE_VIOLATION
+                    )
                 ) => {}
             Ok(Err(e)) => return Err(self.failed(&e)),
             Err(_) => {

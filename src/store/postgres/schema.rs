@@ -306,16 +306,20 @@ const MEASURE: &str = "SELECT pg_total_relation_size(t)::int8, \
     (pg_relation_size(t) / current_setting('block_size')::int8)::int8 \
     FROM to_regclass($1::text) AS t";
 
-/// Deletes the expired rows of heap pages `$1` to `$2` (exclusive): a TID range scan, so each
-/// chunk reads only its pages. Rows locked by a claim in progress are skipped rather than
-/// waited for, so the sweeper never holds a lock while waiting for one (no deadlock with a
-/// batch that locks in key order); it meets them again on its next pass.
-const SWEEP: &str = "DELETE FROM {t} WHERE ctid = ANY(ARRAY(
-    SELECT ctid FROM {t}
+/// Deletes the expired rows of heap pages `$1` to `$2` (exclusive): TID range scans, so each
+/// chunk reads only its pages, joined by hash (a `ctid = ANY(array)` filter would compare
+/// every row with every doomed one). Rows locked by a claim in progress are skipped rather
+/// than waited for, so the sweeper never holds a lock while waiting for one (no deadlock with
+/// a batch that locks in key order); it meets them again on its next pass.
+const SWEEP: &str = "WITH doomed AS (
+    SELECT ctid AS tid FROM {t}
     WHERE ctid >= format('(%s,0)', $1::int8)::tid AND ctid < format('(%s,0)', $2::int8)::tid
       AND expires_at <= clock_timestamp()
-    FOR UPDATE SKIP LOCKED))
-  AND ctid >= format('(%s,0)', $1::int8)::tid AND ctid < format('(%s,0)', $2::int8)::tid";
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM {t} AS t USING doomed
+WHERE t.ctid = doomed.tid
+  AND t.ctid >= format('(%s,0)', $1::int8)::tid AND t.ctid < format('(%s,0)', $2::int8)::tid";
 
 #[cfg(test)]
 mod tests {
