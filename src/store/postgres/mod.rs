@@ -188,7 +188,8 @@ impl PostgresStore {
                 "store.url: kind = \"postgres\" takes one URL, not a list".into(),
             ));
         };
-        let shown = redact_url(url);
+        // A password may also sit in the query string (`?password=`): shown without it.
+        let shown = redact_url(url.split('?').next().unwrap_or(url));
         let mut pg: tokio_postgres::Config = url
             .parse()
             .map_err(|e| StoreError::Config(format!("store.url {shown}: {e}")))?;
@@ -204,6 +205,7 @@ impl PostgresStore {
             super::px_millis(cfg.timeout)
         );
         pg.options(options.trim());
+        let target = describe_target(&pg);
         let manager_config = ManagerConfig {
             // A closed connection is never handed out again; an open one is not pinged first
             // (that would be a second round trip per batch): a dead one fails its statement,
@@ -226,7 +228,7 @@ impl PostgresStore {
             .build()
             .map_err(|e| StoreError::Config(format!("store.url {shown}: {e}")))?;
         let table = table_name(&cfg.key_prefix);
-        let label = format!("{shown} (table {})", quote_ident(&table));
+        let label = format!("{target} (table {})", quote_ident(&table));
         Ok(Self {
             inner: Arc::new(Inner {
                 pool,
@@ -772,6 +774,30 @@ fn claim_outcome(code: i32, left_ms: Option<i64>) -> Result<ClaimOutcome, StoreE
     })
 }
 
+/// `postgres://user@host:port/database` from the parsed URL: never a password, wherever the
+/// URL had one.
+fn describe_target(pg: &tokio_postgres::Config) -> String {
+    use tokio_postgres::config::Host;
+    let hosts: Vec<String> = pg
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| {
+            let host = match host {
+                Host::Tcp(name) => name.clone(),
+                Host::Unix(path) => path.display().to_string(),
+            };
+            match pg.get_ports().get(i).or(pg.get_ports().first()) {
+                Some(port) => format!("{host}:{port}"),
+                None => host,
+            }
+        })
+        .collect();
+    let user = pg.get_user().map(|u| format!("{u}@")).unwrap_or_default();
+    let database = pg.get_dbname().unwrap_or("");
+    format!("postgres://{user}{}/{database}", hosts.join(","))
+}
+
 /// A lease or window in ms for the SQL (at least 1 ms, as everywhere else).
 fn millis(d: Duration) -> i64 {
     i64::try_from(super::px_millis(d)).unwrap_or(i64::MAX)
@@ -829,6 +855,18 @@ mod tests {
         let err = err.unwrap_or_default();
         assert!(err.contains("sslmode=require"), "{err}");
         assert!(!err.contains("secret"), "{err}");
+
+        // The label never shows a password, in the userinfo or the query string.
+        let mut plain = cfg.clone();
+        plain.tls = None;
+        plain.url = StoreUrl::One("postgres://u:secret@db.example:6543/app?password=secret".into());
+        let label = PostgresStore::open(&plain).await.map(|s| s.label());
+        let label = label.unwrap_or_default();
+        assert!(
+            label.starts_with("postgres://u@db.example:6543/app (table "),
+            "{label}"
+        );
+        assert!(!label.contains("secret"), "{label}");
 
         cfg.url = StoreUrl::One("postgres://u@127.0.0.1:1/db?sslmode=require".into());
         cfg.tls = Some(crate::config::Tls {
