@@ -1155,6 +1155,44 @@ async fn postgres_size_counts_each_route() {
     ctx.cleanup().await;
 }
 
+/// Reading a prefix that has no table (`dedupd inspect` with a mistyped prefix, the size
+/// sampler, the sweeper) creates none; the first claim does.
+#[tokio::test]
+async fn postgres_reads_create_no_table() {
+    let ctx = postgres_ctx("readonly").await;
+    let table = dedupd::store::postgres_table_name(&ctx.prefix);
+    let exists = || async {
+        pg_admin()
+            .await
+            .query_one(
+                "SELECT to_regclass($1::text) IS NOT NULL",
+                &[&format!("\"{table}\"")],
+            )
+            .await
+            .expect("to_regclass")
+            .get::<_, bool>(0)
+    };
+    let key = ctx.key("k");
+    assert_eq!(ctx.store.inspect(&key).await.unwrap(), KeyState::Absent);
+    assert!(!ctx.store.forget(&key).await.unwrap());
+    let size = ctx
+        .store
+        .size(&ctx.prefix, &["r".to_owned()])
+        .await
+        .unwrap();
+    assert_eq!((size.keys, size.memory_bytes), (vec![0], 0));
+    assert!(!exists().await, "a read created the table");
+    assert_eq!(
+        ctx.store
+            .claim(std::slice::from_ref(&key), &owner("inst-a", 1), LEASE)
+            .await
+            .unwrap(),
+        [ClaimOutcome::Claimed]
+    );
+    assert!(exists().await);
+    ctx.cleanup().await;
+}
+
 /// A table dropped under a running store is created again by the next operations.
 #[tokio::test]
 async fn postgres_dropped_table_is_created_again() {

@@ -37,6 +37,19 @@
 //! connects anew. Outcomes of a failed statement are unknown to the caller, which retries; the
 //! retry finds its own claim (`Ours`) or its own commit (`DoneElsewhere`).
 //!
+//! Claims and commits lock their existing keys in key order and then insert their new ones in
+//! key order, so two instances' batches almost always wait for each other rather than
+//! deadlock (the two phases leave a narrow window); should PostgreSQL report a deadlock, it
+//! is an error like any other, and the caller retries the batch.
+//!
+//! # Server version and poolers
+//!
+//! PostgreSQL 12 or later (`WITH … AS MATERIALIZED`); the sweeper's TID range scans need 14
+//! (on 12 and 13 each of its statements reads the whole table). The session settings travel in
+//! the startup packet (`options=-c statement_timeout=…`) and statements are prepared per
+//! connection, so a pooler in front of PostgreSQL must run in session mode (PgBouncer's
+//! transaction mode supports neither).
+//!
 //! # The table
 //!
 //! Created on the first operation that reaches the server (`CREATE TABLE IF NOT EXISTS`), and
@@ -352,11 +365,11 @@ impl PostgresStore {
     /// See `Store::inspect`.
     pub async fn inspect(&self, key: &str) -> Result<KeyState, StoreError> {
         let digest = Uuid(schema::digest(key));
-        let rows = self
-            .session()
-            .await?
-            .query(&self.inner.sql.inspect, &[&digest])
-            .await?;
+        let mut session = self.session_with(Setup::ReadOnly).await?;
+        if session.missing {
+            return Ok(KeyState::Absent);
+        }
+        let rows = session.query(&self.inner.sql.inspect, &[&digest]).await?;
         let Some(row) = rows.first() else {
             return Ok(KeyState::Absent);
         };
@@ -376,11 +389,11 @@ impl PostgresStore {
     /// See `Store::forget`: `true` if the key had a row that had not expired.
     pub async fn forget(&self, key: &str) -> Result<bool, StoreError> {
         let digest = Uuid(schema::digest(key));
-        let rows = self
-            .session()
-            .await?
-            .query(&self.inner.sql.forget, &[&digest])
-            .await?;
+        let mut session = self.session_with(Setup::ReadOnly).await?;
+        if session.missing {
+            return Ok(false);
+        }
+        let rows = session.query(&self.inner.sql.forget, &[&digest]).await?;
         match rows.first() {
             Some(row) => row.try_get(0).map_err(failure),
             None => Ok(false),
@@ -407,7 +420,8 @@ impl PostgresStore {
             other = Statements::new(&table, prefix);
             &other
         };
-        let mut session = self.session().await?;
+        // Measured whether or not the table exists (a missing one measures as nothing).
+        let mut session = self.session_with(Setup::ReadOnly).await?;
         let rows = session.query(sql.measure, &[&quote_ident(&table)]).await?;
         let (bytes, pages): (Option<i64>, Option<i64>) = match rows.first() {
             Some(row) => (
@@ -491,9 +505,16 @@ impl PostgresStore {
         metrics::counter!(crate::telemetry::STORE_COMMANDS).increment(n);
     }
 
-    /// A pooled connection for one operation, with the table ready, and the deadline every
-    /// statement of the operation must meet.
+    /// A pooled connection for one operation, with the table ready (created if missing), and
+    /// the deadline every statement of the operation must meet.
     async fn session(&self) -> Result<Session<'_>, StoreError> {
+        self.session_with(Setup::Create).await
+    }
+
+    /// [`PostgresStore::session`], where `ReadOnly` does not create a missing table but says
+    /// it is missing (`Session::missing`): `inspect` of a mistyped prefix, or the sampler, must
+    /// not leave a table behind.
+    async fn session_with(&self, setup: Setup) -> Result<Session<'_>, StoreError> {
         let deadline = Instant::now() + self.inner.timeout;
         let client = match tokio::time::timeout_at(deadline, self.inner.pool.get()).await {
             Ok(Ok(client)) => client,
@@ -505,6 +526,7 @@ impl PostgresStore {
             client: Some(client),
             deadline,
             probed: false,
+            missing: false,
         };
         if !self.inner.ready.load(Ordering::Relaxed) {
             let Ok(_setting_up) = tokio::time::timeout_at(deadline, self.inner.setup.lock()).await
@@ -513,7 +535,7 @@ impl PostgresStore {
             };
             // Another session may have set it up while this one waited.
             if !self.inner.ready.load(Ordering::Relaxed) {
-                session.prepare_table().await?;
+                session.prepare_table(setup).await?;
             }
         }
         Ok(session)
@@ -528,6 +550,15 @@ struct Session<'s> {
     deadline: Instant,
     /// Whether this session already made a round trip to set up the table.
     probed: bool,
+    /// The table does not exist (a [`Setup::ReadOnly`] session only).
+    missing: bool,
+}
+
+/// Whether an operation creates the table when it is missing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Setup {
+    Create,
+    ReadOnly,
 }
 
 impl Session<'_> {
@@ -630,7 +661,7 @@ impl Session<'_> {
 
     /// Makes sure the table exists and this role may use it: creates it when it may, or says
     /// what an administrator must run.
-    async fn prepare_table(&mut self) -> Result<(), StoreError> {
+    async fn prepare_table(&mut self, setup: Setup) -> Result<(), StoreError> {
         let inner = &self.store.inner;
         let quoted = quote_ident(&inner.table);
         self.probed = true;
@@ -646,6 +677,10 @@ impl Session<'_> {
         let grant = schema::grant(&inner.table, &role);
         if exists && usable {
             inner.ready.store(true, Ordering::Relaxed);
+            return Ok(());
+        }
+        if !exists && setup == Setup::ReadOnly {
+            self.missing = true;
             return Ok(());
         }
         if exists {
@@ -702,7 +737,11 @@ impl Session<'_> {
         if e.code() == Some(&SqlState::UNDEFINED_TABLE) {
             self.store.inner.ready.store(false, Ordering::Relaxed);
         }
-        if e.is_closed() || self.client.as_ref().is_some_and(|c| c.is_closed()) {
+        // A server that turned read-only (a primary demoted in a failover) keeps refusing
+        // writes on this connection; a new one may reach the new primary (with
+        // `target_session_attrs=read-write` and several hosts in the URL).
+        let read_only = e.code() == Some(&SqlState::READ_ONLY_SQL_TRANSACTION);
+        if read_only || e.is_closed() || self.client.as_ref().is_some_and(|c| c.is_closed()) {
             self.discard();
         }
         StoreError::Postgres(describe(e))

@@ -60,11 +60,12 @@ pub(super) async fn pass(
 ) -> Result<u64, StoreError> {
     let sql = &store.inner.sql;
     let quoted = super::quote_ident(&store.inner.table);
-    let rows = store
-        .session()
-        .await?
-        .query(sql.measure, &[&quoted])
-        .await?;
+    let mut session = store.session_with(super::Setup::ReadOnly).await?;
+    if session.missing {
+        return Ok(0);
+    }
+    let rows = session.query(sql.measure, &[&quoted]).await?;
+    drop(session);
     let pages: Option<i64> = match rows.first() {
         Some(row) => row.try_get(1).map_err(super::failure)?,
         None => None,
