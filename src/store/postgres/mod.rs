@@ -9,10 +9,16 @@
 //! tokio-postgres is the asynchronous client the other Rust PostgreSQL layers are built on, on
 //! the runtime dedupd already uses; deadpool-postgres adds a pool with a per-connection
 //! statement cache (`prepare_cached`), from the same family as the deadpool crates dedupd
-//! knows. Both were already in `Cargo.lock`'s tree (tokio-postgres also validates
-//! `store.url` in `config::validate`). sqlx would bring its macros, its own runtime glue and
-//! several times the code to build (it supports four databases) for the six statements this
-//! store sends, which are plain SQL text either way.
+//! knows. Measured with `cargo tree --prune`: the two add 28 crates to the build (the wire
+//! protocol, its types, SCRAM's hashes, stringprep, the pool), about 117,000 lines of Rust
+//! with their tests, and no proc macro. sqlx (not measured here) would bring its query macros,
+//! its own runtime and driver layers for four databases, and a far longer build, for the
+//! handful of statements this store sends, which are plain SQL text either way; its pool and
+//! prepared-statement cache are what deadpool-postgres already gives.
+//!
+//! Measured with it (see `tests/postgres.rs`): 0.05 statements per message end to end with
+//! batches of 50 (two per batch: claim and commit), 0.008 in the throughput benchmark's
+//! default batches; the bytes each remembered key costs are in `schema`.
 //!
 //! # What a batch costs
 //!
