@@ -338,6 +338,11 @@ fn write_config(setup: &Setup, url: &str, suffix: &str) -> String {
     path.to_str().expect("utf-8 path").to_owned()
 }
 
+/// Removes the config file [`write_config`] wrote.
+fn remove_config(setup: &Setup) {
+    let _ = std::fs::remove_file(std::env::temp_dir().join(format!("{}.toml", setup.name)));
+}
+
 async fn admin(url: &str) -> tokio_postgres::Client {
     let (client, conn) = tokio_postgres::connect(url, tokio_postgres::NoTls)
         .await
@@ -390,6 +395,7 @@ async fn forwards_each_id_once() {
     assert_eq!(t.dropped as usize, messages.len() - expected.len());
     assert!(t.statements > 0.0, "statements are counted");
     broker.cleanup().await;
+    remove_config(&setup);
     drop_table(&setup.name).await;
 }
 
@@ -430,6 +436,7 @@ async fn restart_keeps_memory() {
     assert_eq!(dropped, copies.len() as f64);
     assert_eq!(broker.ready(&setup.queue).await, 0);
     broker.cleanup().await;
+    remove_config(&setup);
     drop_table(&setup.name).await;
 }
 
@@ -459,6 +466,7 @@ async fn sigkill_three_times_mid_stream() {
     let t = finish(&broker, &setup, vec![proxy], &expected, "sigkill x3").await;
     assert_clean(&t, PREFETCH * 3);
     broker.cleanup().await;
+    remove_config(&setup);
     drop_table(&setup.name).await;
 }
 
@@ -499,6 +507,7 @@ async fn two_instances_share_one_table() {
     );
     assert_clean(&t, 0);
     broker.cleanup().await;
+    remove_config(&setup);
     drop_table(&setup.name).await;
 }
 
@@ -540,6 +549,7 @@ async fn server_restart_mid_stream() {
     assert_clean(&t, 0);
     assert!(t.store_errors > 0.0, "the outage was noticed");
     broker.cleanup().await;
+    remove_config(&setup);
 }
 
 /// The pool of a store handle recovers from a server restart without being reopened: the
@@ -652,6 +662,7 @@ async fn check_connect_says_what_is_missing() {
         "{out}"
     );
     broker.cleanup().await;
+    remove_config(&setup);
     drop_table(&setup.name).await;
     admin
         .batch_execute(&format!("DROP ROLE {role}"))

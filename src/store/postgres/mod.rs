@@ -67,6 +67,10 @@
 //!
 //! `?sslmode=require` in the URL turns TLS on (see `tls`); `store.tls` without it is refused at
 //! open, as a `redis://` URL with `store.tls` is, rather than silently sending in the clear.
+//! Without `require` the connection is not encrypted (`prefer`, libpq's default, acts as
+//! `disable` here rather than trying TLS with a certificate nobody verifies). The URL parser
+//! knows only `disable`, `prefer` and `require`: `verify-ca` and `verify-full` are refused
+//! when the config is read; `require` verifies as `verify-full` does.
 
 mod schema;
 mod tls;
