@@ -1193,6 +1193,74 @@ async fn postgres_reads_create_no_table() {
     ctx.cleanup().await;
 }
 
+/// After the table was emptied and vacuumed (PostgreSQL then believes it holds nothing), the
+/// batches still find their rows through the primary key: no statement of the store reads the
+/// whole table while it fills up again. Counted by the server: `pg_stat_user_tables.seq_scan`
+/// ends at 1, the heap scan that built the primary key when the store created the table.
+#[tokio::test]
+async fn postgres_batches_never_read_the_whole_table() {
+    let ctx = postgres_ctx("noseqscan").await;
+    let a = owner("inst-a", 1);
+    let table = format!("\"{}\"", dedupd::store::postgres_table_name(&ctx.prefix));
+    let batch = |round: usize| -> Vec<String> {
+        (0..200).map(|i| ctx.key(&format!("{round}-{i}"))).collect()
+    };
+    for round in 0..10 {
+        ctx.store.claim(&batch(round), &a, LEASE).await.unwrap();
+        ctx.store.commit(&batch(round), &a, WINDOW).await.unwrap();
+    }
+    // Emptied without a sequential scan of its own, and vacuumed.
+    let admin = pg_admin().await;
+    for sql in [
+        "SET enable_seqscan = off".to_owned(),
+        format!("DELETE FROM {table} WHERE key >= '00000000-0000-0000-0000-000000000000'"),
+        format!("VACUUM {table}"),
+    ] {
+        admin.batch_execute(&sql).await.expect(&sql);
+    }
+    for round in 10..30 {
+        let keys = batch(round);
+        ctx.store.claim(&keys, &a, LEASE).await.unwrap();
+        ctx.store.renew(&keys[..100], &a, LEASE).await.unwrap();
+        ctx.store.release(&keys[100..], &a).await.unwrap();
+        ctx.store.commit(&keys[..100], &a, WINDOW).await.unwrap();
+        ctx.store.inspect(&keys[0]).await.unwrap();
+    }
+    // One more insert last: a session's statistics reach the others (within seconds) all at
+    // once, so once this row is counted, every statement before it is.
+    ctx.store
+        .claim(&ctx.keys(&["last"]), &a, LEASE)
+        .await
+        .unwrap();
+    let inserted = 10 * 200 + 20 * 200 + 1;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let seq_scans = loop {
+        let row = pg_admin()
+            .await
+            .query_one(
+                "SELECT seq_scan, n_tup_ins FROM pg_stat_user_tables \
+                 WHERE relid = to_regclass($1::text)",
+                &[&table],
+            )
+            .await
+            .expect("pg_stat_user_tables");
+        let (seq, ins): (i64, i64) = (row.get(0), row.get(1));
+        if ins >= inserted {
+            break seq;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{ins} of {inserted} inserts counted"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        seq_scans, 1,
+        "sequential scans of the table besides the index build"
+    );
+    ctx.cleanup().await;
+}
+
 /// A table dropped under a running store is created again by the next operations.
 #[tokio::test]
 async fn postgres_dropped_table_is_created_again() {
