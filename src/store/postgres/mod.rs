@@ -37,7 +37,7 @@
 //! whole operation — checkout, connect if needed, schema setup if needed, its statements — is
 //! bounded by `store.timeout` ([`StoreError::Timeout`] past it). The same timeout is sent as
 //! the session's `statement_timeout`, so the server stops a statement the client gave up on
-//! rather than applying it later. A connection that failed (closed, or timed out: a silent
+//! rather than applying it later (the session also sets `enable_seqscan = off`, see `schema`). A connection that failed (closed, or timed out: a silent
 //! server) is dropped from the pool rather than returned, and a closed one is never handed out
 //! again (deadpool's recycling checks it), so after a PostgreSQL restart the next batch simply
 //! connects anew. Outcomes of a failed statement are unknown to the caller, which retries; the
@@ -58,10 +58,13 @@
 //!
 //! # The table
 //!
-//! Created on the first operation that reaches the server (`CREATE TABLE IF NOT EXISTS`), and
-//! again after an operation says it is missing. When the role may not create it (or may not
-//! read and write an existing one), every operation — and so `dedupd check --connect`, through
-//! `ping` — fails with what is missing and the SQL an administrator can run.
+//! Created by the first claim, commit, renewal, release or ping that reaches the server
+//! (`CREATE TABLE IF NOT EXISTS`, once per process however many operations start at once),
+//! and again after a statement says it is missing. Reads (`inspect`, `forget`, `size`, the
+//! sweeper) of a prefix that has no table answer "nothing there" and create none. When the
+//! role may not create it (or may not read and write an existing one), every operation — and
+//! so `dedupd check --connect`, through `ping` — fails with what is missing and the SQL an
+//! administrator can run.
 //!
 //! # TLS
 //!
