@@ -64,6 +64,10 @@ use std::time::{Duration, Instant};
 
 use crate::config::{StoreConfig, StoreKind};
 
+/// The PostgreSQL table that holds the keys of a `key_prefix` (unquoted), for operators and
+/// for tests that clean up after themselves.
+pub use postgres::table_name as postgres_table_name;
+
 /// Who holds a claim: a random per-process instance id plus the route's connection epoch.
 /// Rendered as `{instance}:{epoch}`: always with a `:`, so never equal to the done marker
 /// (`"1"`) of the old Redis layout.

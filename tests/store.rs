@@ -913,8 +913,494 @@ async fn postgres_ctx(test: &str) -> Ctx {
     }
 }
 
-/// Deletes what a test wrote under `prefix`.
-async fn cleanup_postgres(_prefix: &str) {}
+/// Deletes what a test wrote under `prefix`: its table.
+async fn cleanup_postgres(prefix: &str) {
+    let table = dedupd::store::postgres_table_name(prefix);
+    pg_admin()
+        .await
+        .batch_execute(&format!("DROP TABLE IF EXISTS \"{table}\""))
+        .await
+        .expect("DROP TABLE");
+}
+
+/// A connection to the local PostgreSQL as its superuser, to look behind the store's back.
+async fn pg_admin() -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(POSTGRES_URL, tokio_postgres::NoTls)
+        .await
+        .expect("PostgreSQL on 127.0.0.1:5432 (scripts/services.sh starts it)");
+    tokio::spawn(conn);
+    client
+}
+
+/// Rows in the table of `prefix`, expired or not.
+async fn pg_rows(prefix: &str) -> i64 {
+    let table = dedupd::store::postgres_table_name(prefix);
+    pg_admin()
+        .await
+        .query_one(&format!("SELECT count(*) FROM \"{table}\""), &[])
+        .await
+        .expect("count rows")
+        .get(0)
+}
+
+/// PostgreSQL absent: `open` succeeds (the daemon must not exit), every operation fails within
+/// the timeout instead of hanging, again and again.
+#[tokio::test]
+async fn postgres_unreachable_fails_fast_and_open_does_not() {
+    let timeout = Duration::from_millis(500);
+    let cfg = store_config(
+        StoreKind::Postgres,
+        "postgres://postgres@127.0.0.1:1/postgres",
+        timeout,
+    );
+    let store = Store::open(&cfg)
+        .await
+        .expect("open must not need the server");
+    let a = owner("inst-a", 1);
+    let keys = vec!["dedupd-test-unreachable:r:k".to_owned()];
+    for _ in 0..3 {
+        let started = Instant::now();
+        let results: [Result<(), StoreError>; 8] = [
+            store.claim(&keys, &a, LEASE).await.map(drop),
+            store.commit(&keys, &a, WINDOW).await.map(drop),
+            store.renew(&keys, &a, LEASE).await.map(drop),
+            store.release(&keys, &a).await.map(drop),
+            store.inspect(&keys[0]).await.map(drop),
+            store.forget(&keys[0]).await.map(drop),
+            store
+                .size("dedupd-test-unreachable", &["r".to_owned()])
+                .await
+                .map(drop),
+            store.ping().await,
+        ];
+        for r in &results {
+            assert!(r.is_err(), "{r:?}");
+        }
+        assert!(
+            started.elapsed() < 8 * timeout + Duration::from_secs(1),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+}
+
+/// A server that accepts and never answers: operations end within the timeout, each time (the
+/// stuck connection is not handed out again).
+#[tokio::test]
+async fn postgres_silent_server_times_out() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let timeout = Duration::from_millis(300);
+    let url = format!("postgres://postgres@{addr}/postgres");
+    let store = Store::open(&store_config(StoreKind::Postgres, &url, timeout))
+        .await
+        .unwrap();
+    let keys = vec!["dedupd-test-silent:r:k".to_owned()];
+    for _ in 0..3 {
+        let started = Instant::now();
+        let result = store.claim(&keys, &owner("inst-a", 1), LEASE).await;
+        assert!(matches!(result, Err(StoreError::Timeout(_))), "{result:?}");
+        assert!(
+            started.elapsed() < timeout + Duration::from_secs(1),
+            "took {:?}",
+            started.elapsed()
+        );
+    }
+    silent.abort();
+}
+
+/// Four instances (each its own pool) claim the same new keys at once, in different orders,
+/// round after round: every key is `Claimed` by exactly one and `InFlightElsewhere` for the
+/// others, whatever the interleaving of their statements.
+#[tokio::test]
+async fn postgres_racing_instances_claim_each_key_once() {
+    let ctx = postgres_ctx("racing").await;
+    let cfg = StoreConfig {
+        key_prefix: ctx.prefix.clone(),
+        ..store_config(StoreKind::Postgres, POSTGRES_URL, Duration::from_secs(10))
+    };
+    let mut stores = Vec::new();
+    for _ in 0..4 {
+        stores.push(Store::open(&cfg).await.expect("store"));
+    }
+    for round in 0..10 {
+        let keys: Vec<String> = (0..200).map(|i| ctx.key(&format!("{round}-{i}"))).collect();
+        let racers = stores.iter().enumerate().map(|(n, store)| {
+            let mut mine = keys.clone();
+            if n % 2 == 1 {
+                mine.reverse();
+            }
+            let by = owner(&format!("inst-{n}"), 1);
+            async move {
+                let outcomes = store.claim(&mine, &by, LEASE).await.expect("claim");
+                let mut by_key: Vec<(String, ClaimOutcome)> =
+                    mine.into_iter().zip(outcomes).collect();
+                by_key.sort_by(|a, b| a.0.cmp(&b.0));
+                by_key
+            }
+        });
+        let results = futures::future::join_all(racers).await;
+        for k in 0..keys.len() {
+            let outcomes: Vec<&ClaimOutcome> = results.iter().map(|r| &r[k].1).collect();
+            let claimed = outcomes
+                .iter()
+                .filter(|o| ***o == ClaimOutcome::Claimed)
+                .count();
+            let elsewhere = outcomes
+                .iter()
+                .filter(|o| matches!(o, ClaimOutcome::InFlightElsewhere { .. }))
+                .count();
+            assert_eq!((claimed, elsewhere), (1, 3), "round {round}: {outcomes:?}");
+        }
+    }
+    // One claim statement per round and instance, plus the table probe; more means some keys
+    // were inserted by another instance between a statement's snapshot and its insert, and
+    // were asked again (the path this test is for).
+    let sent: Vec<u64> = stores.iter().map(Store::commands_sent).collect();
+    println!("statements per instance for 10 racing claims: {sent:?}");
+    ctx.cleanup().await;
+}
+
+/// Rows whose lease or window ended are deleted by the sweeper; live ones stay.
+#[tokio::test]
+async fn postgres_sweeper_deletes_expired_rows() {
+    let ctx = postgres_ctx("sweeper").await;
+    let a = owner("inst-a", 1);
+    let keys: Vec<String> = (0..300).map(|i| ctx.key(&format!("k{i}"))).collect();
+    let short = Duration::from_millis(200);
+    ctx.store.claim(&keys[..200], &a, short).await.unwrap();
+    ctx.store.claim(&keys[200..], &a, LEASE).await.unwrap();
+    ctx.store.commit(&keys[..100], &a, short).await.unwrap();
+    ctx.store.commit(&keys[250..], &a, WINDOW).await.unwrap();
+    assert_eq!(pg_rows(&ctx.prefix).await, 300);
+
+    let tracker = tokio_util::task::TaskTracker::new();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    // A 1 s window: a pass every 5 s.
+    ctx.store.start_upkeep(
+        &[("r".to_owned(), Duration::from_secs(1))],
+        &tracker,
+        &shutdown,
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let rows = pg_rows(&ctx.prefix).await;
+        if rows == 100 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{rows} rows left, expected 100");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    shutdown.cancel();
+    tracker.close();
+    tokio::time::timeout(Duration::from_secs(10), tracker.wait())
+        .await
+        .expect("the sweeper stops on shutdown");
+    assert!(matches!(
+        ctx.store.inspect(&keys[299]).await.unwrap(),
+        KeyState::Done { .. }
+    ));
+    assert!(matches!(
+        ctx.store.inspect(&keys[200]).await.unwrap(),
+        KeyState::InFlight { .. }
+    ));
+    ctx.cleanup().await;
+}
+
+/// Exact live counts per route (in flight and done, not expired), and the table's size.
+#[tokio::test]
+async fn postgres_size_counts_each_route() {
+    let ctx = postgres_ctx("size").await;
+    let a = owner("inst-a", 1);
+    let of = |route: &str, n: usize| -> Vec<String> {
+        (0..n)
+            .map(|i| format!("{}:{route}:{i}", ctx.prefix))
+            .collect()
+    };
+    let routes: Vec<String> = ["orders", "payments", "idle"].map(String::from).to_vec();
+    let before = ctx.store.size(&ctx.prefix, &routes).await.unwrap();
+    assert_eq!(before.keys, [0, 0, 0]);
+    ctx.store.claim(&of("orders", 30), &a, LEASE).await.unwrap();
+    ctx.store
+        .commit(&of("orders", 20), &a, WINDOW)
+        .await
+        .unwrap();
+    ctx.store
+        .claim(&of("payments", 7), &a, LEASE)
+        .await
+        .unwrap();
+    let expired = of("payments", 12)[7..].to_vec();
+    ctx.store
+        .commit(&expired, &a, Duration::from_millis(1))
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let size = ctx.store.size(&ctx.prefix, &routes).await.unwrap();
+    assert_eq!(size.keys, [30, 7, 0]);
+    assert!(size.exact);
+    assert!(size.memory_bytes > 8192, "{size:?}");
+    // Another prefix's table (none here) holds nothing.
+    let other = ctx
+        .store
+        .size("dedupd-test-nothing", &routes)
+        .await
+        .unwrap();
+    assert_eq!(other.keys, [0, 0, 0]);
+    ctx.cleanup().await;
+}
+
+/// Reading a prefix that has no table (`dedupd inspect` with a mistyped prefix, the size
+/// sampler, the sweeper) creates none; the first claim does.
+#[tokio::test]
+async fn postgres_reads_create_no_table() {
+    let ctx = postgres_ctx("readonly").await;
+    let table = dedupd::store::postgres_table_name(&ctx.prefix);
+    let exists = || async {
+        pg_admin()
+            .await
+            .query_one(
+                "SELECT to_regclass($1::text) IS NOT NULL",
+                &[&format!("\"{table}\"")],
+            )
+            .await
+            .expect("to_regclass")
+            .get::<_, bool>(0)
+    };
+    let key = ctx.key("k");
+    assert_eq!(ctx.store.inspect(&key).await.unwrap(), KeyState::Absent);
+    assert!(!ctx.store.forget(&key).await.unwrap());
+    let size = ctx
+        .store
+        .size(&ctx.prefix, &["r".to_owned()])
+        .await
+        .unwrap();
+    assert_eq!((size.keys, size.memory_bytes), (vec![0], 0));
+    assert!(!exists().await, "a read created the table");
+    assert_eq!(
+        ctx.store
+            .claim(std::slice::from_ref(&key), &owner("inst-a", 1), LEASE)
+            .await
+            .unwrap(),
+        [ClaimOutcome::Claimed]
+    );
+    assert!(exists().await);
+    ctx.cleanup().await;
+}
+
+/// After the table was emptied and vacuumed (PostgreSQL then believes it holds nothing), the
+/// batches still find their rows through the primary key: no statement of the store reads the
+/// whole table while it fills up again. Counted by the server: `pg_stat_user_tables.seq_scan`
+/// ends at 1, the heap scan that built the primary key when the store created the table.
+#[tokio::test]
+async fn postgres_batches_never_read_the_whole_table() {
+    let ctx = postgres_ctx("noseqscan").await;
+    let a = owner("inst-a", 1);
+    let table = format!("\"{}\"", dedupd::store::postgres_table_name(&ctx.prefix));
+    let batch = |round: usize| -> Vec<String> {
+        (0..200).map(|i| ctx.key(&format!("{round}-{i}"))).collect()
+    };
+    for round in 0..10 {
+        ctx.store.claim(&batch(round), &a, LEASE).await.unwrap();
+        ctx.store.commit(&batch(round), &a, WINDOW).await.unwrap();
+    }
+    // Emptied without a sequential scan of its own, and vacuumed.
+    let admin = pg_admin().await;
+    for sql in [
+        "SET enable_seqscan = off".to_owned(),
+        format!("DELETE FROM {table} WHERE key >= '00000000-0000-0000-0000-000000000000'"),
+        format!("VACUUM {table}"),
+    ] {
+        admin.batch_execute(&sql).await.expect(&sql);
+    }
+    for round in 10..30 {
+        let keys = batch(round);
+        ctx.store.claim(&keys, &a, LEASE).await.unwrap();
+        ctx.store.renew(&keys[..100], &a, LEASE).await.unwrap();
+        ctx.store.release(&keys[100..], &a).await.unwrap();
+        ctx.store.commit(&keys[..100], &a, WINDOW).await.unwrap();
+        ctx.store.inspect(&keys[0]).await.unwrap();
+    }
+    // One more insert last: a session's statistics reach the others (within seconds) all at
+    // once, so once this row is counted, every statement before it is.
+    ctx.store
+        .claim(&ctx.keys(&["last"]), &a, LEASE)
+        .await
+        .unwrap();
+    let inserted = 10 * 200 + 20 * 200 + 1;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let seq_scans = loop {
+        let row = pg_admin()
+            .await
+            .query_one(
+                "SELECT seq_scan, n_tup_ins FROM pg_stat_user_tables \
+                 WHERE relid = to_regclass($1::text)",
+                &[&table],
+            )
+            .await
+            .expect("pg_stat_user_tables");
+        let (seq, ins): (i64, i64) = (row.get(0), row.get(1));
+        if ins >= inserted {
+            break seq;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{ins} of {inserted} inserts counted"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(
+        seq_scans, 1,
+        "sequential scans of the table besides the index build"
+    );
+    ctx.cleanup().await;
+}
+
+/// A table dropped under a running store is created again by the next operations.
+#[tokio::test]
+async fn postgres_dropped_table_is_created_again() {
+    let ctx = postgres_ctx("dropped").await;
+    let a = owner("inst-a", 1);
+    let keys = ctx.keys(&["k"]);
+    assert_eq!(
+        ctx.store.claim(&keys, &a, LEASE).await.unwrap(),
+        [ClaimOutcome::Claimed]
+    );
+    cleanup_postgres(&ctx.prefix).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match ctx.store.claim(&keys, &a, LEASE).await {
+            Ok(outcomes) => {
+                assert_eq!(outcomes, [ClaimOutcome::Claimed]);
+                break;
+            }
+            Err(e) => {
+                assert!(e.to_string().contains("does not exist"), "{e}");
+                assert!(Instant::now() < deadline, "still failing: {e}");
+            }
+        }
+    }
+    ctx.cleanup().await;
+}
+
+/// A role that may not create tables is told, by every operation (and so by `check
+/// --connect`, through ping), which table is missing and what an administrator can run; once
+/// that SQL ran, the same store works.
+#[tokio::test]
+async fn postgres_without_create_privilege_says_what_to_run() {
+    let admin = pg_admin().await;
+    let role = format!("dedupd_test_{:08x}", rand::random::<u32>());
+    admin
+        .batch_execute(&format!("CREATE ROLE {role} LOGIN"))
+        .await
+        .expect("CREATE ROLE");
+    let prefix = prefix("pg", "noprivilege");
+    let cfg = StoreConfig {
+        key_prefix: prefix.clone(),
+        ..store_config(
+            StoreKind::Postgres,
+            &format!("postgres://{role}@127.0.0.1:5432/postgres"),
+            Duration::from_secs(5),
+        )
+    };
+    let store = Store::open(&cfg).await.expect("open");
+    let table = dedupd::store::postgres_table_name(&prefix);
+    let error = store
+        .ping()
+        .await
+        .expect_err("no table, no privilege")
+        .to_string();
+    assert!(
+        error.contains(&format!("table \"{table}\" does not exist")),
+        "{error}"
+    );
+    assert!(error.contains("may not create it"), "{error}");
+    let claim = store
+        .claim(&[format!("{prefix}:r:k")], &owner("inst-a", 1), LEASE)
+        .await;
+    assert!(claim.is_err(), "{claim:?}");
+    let sql = error
+        .split_once("an administrator can run: ")
+        .map(|(_, sql)| sql.to_owned())
+        .expect("the SQL to run");
+    assert!(
+        sql.contains("CREATE TABLE") && sql.contains(&format!("TO \"{role}\"")),
+        "{sql}"
+    );
+    admin
+        .batch_execute(&sql)
+        .await
+        .expect("the printed SQL runs");
+
+    store
+        .ping()
+        .await
+        .expect("usable once the administrator ran it");
+    assert_eq!(
+        store
+            .claim(&[format!("{prefix}:r:k")], &owner("inst-a", 1), LEASE)
+            .await
+            .unwrap(),
+        [ClaimOutcome::Claimed]
+    );
+    cleanup_postgres(&prefix).await;
+    admin
+        .batch_execute(&format!("DROP ROLE {role}"))
+        .await
+        .expect("DROP ROLE");
+}
+
+/// `sslmode=require`: the connection is encrypted (the server says so in `pg_stat_ssl`) and the
+/// server's certificate verified, against `store.tls.ca_file` (here the self-signed certificate
+/// Debian's PostgreSQL serves, for `localhost`); without it, the webpki roots refuse it.
+#[tokio::test]
+async fn postgres_tls_with_sslmode_require() {
+    const CERT: &str = "/etc/ssl/certs/ssl-cert-snakeoil.pem";
+    let admin = pg_admin().await;
+    let ssl: String = admin.query_one("SHOW ssl", &[]).await.unwrap().get(0);
+    if ssl != "on" || !std::path::Path::new(CERT).exists() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "the local PostgreSQL has no TLS (ssl = {ssl}, {CERT})"
+        );
+        eprintln!("SKIPPED: the local PostgreSQL has no TLS (ssl = {ssl})");
+        return;
+    }
+    let app = format!("dedupd-tls-test-{:08x}", rand::random::<u32>());
+    let url = format!(
+        "postgres://postgres@localhost:5432/postgres?sslmode=require&application_name={app}"
+    );
+    let mut cfg = store_config(StoreKind::Postgres, &url, Duration::from_secs(5));
+    cfg.key_prefix = prefix("pg", "tls");
+    cfg.tls = Some(dedupd::config::Tls {
+        ca_file: Some(CERT.into()),
+        cert_file: None,
+        key_file: None,
+    });
+    let store = Store::open(&cfg).await.expect("open");
+    store.ping().await.expect("TLS connection");
+    let encrypted: bool = admin
+        .query_one(
+            "SELECT bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+             WHERE a.application_name = $1",
+            &[&app],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(encrypted, "the store's connection is not encrypted");
+    cleanup_postgres(&cfg.key_prefix).await;
+
+    cfg.tls = None;
+    let store = Store::open(&cfg).await.expect("open");
+    let error = store.ping().await.expect_err("an unknown CA").to_string();
+    assert!(error.contains("certificate"), "{error}");
+}
 
 // ---- Embedded ---------------------------------------------------------------------------
 

@@ -79,10 +79,16 @@ impl Cleanup {
         self.with(|c| c.files.push(f));
     }
 
-    /// Removes shovels, queues, Redis keys and files still registered. Best effort: a failure
-    /// is printed, never fatal.
-    pub async fn run(&self, redis_urls: &[String]) {
+    /// Removes shovels, queues, Redis keys (or the store's tables) and files still registered.
+    /// Best effort: a failure is printed, never fatal.
+    pub async fn run(&self, store: &crate::StoreChoice) {
+        let redis_urls = &store.redis_urls();
         let created = self.with(std::mem::take);
+        for p in &created.prefixes {
+            if let Err(e) = store.forget_prefix(p).await {
+                eprintln!("cleanup: store of prefix {p}: {e:#}");
+            }
+        }
         for s in &created.shovels {
             if let Err(e) = rabbitmqctl(&["clear_parameter", "shovel", s]).await {
                 eprintln!("cleanup: shovel {s}: {e:#}");

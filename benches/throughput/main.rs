@@ -95,7 +95,7 @@ fn main() -> ExitCode {
             _ = tokio::signal::ctrl_c() => Err(anyhow!("interrupted")),
         };
         eprintln!("cleaning up…");
-        cleanup.run(&opts.store.redis_urls()).await;
+        cleanup.run(&opts.store).await;
         if let StoreChoice::Embedded(dir) = &opts.store {
             // Every dedupd round of the run wrote its keys there, and nothing else did.
             if let Err(e) = std::fs::remove_dir_all(dir) {
@@ -210,6 +210,25 @@ impl StoreChoice {
                 path.display().to_string()
             ),
         }
+    }
+
+    /// Removes what dedupd kept for `prefix` outside Redis: on PostgreSQL, the prefix's table.
+    pub async fn forget_prefix(&self, prefix: &str) -> Result<()> {
+        if *self != StoreChoice::Postgres {
+            return Ok(());
+        }
+        let table = dedupd::store::postgres_table_name(prefix);
+        let (client, conn) = tokio_postgres::connect(POSTGRES_URL, tokio_postgres::NoTls)
+            .await
+            .map_err(|e| anyhow!("PostgreSQL at {POSTGRES_URL}: {e}"))?;
+        let conn = tokio::spawn(conn);
+        let dropped = client
+            .batch_execute(&format!("DROP TABLE IF EXISTS \"{table}\""))
+            .await
+            .map_err(|e| anyhow!("DROP TABLE \"{table}\": {e}"));
+        drop(client);
+        let _ = conn.await;
+        dropped
     }
 
     /// For the report.

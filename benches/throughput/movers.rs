@@ -236,6 +236,7 @@ pub async fn stop_dedupd(ctx: &mut Ctx<'_>, what: &str, mut s: Started) -> Resul
         let _ = std::fs::remove_file(&log);
     }
     ctx.redis.delete_prefix(&s.prefix).await?;
+    ctx.opts.store.forget_prefix(&s.prefix).await?;
     ctx.cleanup.prefix_gone(&s.prefix);
     Ok(())
 }

@@ -297,8 +297,24 @@ fn json_escape(text: &str) -> String {
         .unwrap_or_else(|_| text.to_owned())
 }
 
-/// `url` with any password replaced by `***`, for logs and `check` output.
+/// `url` with any password replaced by `***`, for logs and `check` output: the userinfo's,
+/// and a `password=` query parameter (PostgreSQL URLs accept one).
 pub fn redact_url(url: &str) -> String {
+    let redacted = redact_userinfo(url);
+    let Some((base, query)) = redacted.split_once('?') else {
+        return redacted;
+    };
+    let params: Vec<String> = query
+        .split('&')
+        .map(|param| match param.split_once('=') {
+            Some((name, _)) if name.eq_ignore_ascii_case("password") => format!("{name}=***"),
+            _ => param.to_owned(),
+        })
+        .collect();
+    format!("{base}?{}", params.join("&"))
+}
+
+fn redact_userinfo(url: &str) -> String {
     let Some(scheme_end) = url.find("://") else {
         return url.to_owned();
     };
@@ -381,6 +397,18 @@ mod tests {
         assert_eq!(redact_url("redis://user@h"), "redis://user@h");
         assert_eq!(redact_url("redis://h:6379"), "redis://h:6379");
         assert_eq!(redact_url("not a url"), "not a url");
+        assert_eq!(
+            redact_url("postgres://u@h/db?sslmode=require&password=pw&application_name=x"),
+            "postgres://u@h/db?sslmode=require&password=***&application_name=x"
+        );
+        assert_eq!(
+            redact_url("postgres://u:pw@h/db?PASSWORD=pw"),
+            "postgres://u:***@h/db?PASSWORD=***"
+        );
+        assert_eq!(
+            redact_url("postgres://u@h/db?sslmode=require"),
+            "postgres://u@h/db?sslmode=require"
+        );
         assert_eq!(
             redact_in_text("url = \"amqp://a:b@h\", [\"redis://:c@d\"]"),
             "url = \"amqp://a:***@d\"]"

@@ -1,0 +1,424 @@
+//! What dedupd keeps in PostgreSQL and the SQL that reads and writes it: the table's name and
+//! shape, the one statement each operation sends, and what an administrator runs when dedupd
+//! may not create the table itself. Pure text and pure functions; `mod.rs` sends them.
+//!
+//! # One table per key prefix
+//!
+//! A `store.key_prefix` is the unit of sharing (every instance with the same prefix shares its
+//! memory), so it gets one table; operators with two prefixes get two tables, and dropping a
+//! table forgets exactly one prefix. PostgreSQL truncates identifiers at 63 bytes, and a prefix
+//! may be 64 bytes of anything but whitespace and braces, so the name is derived
+//! ([`table_name`]): the prefix, lowercased letters, digits and `_` kept and everything else
+//! turned into `_`, then `_keys`; when that changed the prefix or would not fit, the kept part
+//! is cut to 45 bytes and 12 hex digits of the prefix's BLAKE3 hash go before `_keys`, so two
+//! prefixes never share a table. The name is always quoted.
+//!
+//! # One row per remembered key
+//!
+//! | column | type | bytes | holds |
+//! |---|---|---|---|
+//! | `expires_at` | `timestamptz` | 8 | lease end while in flight, window end when done |
+//! | `route` | `int4` | 4 | [`route_id`]: the route's name hashed, for per-route counts |
+//! | `key` | `uuid` (primary key) | 16 | the first 16 bytes of the BLAKE3 hash of the store key |
+//! | `owner` | `text`, NULL = done | 0 when done | the owner token while in flight |
+//!
+//! A done row is 24 bytes of tuple header plus 28 of data, 56 bytes aligned, plus a 4-byte line
+//! pointer; its primary-key entry is 16 bytes of uuid plus an 8-byte index tuple header, plus a
+//! line pointer. The digest is stored as a `uuid` rather than a `bytea` because a `uuid` is
+//! fixed-length: no length byte, so the index entry is 24 bytes instead of 32. The columns are
+//! ordered widest first so nothing is padded; a route id costs nothing (the row is 56 bytes
+//! with or without it), where a route name in `text` would cost 8 more bytes for names longer
+//! than 4 characters. A 16-byte digest collides with another key of the table with a chance of
+//! about n²/2¹²⁹ for n keys: never, in practice (see the memory store, which keeps the same).
+//!
+//! Every key is written twice: claimed (a row with the owner token, 72 bytes), then committed
+//! (the done row, 56 bytes), and under MVCC the committed row is a new version of the claimed
+//! one. `fillfactor = 60` leaves room on each page for the done versions of the claims
+//! inserted there, so most commits stay on their page as heap-only tuples: no second
+//! primary-key entry per key, and the claim version is pruned on the page without waiting for
+//! a VACUUM. No index on `expires_at`: it would cost about 20 bytes per key and make every
+//! commit a non-HOT update; the sweeper walks the table by page instead (see `upkeep`).
+//!
+//! Measured (`measure_postgres_bytes_per_remembered_key` in `tests/postgres.rs`, PostgreSQL
+//! 15, batches of 200): `pg_total_relation_size` growth between 20,000 and 120,000 keys; and
+//! the size per key after a refill: once those keys expired, the sweeper deleted them and a
+//! VACUUM ran (which hands the emptied heap back to the OS, while the primary key keeps its
+//! emptied pages until a later VACUUM recycles them), 120,000 new keys were written:
+//!
+//! | fillfactor | growth B/key (heap + primary key) | after a refill B/key |
+//! |---:|---:|---:|
+//! | 50 | 205 (164 + 41) | 244 |
+//! | **60** | **189–192 (143 + 46–49)** | **235** |
+//! | 75 | 197 (141 + 56) | 253 |
+//! | 90 | 206 (139 + 67) | 269 |
+//! | 100 | 207 (137 + 70) | 279 |
+//!
+//! The heap holds both versions of every key until a VACUUM records the space of the dead
+//! claim versions as free (pruning frees it on the page, but new rows go to pages the
+//! free-space map names), which is why it stays near 140 bytes per key. Under steady traffic
+//! (keys expiring while new ones arrive) autovacuum lets new rows reuse that space and the
+//! primary key's pages; that was not measured.
+//!
+//! # Plans
+//!
+//! Every statement of a batch finds its rows through the primary key (or, for the sweeper, by
+//! TID range), however many rows the planner believes the table has. The sessions run with
+//! `enable_seqscan = off`, because that belief can be badly wrong: after the sweeper emptied
+//! the table and a VACUUM recorded it as empty, the prepared statements' generic plans read
+//! the whole table per batch (measured: a commit of 200 keys went from 1.5 ms to 100 ms as the
+//! table refilled to 60,000 rows, until autovacuum's ANALYZE). The row counts of `size` read
+//! every page on purpose, through `TABLESAMPLE SYSTEM (100)`, which that setting leaves alone.
+//!
+//! # Clocks
+//!
+//! Every expiry is computed and compared by the server (`clock_timestamp()`), never by dedupd,
+//! so instances with skewed clocks agree, as they do on Redis TTLs. `clock_timestamp()` rather
+//! than `now()`: a statement that waited for a row lock decides on the time after the wait.
+//!
+//! # Why one statement per operation is safe (READ COMMITTED)
+//!
+//! Claim and commit must read what a key holds and decide what to write in one atomic step. A
+//! single statement does it with data-modifying CTEs:
+//!
+//! 1. `locked`: `SELECT … FOR UPDATE` of the batch's existing rows, in key order (so two
+//!    instances' batches lock in the same order and do not deadlock). Under READ COMMITTED a
+//!    row locked after a wait is re-read in its newest committed version, so each decision is
+//!    made on the row as it is now and nobody can change it before the statement commits.
+//! 2. `decided`: the decision per locked row (the same rules as the memory store and the Redis
+//!    scripts), materialized once.
+//! 3. `upd`: the rows to overwrite, updated; `ins`: the keys that had no row, inserted with
+//!    `ON CONFLICT DO NOTHING`.
+//! 4. The answer per key. A key that had no row in the statement's snapshot but got one from a
+//!    concurrent statement before our insert (a race between two instances on a new key) is
+//!    neither inserted nor locked: it is answered [`RETRY`], and the caller sends a second
+//!    statement for those keys alone, whose snapshot sees the row. So two instances claiming
+//!    one new key at once get exactly one `Claimed` (the insert that won the unique index) and
+//!    one `InFlightElsewhere`.
+//!
+//! Release and renew are single `DELETE` / `UPDATE … WHERE owner = $token`: PostgreSQL re-checks
+//! the condition on the newest version of a row it had to wait for, which is a compare-and-set.
+
+/// The answer of a claim or commit for a key that changed hands between the statement's
+/// snapshot and its insert: ask again (see the module docs).
+pub const RETRY: i32 = 9;
+
+/// The longest identifier PostgreSQL keeps (NAMEDATALEN - 1).
+const MAX_IDENT: usize = 63;
+
+/// Bytes of the prefix kept in a name that carries a hash: 45 + `_` + 12 + `_keys` = 63.
+const KEPT: usize = 45;
+
+/// The table that holds the keys of `key_prefix` (unquoted; see the module docs).
+pub fn table_name(key_prefix: &str) -> String {
+    let sanitized: String = key_prefix
+        .chars()
+        .map(|c| match c {
+            'a'..='z' | '0'..='9' | '_' => c,
+            _ => '_',
+        })
+        .collect();
+    let plain = format!("{sanitized}_keys");
+    if sanitized == key_prefix && plain.len() <= MAX_IDENT {
+        return plain;
+    }
+    let hash = blake3::hash(key_prefix.as_bytes());
+    let hex: String = hash.as_bytes()[..6]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    // `sanitized` is ASCII, so any byte index is a char boundary.
+    let kept = &sanitized[..sanitized.len().min(KEPT)];
+    format!("{kept}_{hex}_keys")
+}
+
+/// `name` as a quoted SQL identifier.
+pub fn quote_ident(name: &str) -> String {
+    format!("\"{}\"", name.replace('"', "\"\""))
+}
+
+/// `text` as a quoted SQL string literal.
+pub fn quote_literal(text: &str) -> String {
+    format!("'{}'", text.replace('\'', "''"))
+}
+
+/// The `route` column of a key of `route`: the first 4 bytes of the name's BLAKE3 hash. Two
+/// routes of one prefix share an id with a chance of 1 in 4 billion; they would then only
+/// share their `dedupd_store_keys` count, never keys (the digest covers the route too).
+pub fn route_id(route: &str) -> i32 {
+    let hash = blake3::hash(route.as_bytes());
+    let [a, b, c, d, ..] = *hash.as_bytes();
+    i32::from_le_bytes([a, b, c, d])
+}
+
+/// The 16-byte identity of a store key, sent as a `uuid`.
+pub fn digest(store_key: &str) -> [u8; 16] {
+    let hash = blake3::hash(store_key.as_bytes());
+    let mut digest = [0u8; 16];
+    digest.copy_from_slice(&hash.as_bytes()[..16]);
+    digest
+}
+
+/// The statements of one table, built once per store.
+#[derive(Debug, Clone)]
+pub struct Statements {
+    /// Creates the table (see [`create_table`]).
+    pub create: String,
+    /// `$1` the quoted table name: (exists, may read and write it, may create it, role, schema).
+    pub probe: &'static str,
+    pub claim: String,
+    pub commit: String,
+    pub renew: String,
+    pub release: String,
+    pub inspect: String,
+    pub forget: String,
+    /// `$1` quoted table name: (total bytes, pages), NULLs when the table is missing.
+    pub measure: &'static str,
+    /// Live rows per route id (`$1`) in a sample of `$2` percent of the table's pages: 100
+    /// reads them all, for an exact count.
+    pub count: String,
+    pub sweep: String,
+}
+
+impl Statements {
+    /// The statements of table `table` (unquoted) for `key_prefix`.
+    pub fn new(table: &str, key_prefix: &str) -> Self {
+        let t = quote_ident(table);
+        Statements {
+            create: create_table(table, key_prefix),
+            probe: PROBE,
+            claim: CLAIM.replace("{t}", &t),
+            commit: COMMIT.replace("{t}", &t),
+            renew: format!(
+                "UPDATE {t} SET expires_at = clock_timestamp() + $3::int8 * interval '1 millisecond' \
+                 WHERE key = ANY($1::uuid[]) AND owner = $2::text AND expires_at > clock_timestamp() \
+                 RETURNING key"
+            ),
+            release: format!(
+                "DELETE FROM {t} WHERE key = ANY($1::uuid[]) AND owner = $2::text \
+                 AND expires_at > clock_timestamp() RETURNING key"
+            ),
+            inspect: format!(
+                "SELECT owner, greatest(0, (extract(epoch FROM expires_at - clock_timestamp()) \
+                 * 1000)::int8) FROM {t} WHERE key = $1::uuid AND expires_at > clock_timestamp()"
+            ),
+            forget: format!(
+                "DELETE FROM {t} WHERE key = $1::uuid RETURNING expires_at > clock_timestamp()"
+            ),
+            measure: MEASURE,
+            count: format!(
+                "SELECT route, count(*) FROM {t} TABLESAMPLE SYSTEM ($2::float4) \
+                 WHERE route = ANY($1::int4[]) AND expires_at > clock_timestamp() GROUP BY route"
+            ),
+            sweep: SWEEP.replace("{t}", &t),
+        }
+    }
+}
+
+/// The DDL of the table of `key_prefix`, also printed for an administrator to run.
+pub fn create_table(table: &str, key_prefix: &str) -> String {
+    let t = quote_ident(table);
+    let comment = quote_literal(&format!(
+        "dedupd: keys remembered under key_prefix {key_prefix:?}"
+    ));
+    format!(
+        "CREATE TABLE IF NOT EXISTS {t} (expires_at timestamptz NOT NULL, route int4 NOT NULL, \
+         key uuid NOT NULL PRIMARY KEY, owner text) WITH (fillfactor = 60); \
+         COMMENT ON TABLE {t} IS {comment};"
+    )
+}
+
+/// The grant an administrator runs so that `role` can use a table it did not create.
+pub fn grant(table: &str, role: &str) -> String {
+    format!(
+        "GRANT SELECT, INSERT, UPDATE, DELETE ON {} TO {};",
+        quote_ident(table),
+        quote_ident(role)
+    )
+}
+
+/// Does the table exist, may this role use it, may it create it? One round trip at setup.
+const PROBE: &str = "SELECT t IS NOT NULL, \
+    t IS NOT NULL AND has_table_privilege(t, 'SELECT') AND has_table_privilege(t, 'INSERT') \
+      AND has_table_privilege(t, 'UPDATE') AND has_table_privilege(t, 'DELETE'), \
+    current_schema() IS NOT NULL AND has_schema_privilege(current_schema(), 'CREATE'), \
+    current_user::text, coalesce(current_schema()::text, '') \
+    FROM to_regclass($1::text) AS t";
+
+/// Claim codes: 0 claimed, 1 done, 2 ours, 3 taken over, 4 in flight elsewhere (with the lease
+/// left in ms), [`RETRY`]. `$1` keys, `$2` their route ids, `$3` our token, `$4` our instance
+/// prefix `{instance}:`, `$5` our epoch, `$6` the lease in ms.
+///
+/// A token of our instance is "an older epoch" when what follows the prefix is all digits and
+/// numerically less than ours (as `is_older_epoch_of`); `left`/`substr` rather than `LIKE`, whose
+/// wildcards an instance id could contain.
+const CLAIM: &str = "WITH input AS (
+    SELECT k, r, n FROM unnest($1::uuid[], $2::int4[]) WITH ORDINALITY AS i(k, r, n)
+), locked AS (
+    SELECT key, owner, expires_at FROM {t} WHERE key = ANY($1::uuid[]) ORDER BY key FOR UPDATE
+), decided AS MATERIALIZED (
+    SELECT key, expires_at, CASE
+        WHEN expires_at <= clock_timestamp() THEN 0
+        WHEN owner IS NULL THEN 1
+        WHEN owner = $3::text THEN 2
+        WHEN left(owner, length($4::text)) = $4::text
+             AND substr(owner, length($4::text) + 1) ~ '^[0-9]{1,20}$'
+             AND substr(owner, length($4::text) + 1)::numeric < $5::int8::numeric THEN 3
+        ELSE 4 END AS code
+    FROM locked
+), upd AS (
+    UPDATE {t} AS t SET owner = $3::text,
+        expires_at = clock_timestamp() + $6::int8 * interval '1 millisecond'
+    FROM decided d
+    WHERE t.key = d.key AND t.key = ANY($1::uuid[]) AND d.code IN (0, 2, 3)
+    RETURNING t.key
+), ins AS (
+    INSERT INTO {t} (expires_at, route, key, owner)
+    SELECT clock_timestamp() + $6::int8 * interval '1 millisecond', r, k, $3::text FROM input
+    WHERE k NOT IN (SELECT key FROM locked)
+    ORDER BY k
+    ON CONFLICT (key) DO NOTHING
+    RETURNING key
+)
+SELECT i.n, CASE
+        WHEN ins.key IS NOT NULL THEN 0
+        WHEN upd.key IS NOT NULL THEN d.code
+        WHEN d.code IN (1, 4) THEN d.code
+        ELSE 9 END::int4,
+    CASE WHEN d.code = 4 AND upd.key IS NULL THEN
+        greatest(0, (extract(epoch FROM d.expires_at - clock_timestamp()) * 1000)::int8) END
+FROM input i
+LEFT JOIN ins ON ins.key = i.k
+LEFT JOIN upd ON upd.key = i.k
+LEFT JOIN decided d ON d.key = i.k";
+
+/// Commit codes (as `CommitOutcome::from_code`): 0 committed, 1 restored (nothing live was
+/// there), 2 done elsewhere (left alone), 3 overrode another owner's claim, [`RETRY`]. `$1`
+/// keys, `$2` route ids, `$3` our token, `$4` the window in ms.
+const COMMIT: &str = "WITH input AS (
+    SELECT k, r, n FROM unnest($1::uuid[], $2::int4[]) WITH ORDINALITY AS i(k, r, n)
+), locked AS (
+    SELECT key, owner, expires_at FROM {t} WHERE key = ANY($1::uuid[]) ORDER BY key FOR UPDATE
+), decided AS MATERIALIZED (
+    SELECT key, CASE
+        WHEN expires_at <= clock_timestamp() THEN 1
+        WHEN owner IS NULL THEN 2
+        WHEN owner = $3::text THEN 0
+        ELSE 3 END AS code
+    FROM locked
+), upd AS (
+    UPDATE {t} AS t SET owner = NULL,
+        expires_at = clock_timestamp() + $4::int8 * interval '1 millisecond'
+    FROM decided d
+    WHERE t.key = d.key AND t.key = ANY($1::uuid[]) AND d.code <> 2
+    RETURNING t.key
+), ins AS (
+    INSERT INTO {t} (expires_at, route, key, owner)
+    SELECT clock_timestamp() + $4::int8 * interval '1 millisecond', r, k, NULL FROM input
+    WHERE k NOT IN (SELECT key FROM locked)
+    ORDER BY k
+    ON CONFLICT (key) DO NOTHING
+    RETURNING key
+)
+SELECT i.n, CASE
+        WHEN ins.key IS NOT NULL THEN 1
+        WHEN upd.key IS NOT NULL THEN d.code
+        WHEN d.code = 2 THEN 2
+        ELSE 9 END::int4,
+    NULL::int8
+FROM input i
+LEFT JOIN ins ON ins.key = i.k
+LEFT JOIN upd ON upd.key = i.k
+LEFT JOIN decided d ON d.key = i.k";
+
+/// `$1` quoted table name: its total size (heap, index, free-space and visibility maps) and
+/// its heap pages; NULLs when it does not exist.
+const MEASURE: &str = "SELECT pg_total_relation_size(t)::int8, \
+    (pg_relation_size(t) / current_setting('block_size')::int8)::int8 \
+    FROM to_regclass($1::text) AS t";
+
+/// Deletes the expired rows of heap pages `$1` to `$2` (exclusive): TID range scans, so each
+/// chunk reads only its pages, joined by hash (a `ctid = ANY(array)` filter would compare
+/// every row with every doomed one). Rows locked by a claim in progress are skipped rather
+/// than waited for, so the sweeper never holds a lock while waiting for one (no deadlock with
+/// a batch that locks in key order); it meets them again on its next pass.
+const SWEEP: &str = "WITH doomed AS (
+    SELECT ctid AS tid FROM {t}
+    WHERE ctid >= format('(%s,0)', $1::int8)::tid AND ctid < format('(%s,0)', $2::int8)::tid
+      AND expires_at <= clock_timestamp()
+    FOR UPDATE SKIP LOCKED
+)
+DELETE FROM {t} AS t USING doomed
+WHERE t.ctid = doomed.tid
+  AND t.ctid >= format('(%s,0)', $1::int8)::tid AND t.ctid < format('(%s,0)', $2::int8)::tid";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_plain_prefix_keeps_its_name() {
+        assert_eq!(table_name("dedupd"), "dedupd_keys");
+        assert_eq!(table_name("orders_2"), "orders_2_keys");
+    }
+
+    #[test]
+    fn a_changed_or_long_prefix_gets_a_hash_and_fits() {
+        for prefix in [
+            "Dedupd",
+            "dedupd-test-pg-older_epoch_of_same_instance_is_taken_over-0123456789abcdef",
+            "a:b",
+            "ä",
+            &"x".repeat(64),
+            "x\"; DROP TABLE y; --",
+        ] {
+            let name = table_name(prefix);
+            assert!(name.len() <= MAX_IDENT, "{name}");
+            assert!(name.ends_with("_keys"), "{name}");
+            assert!(
+                name.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+                "{name}"
+            );
+            assert_eq!(name, table_name(prefix), "deterministic");
+        }
+        // Prefixes that sanitize alike, or share their first 45 bytes, still differ.
+        assert_ne!(table_name("a-b"), table_name("a_b"));
+        assert_ne!(table_name("a-b"), table_name("a:b"));
+        assert_ne!(table_name("Orders"), table_name("orders"));
+        let long = "y".repeat(60);
+        assert_ne!(
+            table_name(&format!("{long}1")),
+            table_name(&format!("{long}2"))
+        );
+        // A 59-byte plain prefix fits as it is; one more byte does not.
+        assert_eq!(
+            table_name(&"z".repeat(58)),
+            format!("{}_keys", "z".repeat(58))
+        );
+        assert!(table_name(&"z".repeat(59)).len() <= MAX_IDENT);
+        assert_ne!(
+            table_name(&"z".repeat(59)),
+            format!("{}_keys", "z".repeat(59))
+        );
+    }
+
+    #[test]
+    fn quoting_doubles_quotes() {
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(quote_literal("it's"), "'it''s'");
+        assert!(create_table("t", "it's")
+            .contains("'dedupd: keys remembered under key_prefix \"it''s\"'"));
+        assert_eq!(
+            grant("t", "app"),
+            "GRANT SELECT, INSERT, UPDATE, DELETE ON \"t\" TO \"app\";"
+        );
+    }
+
+    #[test]
+    fn route_ids_and_digests_are_stable_and_differ() {
+        assert_eq!(route_id("orders"), route_id("orders"));
+        assert_ne!(route_id("orders"), route_id("payments"));
+        assert_eq!(digest("dd:r:1"), digest("dd:r:1"));
+        assert_ne!(digest("dd:r:1"), digest("dd:r:2"));
+    }
+}
