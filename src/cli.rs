@@ -9,7 +9,7 @@ use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
 use lapin::types::FieldTable;
 
 use crate::amqp::Endpoint;
-use crate::config::{Config, KeySpec, OnMissingKey, Route, SecretUrl};
+use crate::config::{Config, KeySpec, OnMissingKey, Route, SecretUrl, StoreKind};
 use crate::error_chain;
 use crate::keys;
 use crate::store::{KeyState, Store};
@@ -505,35 +505,8 @@ async fn check_connect(config: &Config) -> u8 {
     match store {
         Ok(store) => {
             report(format!("store {}", store.label()), Ok(()));
-            // An evicted key is a forgotten key: its next copy would be forwarded again.
-            let what = format!("store {} maxmemory-policy", store.label());
-            match store.eviction_risk().await {
-                Ok(None) => report(what, Ok(())),
-                Ok(Some(policy)) if config.store.allow_eviction => {
-                    println!("WARN  {what}: {policy} may evict keys (store.allow_eviction = true)")
-                }
-                Ok(Some(policy)) => report(
-                    what,
-                    Err(format!(
-                        "{policy} may evict keys, and an evicted key's next copy would be \
-                         forwarded again: set maxmemory-policy noeviction, or \
-                         store.allow_eviction = true to run anyway"
-                    )),
-                ),
-                Err(e) => println!(
-                    "WARN  {what}: cannot read it ({}); make sure it is noeviction",
-                    error_chain(&e)
-                ),
-            }
-            // Not an error: keys are kept either way, only at a higher cost.
-            let what = format!("store {} hash-max-listpack settings", store.label());
-            match store.layout_risk().await {
-                Ok(None) => report(what, Ok(())),
-                Ok(Some(risk)) => println!("WARN  {what}: {risk}"),
-                Err(e) => println!(
-                    "WARN  {what}: cannot read them ({}); the defaults suit dedupd",
-                    error_chain(&e)
-                ),
+            if config.store.kind == StoreKind::Redis {
+                check_redis_settings(&store, config.store.allow_eviction, &mut report).await;
             }
         }
         Err(e) => report("store".into(), Err(error_chain(&e))),
@@ -542,5 +515,44 @@ async fn check_connect(config: &Config) -> u8 {
         EXIT_RUNTIME
     } else {
         EXIT_OK
+    }
+}
+
+/// The Redis settings `check --connect` reports: eviction (an error unless allowed) and the
+/// listpack limits (a warning).
+async fn check_redis_settings(
+    store: &Store,
+    allow_eviction: bool,
+    report: &mut impl FnMut(String, Result<(), String>),
+) {
+    // An evicted key is a forgotten key: its next copy would be forwarded again.
+    let what = format!("store {} maxmemory-policy", store.label());
+    match store.eviction_risk().await {
+        Ok(None) => report(what, Ok(())),
+        Ok(Some(policy)) if allow_eviction => {
+            println!("WARN  {what}: {policy} may evict keys (store.allow_eviction = true)")
+        }
+        Ok(Some(policy)) => report(
+            what,
+            Err(format!(
+                "{policy} may evict keys, and an evicted key's next copy would be \
+                 forwarded again: set maxmemory-policy noeviction, or \
+                 store.allow_eviction = true to run anyway"
+            )),
+        ),
+        Err(e) => println!(
+            "WARN  {what}: cannot read it ({}); make sure it is noeviction",
+            error_chain(&e)
+        ),
+    }
+    // Not an error: keys are kept either way, only at a higher cost.
+    let what = format!("store {} hash-max-listpack settings", store.label());
+    match store.layout_risk().await {
+        Ok(None) => report(what, Ok(())),
+        Ok(Some(risk)) => println!("WARN  {what}: {risk}"),
+        Err(e) => println!(
+            "WARN  {what}: cannot read them ({}); the defaults suit dedupd",
+            error_chain(&e)
+        ),
     }
 }

@@ -11,9 +11,15 @@
 //!   key when its owner dies between claiming and committing.
 //! - done, until its window ends (rounded up by at most `window / 8`).
 //!
-//! How the Redis backend lays these out (done keys as 15-byte digests in listpack hashes, about
-//! 30 bytes each, grouped in six tables per route so a batch is one script call per table on a
-//! cluster) is in [`layout`] and the `redis` module; the memory backend keeps digests too.
+//! Four backends keep them, each in its own module:
+//!
+//! - `redis`: done keys as 15-byte digests in listpack hashes, about 30 bytes each, grouped in
+//!   six tables per route so a batch is one script call per table on a cluster ([`layout`]);
+//! - `postgres`: one row per key in a table per key prefix, each operation one statement per
+//!   batch, times from the server's clock;
+//! - `embedded`: done keys in a redb file under `store.path`, synced once per commit batch;
+//!   claims in memory (one process per path);
+//! - `memory`: digests and expiry ticks in per-route maps, forgotten on restart.
 //!
 //! # Why every step is a script
 //!
@@ -40,8 +46,9 @@
 //!   owner's claim never lapses. `PEXPIRE` is allowed even when a full Redis refuses writes.
 //!
 //! The Redis backend loads the scripts once (EVALSHA) and reloads them when the server answers
-//! NOSCRIPT (a restarted or flushed server); the memory backend runs the same decisions under
-//! a lock. Both are exercised by one shared test suite (`tests/store.rs`).
+//! NOSCRIPT (a restarted or flushed server); PostgreSQL decides in one statement that locks the
+//! batch's rows in key order; the memory and embedded backends run the same decisions under a
+//! lock. All four are exercised by one shared test suite (`tests/store.rs`).
 //!
 //! # How big it is
 //!
@@ -49,8 +56,10 @@
 //! uses, for the `dedupd_store_keys{route}` and `dedupd_store_memory_bytes` gauges. It is
 //! called by a background sampler every 15 s (`telemetry::sizing`), never on the hot path, and
 //! costs a bounded amount whatever the store holds: on Redis, six `HGET`s per route (each
-//! table counts its keys) and `INFO memory` (summed over a cluster's primaries); in memory, the
-//! tables' counts and an estimate of their allocation (see the `memory` module).
+//! table counts its keys) and `INFO memory` (summed over a cluster's primaries); on PostgreSQL,
+//! a count per route (over a `TABLESAMPLE` of large tables) and the table's size; embedded,
+//! each route table's length and the files' disk blocks; in memory, the tables' counts and an
+//! estimate of their allocation (see the `memory` module).
 
 mod embedded;
 pub mod layout;
@@ -175,12 +184,14 @@ pub enum KeyState {
 #[derive(Debug, Clone, PartialEq)]
 pub struct StoreSize {
     /// Keys remembered per route, in the order of the routes asked about: exact for the memory
-    /// store (in flight and done); on Redis, done keys counted by each table (exact, except that
-    /// keys whose window ended since the sweeper's last pass still count).
+    /// store (in flight and done); on Redis and the embedded store, done keys counted by each
+    /// table (exact, except that keys whose window ended since the sweeper's last pass still
+    /// count); on PostgreSQL, rows counted (a `TABLESAMPLE` estimate on large tables).
     pub keys: Vec<u64>,
     /// Whether `keys` are exact counts rather than estimates.
     pub exact: bool,
-    /// The store's memory use: Redis `used_memory` (all its data, not only dedupd's), or the
+    /// The store's size: Redis `used_memory` (all its data, not only dedupd's), the PostgreSQL
+    /// table's `pg_total_relation_size`, the disk blocks of the embedded store's files, or the
     /// memory store's estimate of its map.
     pub memory_bytes: u64,
 }

@@ -57,7 +57,12 @@ fn every_shipped_config_is_valid() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut files = Vec::new();
     toml_files(root, &mut files);
-    for expected in ["proxy.toml", "deploy/proxy.cluster.toml"] {
+    for expected in [
+        "proxy.toml",
+        "deploy/proxy.cluster.toml",
+        "deploy/proxy.postgres.toml",
+        "deploy/proxy.embedded.toml",
+    ] {
         assert!(
             files.contains(&root.join(expected)),
             "{expected} not found in {files:?}"

@@ -46,14 +46,16 @@ pub const ROUTE_FAILURES: &str = "dedupd_route_failures_total";
 pub const LOG_WRITE_ERRORS: &str = "dedupd_log_write_errors_total";
 /// Keys the store remembers, per route: sampled in the background.
 pub const STORE_KEYS: &str = "dedupd_store_keys";
-/// The store's own memory use in bytes: Redis `used_memory` (summed over a cluster's
-/// primaries), or the memory store's estimate of its map.
+/// The store's own size in bytes: Redis `used_memory` (summed over a cluster's primaries), the
+/// PostgreSQL table's `pg_total_relation_size`, the embedded store's disk blocks, or the memory
+/// store's estimate of its map.
 pub const STORE_MEMORY: &str = "dedupd_store_memory_bytes";
 /// Store size samples that failed (the two gauges above then keep their last values).
 pub const STORE_SAMPLE_ERRORS: &str = "dedupd_store_sample_errors_total";
-/// Commands sent to Redis (a script call is one), for sizing Redis and checking batching.
+/// Operations sent to the store, for sizing it and checking batching: Redis commands (a script
+/// call is one), PostgreSQL statements, embedded write transactions.
 pub const STORE_COMMANDS: &str = "dedupd_store_commands_total";
-/// Remembered keys deleted by the Redis sweeper after their window ended.
+/// Remembered keys the store's sweeper deleted after their window ended.
 pub const STORE_SWEPT: &str = "dedupd_store_swept_keys_total";
 
 /// `reason` label values of [`REJECTED`].
@@ -175,15 +177,15 @@ fn describe() {
     describe_gauge!(
         STORE_MEMORY,
         Unit::Bytes,
-        "The store's memory use (Redis used_memory, or the memory store's estimate)"
+        "The store's size: Redis used_memory, PostgreSQL table size, embedded disk use, or the memory store's estimate"
     );
     describe_counter!(
         STORE_COMMANDS,
-        "Commands sent to Redis; a script call counts as one"
+        "Operations sent to the store: Redis commands (a script call is one), PostgreSQL statements, embedded write transactions"
     );
     describe_counter!(
         STORE_SWEPT,
-        "Remembered keys the Redis sweeper deleted after their window ended"
+        "Remembered keys the store's sweeper deleted after their window ended"
     );
     describe_counter!(
         STORE_SAMPLE_ERRORS,

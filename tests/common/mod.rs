@@ -6,6 +6,7 @@
 //! and clean-up.
 #![allow(dead_code)]
 
+pub mod flow;
 pub mod harness;
 
 use std::path::PathBuf;

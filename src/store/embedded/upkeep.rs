@@ -96,6 +96,7 @@ async fn pass(shared: &Arc<Shared>, shutdown: &CancellationToken) -> Result<Opti
             })
             .await?;
             removed += step.removed;
+            metrics::counter!(crate::telemetry::STORE_SWEPT).increment(step.removed);
             if step.wrote {
                 unsynced = if durable { 0 } else { unsynced + 1 };
             }
