@@ -542,6 +542,11 @@ async fn check_connect_says_what_is_missing() {
             .any(|l| l.starts_with("ok") && l.contains("store") && l.contains(&table)),
         "{out}"
     );
+    // Redis settings are not PostgreSQL's: no line about them.
+    assert!(
+        !out.contains("maxmemory-policy") && !out.contains("listpack"),
+        "{out}"
+    );
     broker.cleanup().await;
     remove_config(&setup);
     drop_table(&setup.name).await;

@@ -435,7 +435,21 @@ fn postgres_url(s: &StoreConfig) -> Result<(), ConfigError> {
                 redact_in_text(&e.to_string().replace(url.as_str(), &shown))
             ),
         )),
-        Ok(_) => Ok(()),
+        // PostgreSQL asks for TLS in a parameter, not in the scheme (which every such URL
+        // passes below); the rest of the TLS table is checked as for any store.
+        Ok(pg)
+            if s.tls.is_some()
+                && !matches!(pg.get_ssl_mode(), tokio_postgres::config::SslMode::Require) =>
+        {
+            Err(invalid(
+                "store.tls",
+                format!(
+                    "TLS settings need TLS in the URL, but store.url {shown:?} does not ask for \
+                     it: add ?sslmode=require"
+                ),
+            ))
+        }
+        Ok(_) => check_tls("store.tls", s.tls.as_ref(), &[url], "store.url", "postgres"),
     }
 }
 
@@ -669,6 +683,59 @@ mod tests {
         // Passwords stay out of messages.
         let (_, message) = invalid_of(&BASE.replace("amqp://", "ftp://"));
         assert!(!message.contains("guest:guest"), "{message}");
+    }
+
+    #[test]
+    fn postgres_and_embedded_store_rules() {
+        let kind = "kind = \"memory\"";
+        let pg = |rest: &str| format!("kind = \"postgres\"\n{rest}");
+        refused(kind, &pg(""), "store.url", "not a PostgreSQL URL");
+        refused(kind, &pg("url = \"redis://x\""), "store.url", "postgres://");
+        refused(
+            kind,
+            &pg("url = [\"postgres://a/db\"]"),
+            "store.url",
+            "one URL",
+        );
+        refused(
+            kind,
+            &pg("url = \"postgres://a/db?sslmode=bogus\""),
+            "store.url",
+            "does not parse",
+        );
+        refused(
+            kind,
+            &pg("url = \"postgres://a/db\"\n[store.tls]\nca_file = \"/nonexistent.pem\""),
+            "store.tls",
+            "sslmode=require",
+        );
+        refused(
+            kind,
+            &pg("url = \"postgres://a/db?sslmode=require\"\n[store.tls]\nca_file = \"/nonexistent.pem\""),
+            "store.tls.ca_file",
+            "",
+        );
+        refused(kind, "kind = \"embedded\"", "store.path", "required");
+        refused(
+            kind,
+            "kind = \"embedded\"\npath = \"\"",
+            "store.path",
+            "empty",
+        );
+        refused(
+            kind,
+            "path = \"/var/lib/dedupd\"",
+            "store.path",
+            "only read by kind",
+        );
+        // Accepted: valid(...) would panic on an error.
+        let ok = BASE.replace(kind, "kind = \"embedded\"\npath = \"/var/lib/dedupd\"");
+        assert!(Config::from_toml(&ok, std::path::Path::new("t.toml")).is_ok());
+        let ok = BASE.replace(
+            kind,
+            &pg("url = \"postgresql://u:p@a:5432/db?sslmode=require\""),
+        );
+        assert!(Config::from_toml(&ok, std::path::Path::new("t.toml")).is_ok());
     }
 
     #[test]

@@ -61,6 +61,16 @@ pub struct Placement {
     pub field: [u8; FIELD_BYTES],
 }
 
+/// The 16-byte identity of a store key for the stores that keep one per key (memory,
+/// embedded, PostgreSQL): the first 16 bytes of its BLAKE3 hash, 128 bits, so that two keys
+/// sharing one is never a practical risk.
+pub fn digest16(store_key: &str) -> [u8; 16] {
+    let hash = blake3::hash(store_key.as_bytes());
+    let mut digest = [0u8; 16];
+    digest.copy_from_slice(&hash.as_bytes()[..16]);
+    digest
+}
+
 /// `field` in lower-case hex: the name of its claim key (see `redis::scripts`).
 pub fn hex(field: &[u8; FIELD_BYTES]) -> [u8; 2 * FIELD_BYTES] {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";

@@ -91,10 +91,7 @@ const _: () = assert!(size_of::<(Digest, u32)>() == 20);
 
 impl Digest {
     fn of(key: &str) -> Self {
-        let hash = blake3::hash(key.as_bytes());
-        let mut digest = [0u8; 16];
-        digest.copy_from_slice(&hash.as_bytes()[..16]);
-        Digest(digest)
+        Digest(super::layout::digest16(key))
     }
 
     /// The shard, from the last byte: the in-shard hash is bytes 0..8, and reusing those bits

@@ -18,13 +18,8 @@ use crate::store::{is_older_epoch_of, ClaimOutcome, CommitOutcome, Owner};
 /// full store key (see the parent module for the collision odds).
 pub type Digest = [u8; 16];
 
-/// The digest of `key`.
-pub fn digest(key: &str) -> Digest {
-    let hash = blake3::hash(key.as_bytes());
-    let mut digest = [0u8; 16];
-    digest.copy_from_slice(&hash.as_bytes()[..16]);
-    digest
-}
+/// The digest of a store key.
+pub use crate::store::layout::digest16 as digest;
 
 /// Far enough to mean "never" without overflowing `Instant` arithmetic.
 const FOREVER: Duration = Duration::from_secs(100 * 365 * 24 * 3600);

@@ -151,12 +151,7 @@ pub fn route_id(route: &str) -> i32 {
 }
 
 /// The 16-byte identity of a store key, sent as a `uuid`.
-pub fn digest(store_key: &str) -> [u8; 16] {
-    let hash = blake3::hash(store_key.as_bytes());
-    let mut digest = [0u8; 16];
-    digest.copy_from_slice(&hash.as_bytes()[..16]);
-    digest
-}
+pub use crate::store::layout::digest16 as digest;
 
 /// The statements of one table, built once per store.
 #[derive(Debug, Clone)]
