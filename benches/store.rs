@@ -353,8 +353,14 @@ fn bench_kind(c: &mut Criterion, rt: &Runtime, kind: &str) {
     let done: Vec<String> = fresh_keys(&prefix, DONE_KEYS);
     rt.block_on(async {
         for chunk in done.chunks(200) {
-            store.claim(chunk, &owner, LEASE).await.expect("claim");
-            store.commit(chunk, &owner, WINDOW).await.expect("commit");
+            store
+                .claim(chunk, &[], &owner, LEASE, None)
+                .await
+                .expect("claim");
+            store
+                .commit(chunk, &[], &owner, WINDOW)
+                .await
+                .expect("commit");
         }
     });
 
@@ -373,7 +379,10 @@ fn bench_kind(c: &mut Criterion, rt: &Runtime, kind: &str) {
                 timed(rt, store, iters, &tally, batch, move || async move {
                     let keys = fresh_keys(prefix, batch);
                     let started = Instant::now();
-                    let outcomes = store.claim(&keys, owner, LEASE).await.expect("claim");
+                    let outcomes = store
+                        .claim(&keys, &[], owner, LEASE, None)
+                        .await
+                        .expect("claim");
                     let elapsed = started.elapsed();
                     assert!(outcomes.iter().all(|o| *o == ClaimOutcome::Claimed));
                     elapsed
@@ -392,7 +401,10 @@ fn bench_kind(c: &mut Criterion, rt: &Runtime, kind: &str) {
                 rt.block_on(async {
                     for _ in 0..iters {
                         let keys = fresh_keys(&prefix, batch);
-                        store.claim(&keys, &owner, LEASE).await.expect("claim");
+                        store
+                            .claim(&keys, &[], &owner, LEASE, None)
+                            .await
+                            .expect("claim");
                         claimed.push(keys);
                     }
                 });
@@ -402,7 +414,10 @@ fn bench_kind(c: &mut Criterion, rt: &Runtime, kind: &str) {
                     let (store, owner) = (&store, &owner);
                     async move {
                         let started = Instant::now();
-                        let outcomes = store.commit(&keys, owner, WINDOW).await.expect("commit");
+                        let outcomes = store
+                            .commit(&keys, &[], owner, WINDOW)
+                            .await
+                            .expect("commit");
                         let elapsed = started.elapsed();
                         assert!(outcomes.iter().all(|o| *o == CommitOutcome::Committed));
                         elapsed
@@ -424,7 +439,10 @@ fn bench_kind(c: &mut Criterion, rt: &Runtime, kind: &str) {
                     let (store, owner) = (&store, &owner);
                     async move {
                         let started = Instant::now();
-                        let outcomes = store.claim(keys, owner, LEASE).await.expect("claim");
+                        let outcomes = store
+                            .claim(keys, &[], owner, LEASE, None)
+                            .await
+                            .expect("claim");
                         let elapsed = started.elapsed();
                         assert!(outcomes.iter().all(|o| *o == ClaimOutcome::Done));
                         elapsed

@@ -331,6 +331,14 @@ pub fn dead_letter_to(dlq: &str) -> FieldTable {
     args
 }
 
+/// `props` with header `name` set to the string `value` (replacing one of that name): the
+/// other headers, of every AMQP type, and every other property stay as they are.
+pub fn with_header(props: BasicProperties, name: &str, value: &str) -> BasicProperties {
+    let mut headers = props.headers().clone().unwrap_or_default();
+    headers.insert(name.into(), AMQPValue::LongString(value.into()));
+    props.with_headers(headers)
+}
+
 /// `props` without `user_id`. RabbitMQ closes the channel when a publish carries a user_id other
 /// than the connection's user (unless that user is an impersonator), so such a message is
 /// forwarded without it rather than failing forever.

@@ -435,65 +435,38 @@ async fn check_connect(config: &Config) -> u8 {
             // What this side needs of the route: the upstream queue it consumes; downstream,
             // the exchange it publishes to or, on the default exchange, the queue its
             // routing_key names (without it, every message comes back unroutable and is
-            // dead-lettered). The message's own routing key cannot be checked beforehand.
-            let queue = match (side, route.exchange.is_empty(), &route.routing_key) {
-                ("upstream", _, _) => Some(route.queue.as_str()),
-                (_, true, Some(rk)) => Some(rk.as_str()),
-                (_, true, None) => continue,
-                (_, false, _) => None,
-            };
-            // A passive declare that fails closes the channel: one channel per check.
-            let result = async {
-                let channel = endpoint
-                    .rpc("opening a channel", conn.create_channel())
-                    .await?;
-                if let Some(queue) = queue {
-                    let passive = QueueDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    };
-                    endpoint
-                        .rpc(
-                            "declaring the queue passively",
-                            channel.queue_declare(queue.into(), passive, FieldTable::default()),
-                        )
-                        .await?;
-                } else {
-                    let passive = ExchangeDeclareOptions {
-                        passive: true,
-                        ..Default::default()
-                    };
-                    endpoint
-                        .rpc(
-                            "declaring the exchange passively",
-                            channel.exchange_declare(
-                                route.exchange.as_str().into(),
-                                lapin::ExchangeKind::Direct,
-                                passive,
-                                FieldTable::default(),
-                            ),
-                        )
-                        .await?;
-                }
-                let _ = channel.close(200, "check done".into()).await;
-                Ok::<(), crate::amqp::AmqpError>(())
-            }
-            .await;
-            let (what, hint) = match (side, queue) {
-                ("upstream", _) => (format!("route {name}: queue {:?}", route.queue), ""),
-                (_, Some(queue)) => (
-                    format!("route {name}: destination queue {queue:?}"),
+            // dead-lettered), and the exchange that audits its duplicates. The message's own
+            // routing key cannot be checked beforehand.
+            let mut targets = Vec::new();
+            match (side, route.exchange.is_empty(), &route.routing_key) {
+                ("upstream", _, _) => targets.push(Passive::Queue(&route.queue, "queue", "")),
+                (_, true, Some(rk)) => targets.push(Passive::Queue(
+                    rk,
+                    "destination queue",
                     " (with exchange = \"\", routing_key names the queue every message is \
                      published to; without it, each one would be returned as unroutable and \
                      dead-lettered): declare the queue on the downstream broker, or fix \
                      routing_key",
-                ),
-                (_, None) => (format!("route {name}: exchange {:?}", route.exchange), ""),
-            };
-            report(
-                what,
-                result.map_err(|e| format!("{}{hint}", error_chain(&e))),
-            );
+                )),
+                (_, true, None) => {}
+                (_, false, _) => targets.push(Passive::Exchange(&route.exchange, "exchange", "")),
+            }
+            if side == "downstream" && !route.duplicates_exchange.is_empty() {
+                targets.push(Passive::Exchange(
+                    &route.duplicates_exchange,
+                    "duplicates_exchange",
+                    " (duplicates would be requeued, not acked, until it exists): declare it \
+                     on the downstream broker and bind a queue to it",
+                ));
+            }
+            for target in targets {
+                let (what, hint) = target.describe(name);
+                let result = target.declare(endpoint, &conn).await;
+                report(
+                    what,
+                    result.map_err(|e| format!("{}{hint}", error_chain(&e))),
+                );
+            }
         }
         let _ = conn.close(200, "check done".into()).await;
     }
@@ -515,6 +488,60 @@ async fn check_connect(config: &Config) -> u8 {
         EXIT_RUNTIME
     } else {
         EXIT_OK
+    }
+}
+
+/// A queue or exchange `check --connect` declares passively: its name, what it is to the
+/// route, and a hint for when it is missing.
+enum Passive<'a> {
+    Queue(&'a str, &'static str, &'static str),
+    Exchange(&'a str, &'static str, &'static str),
+}
+
+impl Passive<'_> {
+    fn describe(&self, route: &str) -> (String, &'static str) {
+        let (Passive::Queue(name, role, hint) | Passive::Exchange(name, role, hint)) = self;
+        (format!("route {route}: {role} {name:?}"), hint)
+    }
+
+    /// A passive declare that fails closes the channel: one channel per check.
+    async fn declare(
+        &self,
+        endpoint: &Endpoint,
+        conn: &lapin::Connection,
+    ) -> Result<(), crate::amqp::AmqpError> {
+        let channel = endpoint
+            .rpc("opening a channel", conn.create_channel())
+            .await?;
+        match *self {
+            Passive::Queue(queue, ..) => {
+                let passive = QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                };
+                let declare = channel.queue_declare(queue.into(), passive, FieldTable::default());
+                endpoint
+                    .rpc("declaring the queue passively", declare)
+                    .await?;
+            }
+            Passive::Exchange(exchange, ..) => {
+                let passive = ExchangeDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                };
+                let declare = channel.exchange_declare(
+                    exchange.into(),
+                    lapin::ExchangeKind::Direct,
+                    passive,
+                    FieldTable::default(),
+                );
+                endpoint
+                    .rpc("declaring the exchange passively", declare)
+                    .await?;
+            }
+        }
+        let _ = channel.close(200, "check done".into()).await;
+        Ok(())
     }
 }
 

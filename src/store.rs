@@ -68,6 +68,7 @@ mod postgres;
 mod redis;
 pub mod watched;
 
+use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -111,6 +112,60 @@ impl Owner {
     }
 }
 
+/// A 64-bit digest of a copy's body, remembered with its key when it is committed: a later
+/// copy with the same key and another digest is a *conflict* (a different message reusing the
+/// key), not a duplicate. The first 8 bytes of the body's BLAKE3 hash; never zero, so compact
+/// stores can spell "no digest" as 0. Two different bodies share one with a chance of 2⁻⁶⁴:
+/// such a conflict goes unnoticed and the copy is taken for a duplicate, as it would be
+/// without digests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct BodyDigest(NonZeroU64);
+
+impl BodyDigest {
+    /// The digest of `body`.
+    pub fn of(body: &[u8]) -> Self {
+        let hash = blake3::hash(body);
+        let mut first = [0u8; 8];
+        first.copy_from_slice(&hash.as_bytes()[..8]);
+        Self::from_u64(u64::from_be_bytes(first)).unwrap_or(Self(NonZeroU64::MIN))
+    }
+
+    /// A digest read back from a store; `None` for 0 (no digest).
+    pub fn from_u64(value: u64) -> Option<Self> {
+        NonZeroU64::new(value).map(Self)
+    }
+
+    /// The digest as a number (never 0).
+    pub fn get(self) -> u64 {
+        self.0.get()
+    }
+
+    /// The digest's 8 bytes, big-endian, as stores that keep bytes write it.
+    pub fn to_bytes(self) -> [u8; 8] {
+        self.0.get().to_be_bytes()
+    }
+}
+
+/// The body digest of the `i`-th key of a batch: `bodies` holds one per key, or is empty when
+/// no copy of the batch has one.
+pub(crate) fn body_at(bodies: &[Option<BodyDigest>], i: usize) -> Option<BodyDigest> {
+    bodies.get(i).copied().flatten()
+}
+
+/// What a claim answers for a key it finds done, remembered with `stored`: a conflict only
+/// when both digests are known and differ. A key committed without a digest (`key = "body"`,
+/// or by a dedupd older than 0.5) cannot tell, and reads as a duplicate. Only a `Done` answer
+/// restarts a sliding window: a conflicting copy is not a repeat of the remembered one.
+pub(crate) fn done_or_conflict(
+    stored: Option<BodyDigest>,
+    copy: Option<BodyDigest>,
+) -> ClaimOutcome {
+    match (stored, copy) {
+        (Some(stored), Some(copy)) if stored != copy => ClaimOutcome::Conflict,
+        _ => ClaimOutcome::Done,
+    }
+}
+
 /// What a claim found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ClaimOutcome {
@@ -123,8 +178,12 @@ pub enum ClaimOutcome {
     /// The key already carries exactly our token (lease refreshed). The caller knows whether
     /// it is really in flight here or a leftover of a failed release.
     Ours,
-    /// The key was forwarded and committed; `window_left` until it is forgotten.
+    /// The key was forwarded and committed, with the same body digest as this copy's (or
+    /// without one to compare): a duplicate. With a sliding window, its window restarts now.
     Done,
+    /// The key was forwarded and committed with a body digest other than this copy's: a
+    /// different message reusing the key. Its window is left as it is.
+    Conflict,
     /// Another instance holds it in flight for up to `lease_left`. Also returned for a token
     /// of this instance with a *newer* epoch: a caller still on an old epoch must not steal
     /// from the current connection.
@@ -244,43 +303,54 @@ impl Store {
 
     /// Claims every key for `owner` (one round trip). Outcomes are in key order; a key that
     /// appears twice in `keys` sees its own earlier claim (`Ours`).
+    ///
+    /// `bodies` holds each copy's body digest (or is empty): a done key remembered with
+    /// another digest answers `Conflict`. With `slide = Some(window)` (a sliding window), a
+    /// key that answers `Done` is remembered for `window` from now, never for less than it
+    /// already was.
     pub async fn claim(
         &self,
         keys: &[String],
+        bodies: &[Option<BodyDigest>],
         owner: &Owner,
         lease: Duration,
+        slide: Option<Duration>,
     ) -> Result<Vec<ClaimOutcome>, StoreError> {
+        assert!(bodies.is_empty() || bodies.len() == keys.len());
         if keys.is_empty() {
             return Ok(Vec::new());
         }
         let started = Instant::now();
         let result = match self {
-            Store::Memory(m) => Ok(m.claim(keys, owner, lease)),
-            Store::Redis(r) => r.claim(keys, owner, lease).await,
-            Store::Postgres(p) => p.claim(keys, owner, lease).await,
-            Store::Embedded(e) => e.claim(keys, owner, lease).await,
+            Store::Memory(m) => Ok(m.claim(keys, bodies, owner, lease, slide)),
+            Store::Redis(r) => r.claim(keys, bodies, owner, lease, slide).await,
+            Store::Postgres(p) => p.claim(keys, bodies, owner, lease, slide).await,
+            Store::Embedded(e) => e.claim(keys, bodies, owner, lease, slide).await,
         };
         record("claim", started);
         result
     }
 
-    /// Marks each key done for `window` (their copies were confirmed downstream) and says what
-    /// each held before; a key already done keeps its window.
+    /// Marks each key done for `window` (their copies were confirmed downstream), with its
+    /// copy's body digest from `bodies` (one per key, or empty), and says what each held
+    /// before; a key already done keeps its window and its digest.
     pub async fn commit(
         &self,
         keys: &[String],
+        bodies: &[Option<BodyDigest>],
         owner: &Owner,
         window: Duration,
     ) -> Result<Vec<CommitOutcome>, StoreError> {
+        assert!(bodies.is_empty() || bodies.len() == keys.len());
         if keys.is_empty() {
             return Ok(Vec::new());
         }
         let started = Instant::now();
         let result = match self {
-            Store::Memory(m) => Ok(m.commit(keys, owner, window)),
-            Store::Redis(r) => r.commit(keys, owner, window).await,
-            Store::Postgres(p) => p.commit(keys, owner, window).await,
-            Store::Embedded(e) => e.commit(keys, owner, window).await,
+            Store::Memory(m) => Ok(m.commit(keys, bodies, owner, window)),
+            Store::Redis(r) => r.commit(keys, bodies, owner, window).await,
+            Store::Postgres(p) => p.commit(keys, bodies, owner, window).await,
+            Store::Embedded(e) => e.commit(keys, bodies, owner, window).await,
         };
         record("commit", started);
         result

@@ -122,7 +122,7 @@ async fn inspect_and_forget_a_key_of_the_compact_layout() {
     let args = ["inspect", "-c", path, &setup.name, "order-2"];
 
     store
-        .claim(keys, &owner, Duration::from_secs(30))
+        .claim(keys, &[], &owner, Duration::from_secs(30), None)
         .await
         .expect("claim");
     let (_, out, _) = run_binary(&args, &[]).await;
@@ -132,7 +132,7 @@ async fn inspect_and_forget_a_key_of_the_compact_layout() {
     );
 
     store
-        .commit(keys, &owner, Duration::from_secs(3600))
+        .commit(keys, &[], &owner, Duration::from_secs(3600))
         .await
         .expect("commit");
     let (_, out, _) = run_binary(&args, &[]).await;
@@ -146,7 +146,7 @@ async fn inspect_and_forget_a_key_of_the_compact_layout() {
     let (_, out, _) = run_binary(&args, &[]).await;
     assert!(out.contains("absent"), "{out}");
     let again = store
-        .claim(keys, &owner, Duration::from_secs(30))
+        .claim(keys, &[], &owner, Duration::from_secs(30), None)
         .await
         .expect("claim");
     assert_eq!(again, vec![dedupd::store::ClaimOutcome::Claimed]);
@@ -404,12 +404,12 @@ async fn commit_id(setup: &Setup, id: &[u8]) -> String {
     let owner = dedupd::store::Owner::new("cli-test".into(), 1);
     let keys = [key.clone()];
     store
-        .claim(&keys, &owner, Duration::from_secs(30))
+        .claim(&keys, &[], &owner, Duration::from_secs(30), None)
         .await
         .expect("claim");
     assert_eq!(
         store
-            .commit(&keys, &owner, Duration::from_secs(3600))
+            .commit(&keys, &[], &owner, Duration::from_secs(3600))
             .await
             .expect("commit"),
         [dedupd::store::CommitOutcome::Committed]

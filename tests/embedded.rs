@@ -429,11 +429,11 @@ async fn measure_embedded_store_bytes_per_remembered_key() {
                 .map(|i| format!("dd:r:id-{i}"))
                 .collect();
             store
-                .claim(&keys, &owner, Duration::from_secs(30))
+                .claim(&keys, &[], &owner, Duration::from_secs(30), None)
                 .await
                 .expect("claim");
             store
-                .commit(&keys, &owner, Duration::from_secs(3600))
+                .commit(&keys, &[], &owner, Duration::from_secs(3600))
                 .await
                 .expect("commit");
             written += keys.len();
@@ -492,8 +492,14 @@ async fn full_disk_fails_commits_then_recovers() {
     let owner = Owner::new("full".into(), 1);
     let (lease, window) = (Duration::from_secs(30), Duration::from_secs(3600));
     let first: Vec<String> = (0..200).map(|i| format!("dd:r:first-{i}")).collect();
-    store.claim(&first, &owner, lease).await.expect("claim");
-    store.commit(&first, &owner, window).await.expect("commit");
+    store
+        .claim(&first, &[], &owner, lease, None)
+        .await
+        .expect("claim");
+    store
+        .commit(&first, &[], &owner, window)
+        .await
+        .expect("commit");
 
     // Fill the filesystem, then commit until a commit fails.
     {
@@ -507,10 +513,10 @@ async fn full_disk_fails_commits_then_recovers() {
     for batch in 0..2_000 {
         let keys: Vec<String> = (0..200).map(|i| format!("dd:r:fill-{batch}-{i}")).collect();
         store
-            .claim(&keys, &owner, lease)
+            .claim(&keys, &[], &owner, lease, None)
             .await
             .expect("claims need no disk space");
-        if let Err(e) = store.commit(&keys, &owner, window).await {
+        if let Err(e) = store.commit(&keys, &[], &owner, window).await {
             failed = Some((keys, e));
             break;
         }
@@ -518,20 +524,23 @@ async fn full_disk_fails_commits_then_recovers() {
     let (keys, error) = failed.expect("a commit failed on a full disk");
     println!("EMBEDDED-FIGURES full disk: {error}");
     assert!(
-        store.commit(&keys, &owner, window).await.is_err(),
+        store.commit(&keys, &[], &owner, window).await.is_err(),
         "still full"
     );
 
     std::fs::remove_file(&filler).expect("remove filler");
     let retried = store
-        .commit(&keys, &owner, window)
+        .commit(&keys, &[], &owner, window)
         .await
         .expect("commit after room");
     assert!(
         retried.iter().all(|o| *o == CommitOutcome::Committed),
         "{retried:?}"
     );
-    let again = store.claim(&first, &owner, lease).await.expect("claim");
+    let again = store
+        .claim(&first, &[], &owner, lease, None)
+        .await
+        .expect("claim");
     assert!(again.iter().all(|o| *o == ClaimOutcome::Done));
     drop(store);
     let _ = std::fs::remove_dir_all(&dir);

@@ -429,8 +429,10 @@ async fn duplicate_of_a_message_in_flight_elsewhere_is_held_then_dropped_or_forw
     other
         .claim(
             &[key("done-later"), key("released-later")],
+            &[],
             &other_owner,
             LONG_LEASE,
+            None,
         )
         .await
         .expect("the other instance claims");
@@ -462,7 +464,12 @@ async fn duplicate_of_a_message_in_flight_elsewhere_is_held_then_dropped_or_forw
 
     // The other instance's first copy of "done-later" is confirmed: ours is a duplicate.
     other
-        .commit(&[key("done-later")], &other_owner, Duration::from_secs(60))
+        .commit(
+            &[key("done-later")],
+            &[],
+            &other_owner,
+            Duration::from_secs(60),
+        )
         .await
         .expect("the other instance commits");
     wait_for("held duplicate acked", SETTLE, || async {
@@ -608,7 +615,13 @@ async fn holding_does_not_burn_a_quorum_queue_delivery_limit() {
     let key = dedupd::keys::store_key(&setup.name, &setup.name, b"held");
     let (other, other_owner) = other_instance(&setup).await;
     other
-        .claim(std::slice::from_ref(&key), &other_owner, LONG_LEASE)
+        .claim(
+            std::slice::from_ref(&key),
+            &[],
+            &other_owner,
+            LONG_LEASE,
+            None,
+        )
         .await
         .expect("the other instance claims");
 

@@ -47,9 +47,15 @@ fn owner() -> Owner {
 /// Claims and commits `keys` in batches of 500.
 async fn remember(store: &Store, keys: &[String], window: Duration) {
     for batch in keys.chunks(500) {
-        let claimed = store.claim(batch, &owner(), LEASE).await.expect("claim");
+        let claimed = store
+            .claim(batch, &[], &owner(), LEASE, None)
+            .await
+            .expect("claim");
         assert!(claimed.iter().all(|c| *c == ClaimOutcome::Claimed));
-        store.commit(batch, &owner(), window).await.expect("commit");
+        store
+            .commit(batch, &[], &owner(), window)
+            .await
+            .expect("commit");
     }
 }
 
@@ -131,7 +137,10 @@ async fn shards_stay_listpacks_and_split_as_a_table_grows() {
     );
     // Every key is still remembered after the splits moved them.
     for batch in keys.chunks(3000) {
-        let again = store.claim(batch, &owner(), LEASE).await.expect("claim");
+        let again = store
+            .claim(batch, &[], &owner(), LEASE, None)
+            .await
+            .expect("claim");
         assert!(again.iter().all(|c| *c == ClaimOutcome::Done));
     }
 }
@@ -152,7 +161,7 @@ async fn the_sweeper_deletes_keys_whose_window_ended() {
     remember(&store, &keys, window).await;
     // Remembered for the whole window (the first batch was committed after `started`).
     let early = store
-        .claim(&keys[..10], &owner(), LEASE)
+        .claim(&keys[..10], &[], &owner(), LEASE, None)
         .await
         .expect("claim");
     if started.elapsed() < window {
@@ -184,7 +193,7 @@ async fn the_sweeper_deletes_keys_whose_window_ended() {
     .await;
     // Forgotten: the next copy is claimed again.
     let later = store
-        .claim(&keys[..100], &owner(), LEASE)
+        .claim(&keys[..100], &[], &owner(), LEASE, None)
         .await
         .expect("claim");
     assert!(later.iter().all(|c| *c == ClaimOutcome::Claimed));
@@ -226,7 +235,12 @@ async fn keys_of_the_old_layout_are_honored_until_they_expire_and_not_read_after
     };
     // Before the upgrade check has answered: read anyway, one GET per key.
     let before: String = cmd(&mut conn, &["INFO", "commandstats"]).await;
-    check(store.claim(&batch, &owner(), LEASE).await.expect("claim"));
+    check(
+        store
+            .claim(&batch, &[], &owner(), LEASE, None)
+            .await
+            .expect("claim"),
+    );
     let after: String = cmd(&mut conn, &["INFO", "commandstats"]).await;
     assert_eq!(calls(&after, "get") - calls(&before, "get"), 3);
     store.release(&batch[2..], &owner()).await.expect("release");
@@ -247,7 +261,12 @@ async fn keys_of_the_old_layout_are_honored_until_they_expire_and_not_read_after
         until > now && until <= now + 4000,
         "until {until}, now {now}"
     );
-    check(store.claim(&batch, &owner(), LEASE).await.expect("claim"));
+    check(
+        store
+            .claim(&batch, &[], &owner(), LEASE, None)
+            .await
+            .expect("claim"),
+    );
     store.release(&batch[2..], &owner()).await.expect("release");
 
     // Once they expired, claims read only the new layout: a claim of a fresh key is an HGET
@@ -266,7 +285,7 @@ async fn keys_of_the_old_layout_are_honored_until_they_expire_and_not_read_after
     let fresh_keys = ids("orders", "up", "after", 100);
     let before: String = cmd(&mut conn, &["INFO", "commandstats"]).await;
     let outcomes = store
-        .claim(&fresh_keys, &owner(), LEASE)
+        .claim(&fresh_keys, &[], &owner(), LEASE, None)
         .await
         .expect("claim");
     let after: String = cmd(&mut conn, &["INFO", "commandstats"]).await;
@@ -381,14 +400,23 @@ async fn on_a_cluster_a_batch_costs_one_call_per_table_spread_over_the_masters()
     };
     // A first batch loads the scripts on every master (NOSCRIPT, SCRIPT LOAD, again).
     let warm = ids("orders", &prefix, "warm", 100);
-    store.claim(&warm, &owner(), LEASE).await.expect("claim");
-    store.commit(&warm, &owner(), DAY).await.expect("commit");
+    store
+        .claim(&warm, &[], &owner(), LEASE, None)
+        .await
+        .expect("claim");
+    store
+        .commit(&warm, &[], &owner(), DAY)
+        .await
+        .expect("commit");
     let keys = ids("orders", &prefix, "spread", 3000);
     let (sent_before, calls_before) = (store.commands_sent(), evalsha(nodes.clone()).await);
     for batch in keys.chunks(200) {
-        store.claim(batch, &owner(), LEASE).await.expect("claim");
         store
-            .commit(batch, &owner(), Duration::from_secs(300))
+            .claim(batch, &[], &owner(), LEASE, None)
+            .await
+            .expect("claim");
+        store
+            .commit(batch, &[], &owner(), Duration::from_secs(300))
             .await
             .expect("commit");
     }

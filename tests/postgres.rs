@@ -453,12 +453,12 @@ async fn store_handle_survives_a_server_restart() {
     // Several connections in the pool, all cut by the crash.
     let batches = keys
         .chunks(10)
-        .map(|chunk| store.claim(chunk, &a, Duration::from_secs(30)));
+        .map(|chunk| store.claim(chunk, &[], &a, Duration::from_secs(30), None));
     for outcome in futures::future::join_all(batches).await {
         outcome.expect("claim");
     }
     store
-        .commit(&keys, &a, Duration::from_secs(600))
+        .commit(&keys, &[], &a, Duration::from_secs(600))
         .await
         .expect("commit");
     server.crash().await;
@@ -468,7 +468,10 @@ async fn store_handle_survives_a_server_restart() {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let mut failures = 0;
     let outcomes = loop {
-        match store.claim(&keys, &a, Duration::from_secs(30)).await {
+        match store
+            .claim(&keys, &[], &a, Duration::from_secs(30), None)
+            .await
+        {
             Ok(outcomes) => break outcomes,
             Err(e) => {
                 failures += 1;
@@ -604,10 +607,10 @@ async fn measure_postgres_bytes_per_remembered_key() {
             let keys: Vec<String> = (from..to).map(|i| format!("{prefix}:orders:{i}")).collect();
             for batch in keys.chunks(200) {
                 store
-                    .claim(batch, &a, Duration::from_secs(30))
+                    .claim(batch, &[], &a, Duration::from_secs(30), None)
                     .await
                     .expect("claim");
-                store.commit(batch, &a, window).await.expect("commit");
+                store.commit(batch, &[], &a, window).await.expect("commit");
             }
         }
     };

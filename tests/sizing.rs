@@ -83,10 +83,13 @@ async fn remember(
             .map(|_| dedupd::keys::store_key(prefix, route, uuid().as_bytes()))
             .collect();
         store
-            .claim(&keys, &owner, Duration::from_secs(30))
+            .claim(&keys, &[], &owner, Duration::from_secs(30), None)
             .await
             .expect("claim");
-        store.commit(&keys, &owner, window).await.expect("commit");
+        store
+            .commit(&keys, &[], &owner, window)
+            .await
+            .expect("commit");
         all.extend(keys);
     }
     all
@@ -142,7 +145,7 @@ async fn redis_counts_each_routes_remembered_keys_exactly() {
         .map(|_| dedupd::keys::store_key("dd", "orders", uuid().as_bytes()))
         .collect();
     store
-        .claim(&flying, &owner, Duration::from_secs(30))
+        .claim(&flying, &[], &owner, Duration::from_secs(30), None)
         .await
         .expect("claim");
     let size = store.size("dd", &routes).await.expect("size");
@@ -152,13 +155,15 @@ async fn redis_counts_each_routes_remembered_keys_exactly() {
     store
         .claim(
             std::slice::from_ref(&forgotten),
+            &[],
             &owner,
             Duration::from_secs(30),
+            None,
         )
         .await
         .expect("claim");
     store
-        .commit(std::slice::from_ref(&forgotten), &owner, DAY)
+        .commit(std::slice::from_ref(&forgotten), &[], &owner, DAY)
         .await
         .expect("commit");
     assert!(store.forget(&forgotten).await.expect("forget"));
@@ -183,7 +188,7 @@ async fn memory_store_counts_exactly_the_unexpired_keys_of_each_route() {
         .map(|i| dedupd::keys::store_key("mm", "orders", format!("inflight-{i}").as_bytes()))
         .collect();
     store
-        .claim(&inflight, &owner, Duration::from_secs(60))
+        .claim(&inflight, &[], &owner, Duration::from_secs(60), None)
         .await
         .expect("claim");
     // Expired (a 1 ms window), and another deployment's prefix: neither counts.

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use common::{OwnRedis, REDIS_URL};
 
 use dedupd::config::{StoreConfig, StoreKind, StoreUrl};
-use dedupd::store::{ClaimOutcome, CommitOutcome, KeyState, Owner, Store, StoreError};
+use dedupd::store::{BodyDigest, ClaimOutcome, CommitOutcome, KeyState, Owner, Store, StoreError};
 
 const LEASE: Duration = Duration::from_secs(30);
 const WINDOW: Duration = Duration::from_secs(60);
@@ -164,7 +164,12 @@ async fn wait_until_claimable(
     let deadline = Instant::now() + EXPIRY_DEADLINE;
     let keys = vec![key.to_owned()];
     loop {
-        let outcome = ctx.store.claim(&keys, by, LEASE).await.unwrap().remove(0);
+        let outcome = ctx
+            .store
+            .claim(&keys, &[], by, LEASE, None)
+            .await
+            .unwrap()
+            .remove(0);
         if outcome == ClaimOutcome::Claimed {
             return;
         }
@@ -183,7 +188,7 @@ async fn claim_absent_is_claimed(ctx: &Ctx) {
     let a = owner("inst-a", 1);
     let keys = ctx.keys(&["k"]);
     assert_eq!(
-        ctx.store.claim(&keys, &a, LEASE).await.unwrap(),
+        ctx.store.claim(&keys, &[], &a, LEASE, None).await.unwrap(),
         [ClaimOutcome::Claimed]
     );
 }
@@ -191,8 +196,8 @@ async fn claim_absent_is_claimed(ctx: &Ctx) {
 async fn other_instance_sees_in_flight_elsewhere(ctx: &Ctx) {
     let (a, b) = (owner("inst-a", 1), owner("inst-b", 1));
     let keys = ctx.keys(&["k"]);
-    ctx.store.claim(&keys, &a, LEASE).await.unwrap();
-    match ctx.store.claim(&keys, &b, LEASE).await.unwrap()[..] {
+    ctx.store.claim(&keys, &[], &a, LEASE, None).await.unwrap();
+    match ctx.store.claim(&keys, &[], &b, LEASE, None).await.unwrap()[..] {
         [ClaimOutcome::InFlightElsewhere { lease_left }] => {
             assert!(lease_left <= LEASE, "{lease_left:?}");
             assert!(
@@ -213,11 +218,11 @@ async fn same_token_is_ours_and_refreshes_lease(ctx: &Ctx) {
     let a = owner("inst-a", 1);
     let keys = ctx.keys(&["k"]);
     ctx.store
-        .claim(&keys, &a, Duration::from_secs(5))
+        .claim(&keys, &[], &a, Duration::from_secs(5), None)
         .await
         .unwrap();
     assert_eq!(
-        ctx.store.claim(&keys, &a, WINDOW).await.unwrap(),
+        ctx.store.claim(&keys, &[], &a, WINDOW, None).await.unwrap(),
         [ClaimOutcome::Ours]
     );
     match ctx.store.inspect(&keys[0]).await.unwrap() {
@@ -235,9 +240,15 @@ async fn older_epoch_of_same_instance_is_taken_over(ctx: &Ctx) {
     // 9 -> 10 also checks that epochs compare as numbers, not as text.
     let (old, new) = (owner("inst-a", 9), owner("inst-a", 10));
     let keys = ctx.keys(&["k"]);
-    ctx.store.claim(&keys, &old, LEASE).await.unwrap();
+    ctx.store
+        .claim(&keys, &[], &old, LEASE, None)
+        .await
+        .unwrap();
     assert_eq!(
-        ctx.store.claim(&keys, &new, LEASE).await.unwrap(),
+        ctx.store
+            .claim(&keys, &[], &new, LEASE, None)
+            .await
+            .unwrap(),
         [ClaimOutcome::TakenOver]
     );
     assert!(matches!(
@@ -246,18 +257,24 @@ async fn older_epoch_of_same_instance_is_taken_over(ctx: &Ctx) {
     ));
     // The stale epoch cannot take it back, nor commit or release it.
     assert!(matches!(
-        ctx.store.claim(&keys, &old, LEASE).await.unwrap()[..],
+        ctx.store
+            .claim(&keys, &[], &old, LEASE, None)
+            .await
+            .unwrap()[..],
         [ClaimOutcome::InFlightElsewhere { .. }]
     ));
     assert_eq!(ctx.store.release(&keys, &old).await.unwrap(), [false]);
     // An instance whose id merely starts like ours is someone else.
     let lookalike = owner("inst-a:10", 11);
     assert!(matches!(
-        ctx.store.claim(&keys, &lookalike, LEASE).await.unwrap()[..],
+        ctx.store
+            .claim(&keys, &[], &lookalike, LEASE, None)
+            .await
+            .unwrap()[..],
         [ClaimOutcome::InFlightElsewhere { .. }]
     ));
     assert_eq!(
-        ctx.store.commit(&keys, &new, WINDOW).await.unwrap(),
+        ctx.store.commit(&keys, &[], &new, WINDOW).await.unwrap(),
         [CommitOutcome::Committed]
     );
 }
@@ -265,22 +282,22 @@ async fn older_epoch_of_same_instance_is_taken_over(ctx: &Ctx) {
 async fn commit_by_owner_then_claim_is_done(ctx: &Ctx) {
     let (a, b) = (owner("inst-a", 1), owner("inst-b", 1));
     let keys = ctx.keys(&["k"]);
-    ctx.store.claim(&keys, &a, LEASE).await.unwrap();
+    ctx.store.claim(&keys, &[], &a, LEASE, None).await.unwrap();
     assert_eq!(
-        ctx.store.commit(&keys, &a, WINDOW).await.unwrap(),
+        ctx.store.commit(&keys, &[], &a, WINDOW).await.unwrap(),
         [CommitOutcome::Committed]
     );
     assert_eq!(
-        ctx.store.claim(&keys, &b, LEASE).await.unwrap(),
+        ctx.store.claim(&keys, &[], &b, LEASE, None).await.unwrap(),
         [ClaimOutcome::Done]
     );
     // Done is done for its owner too, and a second commit leaves it as it is.
     assert_eq!(
-        ctx.store.claim(&keys, &a, LEASE).await.unwrap(),
+        ctx.store.claim(&keys, &[], &a, LEASE, None).await.unwrap(),
         [ClaimOutcome::Done]
     );
     assert_eq!(
-        ctx.store.commit(&keys, &a, WINDOW).await.unwrap(),
+        ctx.store.commit(&keys, &[], &a, WINDOW).await.unwrap(),
         [CommitOutcome::DoneElsewhere]
     );
 }
@@ -291,9 +308,12 @@ async fn commit_by_owner_then_claim_is_done(ctx: &Ctx) {
 async fn commit_writes_done_whatever_it_finds(ctx: &Ctx) {
     let (a, b) = (owner("inst-a", 1), owner("inst-b", 1));
     let keys = ctx.keys(&["k", "absent"]);
-    ctx.store.claim(&keys[..1], &a, LEASE).await.unwrap();
+    ctx.store
+        .claim(&keys[..1], &[], &a, LEASE, None)
+        .await
+        .unwrap();
     assert_eq!(
-        ctx.store.commit(&keys, &b, WINDOW).await.unwrap(),
+        ctx.store.commit(&keys, &[], &b, WINDOW).await.unwrap(),
         [CommitOutcome::Overrode, CommitOutcome::Restored]
     );
     for key in &keys {
@@ -305,7 +325,7 @@ async fn commit_writes_done_whatever_it_finds(ctx: &Ctx) {
     // The overridden owner can no longer release it: the key stays done.
     assert_eq!(ctx.store.release(&keys[..1], &a).await.unwrap(), [false]);
     assert_eq!(
-        ctx.store.claim(&keys, &a, LEASE).await.unwrap(),
+        ctx.store.claim(&keys, &[], &a, LEASE, None).await.unwrap(),
         [ClaimOutcome::Done, ClaimOutcome::Done]
     );
 }
@@ -315,10 +335,22 @@ async fn renew_keeps_only_our_claims_alive(ctx: &Ctx) {
     let (a, b) = (owner("inst-a", 1), owner("inst-b", 1));
     let keys = ctx.keys(&["mine", "theirs", "done", "absent"]);
     let short = Duration::from_millis(300);
-    ctx.store.claim(&keys[..1], &a, short).await.unwrap();
-    ctx.store.claim(&keys[1..2], &b, LEASE).await.unwrap();
-    ctx.store.claim(&keys[2..3], &a, LEASE).await.unwrap();
-    ctx.store.commit(&keys[2..3], &a, WINDOW).await.unwrap();
+    ctx.store
+        .claim(&keys[..1], &[], &a, short, None)
+        .await
+        .unwrap();
+    ctx.store
+        .claim(&keys[1..2], &[], &b, LEASE, None)
+        .await
+        .unwrap();
+    ctx.store
+        .claim(&keys[2..3], &[], &a, LEASE, None)
+        .await
+        .unwrap();
+    ctx.store
+        .commit(&keys[2..3], &[], &a, WINDOW)
+        .await
+        .unwrap();
     // Renewed again and again for three times the first lease: never lapses.
     let started = Instant::now();
     while started.elapsed() < short * 3 {
@@ -329,7 +361,10 @@ async fn renew_keeps_only_our_claims_alive(ctx: &Ctx) {
         tokio::time::sleep(short / 3).await;
     }
     assert!(matches!(
-        ctx.store.claim(&keys[..1], &b, LEASE).await.unwrap()[..],
+        ctx.store
+            .claim(&keys[..1], &[], &b, LEASE, None)
+            .await
+            .unwrap()[..],
         [ClaimOutcome::InFlightElsewhere { .. }]
     ));
     assert!(matches!(
@@ -342,11 +377,11 @@ async fn renew_keeps_only_our_claims_alive(ctx: &Ctx) {
 async fn release_by_owner_then_claim_is_claimed(ctx: &Ctx) {
     let (a, b) = (owner("inst-a", 1), owner("inst-b", 1));
     let keys = ctx.keys(&["k"]);
-    ctx.store.claim(&keys, &a, LEASE).await.unwrap();
+    ctx.store.claim(&keys, &[], &a, LEASE, None).await.unwrap();
     assert_eq!(ctx.store.release(&keys, &a).await.unwrap(), [true]);
     assert_eq!(ctx.store.inspect(&keys[0]).await.unwrap(), KeyState::Absent);
     assert_eq!(
-        ctx.store.claim(&keys, &b, LEASE).await.unwrap(),
+        ctx.store.claim(&keys, &[], &b, LEASE, None).await.unwrap(),
         [ClaimOutcome::Claimed]
     );
 }
@@ -354,8 +389,14 @@ async fn release_by_owner_then_claim_is_claimed(ctx: &Ctx) {
 async fn release_by_non_owner_is_refused(ctx: &Ctx) {
     let (a, b) = (owner("inst-a", 1), owner("inst-b", 1));
     let keys = ctx.keys(&["k", "done", "absent"]);
-    ctx.store.claim(&keys[..2], &a, LEASE).await.unwrap();
-    ctx.store.commit(&keys[1..2], &a, WINDOW).await.unwrap();
+    ctx.store
+        .claim(&keys[..2], &[], &a, LEASE, None)
+        .await
+        .unwrap();
+    ctx.store
+        .commit(&keys[1..2], &[], &a, WINDOW)
+        .await
+        .unwrap();
     assert_eq!(
         ctx.store.release(&keys, &b).await.unwrap(),
         [false, false, false]
@@ -377,7 +418,7 @@ async fn lease_expiry_frees_the_key(ctx: &Ctx) {
     let key = ctx.key("k");
     let keys = std::slice::from_ref(&key);
     let lease = Duration::from_millis(200);
-    ctx.store.claim(keys, &a, lease).await.unwrap();
+    ctx.store.claim(keys, &[], &a, lease, None).await.unwrap();
     wait_until_claimable(
         ctx,
         &key,
@@ -388,7 +429,7 @@ async fn lease_expiry_frees_the_key(ctx: &Ctx) {
     // The expired owner's commit still writes it (its copy was confirmed), and says it had
     // lapsed to someone else's claim.
     assert_eq!(
-        ctx.store.commit(keys, &a, WINDOW).await.unwrap(),
+        ctx.store.commit(keys, &[], &a, WINDOW).await.unwrap(),
         [CommitOutcome::Overrode]
     );
 }
@@ -397,10 +438,10 @@ async fn window_expiry_forgets_done_keys(ctx: &Ctx) {
     let (a, b) = (owner("inst-a", 1), owner("inst-b", 1));
     let key = ctx.key("k");
     let keys = std::slice::from_ref(&key);
-    ctx.store.claim(keys, &a, LEASE).await.unwrap();
+    ctx.store.claim(keys, &[], &a, LEASE, None).await.unwrap();
     assert_eq!(
         ctx.store
-            .commit(keys, &a, Duration::from_millis(200))
+            .commit(keys, &[], &a, Duration::from_millis(200))
             .await
             .unwrap(),
         [CommitOutcome::Committed]
@@ -412,12 +453,12 @@ async fn duplicate_key_in_one_batch(ctx: &Ctx) {
     let a = owner("inst-a", 1);
     let keys = ctx.keys(&["k", "k"]);
     assert_eq!(
-        ctx.store.claim(&keys, &a, LEASE).await.unwrap(),
+        ctx.store.claim(&keys, &[], &a, LEASE, None).await.unwrap(),
         [ClaimOutcome::Claimed, ClaimOutcome::Ours]
     );
     let keys = ctx.keys(&["x", "y", "x", "x"]);
     assert_eq!(
-        ctx.store.claim(&keys, &a, LEASE).await.unwrap(),
+        ctx.store.claim(&keys, &[], &a, LEASE, None).await.unwrap(),
         [
             ClaimOutcome::Claimed,
             ClaimOutcome::Claimed,
@@ -427,7 +468,7 @@ async fn duplicate_key_in_one_batch(ctx: &Ctx) {
     );
     // Commit of a repeated key: the first wins, the later ones find it done.
     assert_eq!(
-        ctx.store.commit(&keys, &a, WINDOW).await.unwrap(),
+        ctx.store.commit(&keys, &[], &a, WINDOW).await.unwrap(),
         [
             CommitOutcome::Committed,
             CommitOutcome::Committed,
@@ -440,11 +481,20 @@ async fn duplicate_key_in_one_batch(ctx: &Ctx) {
 async fn mixed_batch_keeps_key_order(ctx: &Ctx) {
     let (a, b) = (owner("inst-a", 1), owner("inst-b", 1));
     let keys = ctx.keys(&["done", "elsewhere", "mine", "new"]);
-    ctx.store.claim(&keys[..1], &b, LEASE).await.unwrap();
-    ctx.store.commit(&keys[..1], &b, WINDOW).await.unwrap();
-    ctx.store.claim(&keys[1..2], &b, LEASE).await.unwrap();
-    ctx.store.claim(&keys[2..3], &a, LEASE).await.unwrap();
-    let outcomes = ctx.store.claim(&keys, &a, LEASE).await.unwrap();
+    ctx.store
+        .claim(&keys[..1], &[], &b, LEASE, None)
+        .await
+        .unwrap();
+    ctx.store.commit(&keys[..1], &[], &b, WINDOW).await.unwrap();
+    ctx.store
+        .claim(&keys[1..2], &[], &b, LEASE, None)
+        .await
+        .unwrap();
+    ctx.store
+        .claim(&keys[2..3], &[], &a, LEASE, None)
+        .await
+        .unwrap();
+    let outcomes = ctx.store.claim(&keys, &[], &a, LEASE, None).await.unwrap();
     assert_eq!(outcomes[0], ClaimOutcome::Done);
     assert!(matches!(
         outcomes[1],
@@ -456,8 +506,18 @@ async fn mixed_batch_keeps_key_order(ctx: &Ctx) {
 
 async fn empty_batches(ctx: &Ctx) {
     let a = owner("inst-a", 1);
-    assert!(ctx.store.claim(&[], &a, LEASE).await.unwrap().is_empty());
-    assert!(ctx.store.commit(&[], &a, WINDOW).await.unwrap().is_empty());
+    assert!(ctx
+        .store
+        .claim(&[], &[], &a, LEASE, None)
+        .await
+        .unwrap()
+        .is_empty());
+    assert!(ctx
+        .store
+        .commit(&[], &[], &a, WINDOW)
+        .await
+        .unwrap()
+        .is_empty());
     assert!(ctx.store.renew(&[], &a, LEASE).await.unwrap().is_empty());
     assert!(ctx.store.release(&[], &a).await.unwrap().is_empty());
 }
@@ -465,17 +525,17 @@ async fn empty_batches(ctx: &Ctx) {
 async fn batch_of_1000_keys(ctx: &Ctx) {
     let (a, b) = (owner("inst-a", 1), owner("inst-b", 1));
     let keys: Vec<String> = (0..1000).map(|i| ctx.key(&format!("bulk-{i}"))).collect();
-    let claimed = ctx.store.claim(&keys, &a, LEASE).await.unwrap();
+    let claimed = ctx.store.claim(&keys, &[], &a, LEASE, None).await.unwrap();
     assert_eq!(claimed.len(), 1000);
     assert!(claimed.iter().all(|o| *o == ClaimOutcome::Claimed));
     // Commit the even keys, release the odd ones.
     let even: Vec<String> = keys.iter().step_by(2).cloned().collect();
     let odd: Vec<String> = keys.iter().skip(1).step_by(2).cloned().collect();
-    let committed = ctx.store.commit(&even, &a, WINDOW).await.unwrap();
+    let committed = ctx.store.commit(&even, &[], &a, WINDOW).await.unwrap();
     assert_eq!(committed, vec![CommitOutcome::Committed; 500]);
     let released = ctx.store.release(&odd, &a).await.unwrap();
     assert_eq!(released, vec![true; 500]);
-    let again = ctx.store.claim(&keys, &b, LEASE).await.unwrap();
+    let again = ctx.store.claim(&keys, &[], &b, LEASE, None).await.unwrap();
     for (i, outcome) in again.iter().enumerate() {
         let expected = if i % 2 == 0 {
             ClaimOutcome::Done
@@ -491,7 +551,7 @@ async fn inspect_each_state(ctx: &Ctx) {
     let key = ctx.key("k");
     let keys = std::slice::from_ref(&key);
     assert_eq!(ctx.store.inspect(&key).await.unwrap(), KeyState::Absent);
-    ctx.store.claim(keys, &a, LEASE).await.unwrap();
+    ctx.store.claim(keys, &[], &a, LEASE, None).await.unwrap();
     match ctx.store.inspect(&key).await.unwrap() {
         KeyState::InFlight { owner, lease_left } => {
             assert_eq!(owner, a.token());
@@ -499,7 +559,7 @@ async fn inspect_each_state(ctx: &Ctx) {
         }
         other => panic!("{other:?}"),
     }
-    ctx.store.commit(keys, &a, WINDOW).await.unwrap();
+    ctx.store.commit(keys, &[], &a, WINDOW).await.unwrap();
     match ctx.store.inspect(&key).await.unwrap() {
         // A window ends rounded up, by at most an eighth of it.
         KeyState::Done { window_left } => {
@@ -515,21 +575,200 @@ async fn inspect_each_state(ctx: &Ctx) {
 async fn forget_deletes_whatever_is_there(ctx: &Ctx) {
     let a = owner("inst-a", 1);
     let keys = ctx.keys(&["done", "inflight"]);
-    ctx.store.claim(&keys, &a, LEASE).await.unwrap();
-    ctx.store.commit(&keys[..1], &a, WINDOW).await.unwrap();
+    ctx.store.claim(&keys, &[], &a, LEASE, None).await.unwrap();
+    ctx.store.commit(&keys[..1], &[], &a, WINDOW).await.unwrap();
     for key in &keys {
         assert!(ctx.store.forget(key).await.unwrap(), "{key}");
         assert_eq!(ctx.store.inspect(key).await.unwrap(), KeyState::Absent);
         assert!(!ctx.store.forget(key).await.unwrap(), "{key} twice");
     }
     assert_eq!(
-        ctx.store.claim(&keys, &a, LEASE).await.unwrap(),
+        ctx.store.claim(&keys, &[], &a, LEASE, None).await.unwrap(),
         [ClaimOutcome::Claimed, ClaimOutcome::Claimed]
     );
 }
 
 async fn ping_answers(ctx: &Ctx) {
     ctx.store.ping().await.unwrap();
+}
+
+fn body(text: &str) -> Option<BodyDigest> {
+    Some(BodyDigest::of(text.as_bytes()))
+}
+
+/// What is left of a done key's window, from `inspect`.
+async fn window_left(ctx: &Ctx, key: &str) -> Duration {
+    match ctx.store.inspect(key).await.unwrap() {
+        KeyState::Done { window_left } => window_left,
+        other => panic!("{key}: {other:?}"),
+    }
+}
+
+/// A done key remembers its first copy's body digest: the same body is a duplicate, another
+/// body a conflict, and a copy without a digest (or a key committed without one) cannot tell,
+/// so it is a duplicate. A second commit keeps the first digest.
+async fn conflicting_body_is_a_conflict(ctx: &Ctx) {
+    let (a, b) = (owner("inst-a", 1), owner("inst-b", 1));
+    let keys = ctx.keys(&["k", "plain"]);
+    let first = [body("first"), None];
+    ctx.store
+        .claim(&keys, &first, &a, LEASE, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        ctx.store.commit(&keys, &first, &a, WINDOW).await.unwrap(),
+        [CommitOutcome::Committed, CommitOutcome::Committed]
+    );
+    let rows = [
+        (
+            [body("first"), body("other")],
+            [ClaimOutcome::Done, ClaimOutcome::Done],
+        ),
+        (
+            [body("other"), body("first")],
+            [ClaimOutcome::Conflict, ClaimOutcome::Done],
+        ),
+        ([None, None], [ClaimOutcome::Done, ClaimOutcome::Done]),
+    ];
+    for (bodies, expected) in rows {
+        assert_eq!(
+            ctx.store
+                .claim(&keys, &bodies, &b, LEASE, None)
+                .await
+                .unwrap(),
+            expected,
+            "{bodies:?}"
+        );
+    }
+    // Outcomes follow key order in a batch that mixes both, each key twice.
+    let mixed = ctx.keys(&["k", "k", "plain", "k"]);
+    let bodies = [body("other"), body("first"), body("x"), None];
+    assert_eq!(
+        ctx.store
+            .claim(&mixed, &bodies, &b, LEASE, None)
+            .await
+            .unwrap(),
+        [
+            ClaimOutcome::Conflict,
+            ClaimOutcome::Done,
+            ClaimOutcome::Done,
+            ClaimOutcome::Done
+        ]
+    );
+    assert_eq!(
+        ctx.store
+            .commit(&keys[..1], &[body("other")], &b, WINDOW)
+            .await
+            .unwrap(),
+        [CommitOutcome::DoneElsewhere]
+    );
+    assert_eq!(
+        ctx.store
+            .claim(&keys[..1], &[body("first")], &b, LEASE, None)
+            .await
+            .unwrap(),
+        [ClaimOutcome::Done]
+    );
+    // Forgotten and committed again, the key remembers the new body.
+    assert!(ctx.store.forget(&keys[0]).await.unwrap());
+    ctx.store
+        .commit(&keys[..1], &[body("other")], &a, WINDOW)
+        .await
+        .unwrap();
+    assert_eq!(
+        ctx.store
+            .claim(&keys[..1], &[body("first")], &b, LEASE, None)
+            .await
+            .unwrap(),
+        [ClaimOutcome::Conflict]
+    );
+}
+
+/// A sliding claim moves a duplicate's window to `slide` from now, never shortens it, and
+/// leaves conflicts and fixed-window claims alone. Asked through `inspect`, so no clock needs
+/// to pass.
+async fn sliding_claim_restarts_the_window_of_duplicates(ctx: &Ctx) {
+    let a = owner("inst-a", 1);
+    let short = Duration::from_secs(2);
+    let keys = ctx.keys(&["slides", "fixed", "conflict", "long"]);
+    let bodies = [body("s"), body("f"), body("c"), body("l")];
+    ctx.store
+        .claim(&keys, &bodies, &a, LEASE, None)
+        .await
+        .unwrap();
+    ctx.store
+        .commit(&keys[..3], &bodies[..3], &a, short)
+        .await
+        .unwrap();
+    ctx.store
+        .commit(&keys[3..], &bodies[3..], &a, WINDOW)
+        .await
+        .unwrap();
+    let slide = Some(WINDOW);
+    assert_eq!(
+        ctx.store
+            .claim(&keys[..1], &bodies[..1], &a, LEASE, slide)
+            .await
+            .unwrap(),
+        [ClaimOutcome::Done]
+    );
+    assert!(window_left(ctx, &keys[0]).await > WINDOW / 2);
+    assert_eq!(
+        ctx.store
+            .claim(&keys[1..2], &bodies[1..2], &a, LEASE, None)
+            .await
+            .unwrap(),
+        [ClaimOutcome::Done]
+    );
+    assert!(window_left(ctx, &keys[1]).await <= short);
+    assert_eq!(
+        ctx.store
+            .claim(&keys[2..3], &[body("other")], &a, LEASE, slide)
+            .await
+            .unwrap(),
+        [ClaimOutcome::Conflict]
+    );
+    assert!(window_left(ctx, &keys[2]).await <= short);
+    assert_eq!(
+        ctx.store
+            .claim(&keys[3..], &bodies[3..], &a, LEASE, Some(short))
+            .await
+            .unwrap(),
+        [ClaimOutcome::Done]
+    );
+    assert!(window_left(ctx, &keys[3]).await > WINDOW / 2);
+    // A slid key stays remembered after its first window: claimed again past it, still done.
+    let key = ctx.key("slid");
+    let one = std::slice::from_ref(&key);
+    let started = Instant::now();
+    ctx.store
+        .claim(one, &[body("s")], &a, LEASE, None)
+        .await
+        .unwrap();
+    ctx.store
+        .commit(one, &[body("s")], &a, Duration::from_millis(600))
+        .await
+        .unwrap();
+    while started.elapsed() < Duration::from_millis(1500) {
+        assert_eq!(
+            ctx.store
+                .claim(
+                    one,
+                    &[body("s")],
+                    &a,
+                    LEASE,
+                    Some(Duration::from_millis(600))
+                )
+                .await
+                .unwrap(),
+            [ClaimOutcome::Done],
+            "after {:?}",
+            started.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Once copies stop coming, it is forgotten.
+    wait_until_claimable(ctx, &key, &a, |o| *o == ClaimOutcome::Done).await;
 }
 
 macro_rules! suite {
@@ -608,6 +847,8 @@ suite!(
     inspect_each_state,
     forget_deletes_whatever_is_there,
     ping_answers,
+    conflicting_body_is_a_conflict,
+    sliding_claim_restarts_the_window_of_duplicates,
 );
 
 // ---- Stores that are away ---------------------------------------------------------------
@@ -620,8 +861,8 @@ async fn every_operation_fails_within(store: &Store, timeout: Duration) {
     for _ in 0..3 {
         let started = Instant::now();
         let results: [Result<(), StoreError>; 8] = [
-            store.claim(&keys, &a, LEASE).await.map(drop),
-            store.commit(&keys, &a, WINDOW).await.map(drop),
+            store.claim(&keys, &[], &a, LEASE, None).await.map(drop),
+            store.commit(&keys, &[], &a, WINDOW).await.map(drop),
             store.renew(&keys, &a, LEASE).await.map(drop),
             store.release(&keys, &a).await.map(drop),
             store.inspect(&keys[0]).await.map(drop),
@@ -666,7 +907,9 @@ async fn claims_time_out_on_a_silent_server(
     let keys = vec!["dedupd-test-silent:r:k".to_owned()];
     for _ in 0..3 {
         let started = Instant::now();
-        let result = store.claim(&keys, &owner("inst-a", 1), LEASE).await;
+        let result = store
+            .claim(&keys, &[], &owner("inst-a", 1), LEASE, None)
+            .await;
         assert!(result.as_ref().is_err_and(&timed_out), "{result:?}");
         assert!(
             started.elapsed() < timeout + Duration::from_secs(1),
@@ -721,12 +964,15 @@ async fn redis_noscript_recovery() {
     };
     let keys = ctx.keys(&["a", "b", "a"]);
     assert_eq!(
-        ctx.store.claim(&keys[..1], &a, LEASE).await.unwrap(),
+        ctx.store
+            .claim(&keys[..1], &[], &a, LEASE, None)
+            .await
+            .unwrap(),
         [ClaimOutcome::Claimed]
     );
     flush().await;
     assert_eq!(
-        ctx.store.claim(&keys, &a, LEASE).await.unwrap(),
+        ctx.store.claim(&keys, &[], &a, LEASE, None).await.unwrap(),
         [
             ClaimOutcome::Ours,
             ClaimOutcome::Claimed,
@@ -735,7 +981,7 @@ async fn redis_noscript_recovery() {
     );
     flush().await;
     assert_eq!(
-        ctx.store.commit(&keys[..1], &a, WINDOW).await.unwrap(),
+        ctx.store.commit(&keys[..1], &[], &a, WINDOW).await.unwrap(),
         [CommitOutcome::Committed]
     );
     flush().await;
@@ -763,7 +1009,7 @@ async fn claim_when_up(store: &Store, key: &str, by: &Owner) -> ClaimOutcome {
     let deadline = Instant::now() + Duration::from_secs(10);
     let keys = vec![key.to_owned()];
     loop {
-        match store.claim(&keys, by, LEASE).await {
+        match store.claim(&keys, &[], by, LEASE, None).await {
             Ok(mut outcomes) => return outcomes.remove(0),
             Err(e) => assert!(Instant::now() < deadline, "store still down: {e}"),
         }
@@ -802,7 +1048,7 @@ async fn redis_comes_up_later_and_restarts() {
     );
     assert_eq!(
         store
-            .commit(&["dedupd-test:k2".to_owned()], &a, WINDOW)
+            .commit(&["dedupd-test:k2".to_owned()], &[], &a, WINDOW)
             .await
             .unwrap(),
         [CommitOutcome::Committed]
@@ -821,7 +1067,10 @@ async fn cluster_noscript_recovery() {
     };
     let a = owner("inst-a", 1);
     let keys: Vec<String> = (0..50).map(|i| ctx.key(&format!("k{i}"))).collect();
-    ctx.store.claim(&keys[..1], &a, LEASE).await.unwrap();
+    ctx.store
+        .claim(&keys[..1], &[], &a, LEASE, None)
+        .await
+        .unwrap();
     let client = ::redis::cluster::ClusterClient::new(urls.clone()).unwrap();
     let mut conn = client.get_async_connection().await.unwrap();
     // Routed to every primary by redis-rs.
@@ -830,12 +1079,12 @@ async fn cluster_noscript_recovery() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    let outcomes = ctx.store.claim(&keys, &a, LEASE).await.unwrap();
+    let outcomes = ctx.store.claim(&keys, &[], &a, LEASE, None).await.unwrap();
     assert_eq!(outcomes[0], ClaimOutcome::Ours);
     assert!(outcomes[1..].iter().all(|o| *o == ClaimOutcome::Claimed));
     assert!(ctx
         .store
-        .commit(&keys, &a, WINDOW)
+        .commit(&keys, &[], &a, WINDOW)
         .await
         .unwrap()
         .iter()
@@ -863,7 +1112,7 @@ async fn cluster_unreachable_fails_fast_and_open_does_not() {
     for _ in 0..3 {
         let started = Instant::now();
         assert!(store
-            .claim(&keys, &owner("inst-a", 1), LEASE)
+            .claim(&keys, &[], &owner("inst-a", 1), LEASE, None)
             .await
             .is_err());
         assert!(store.ping().await.is_err());
@@ -1023,7 +1272,10 @@ async fn postgres_racing_instances_claim_each_key_once() {
             }
             let by = owner(&format!("inst-{n}"), 1);
             async move {
-                let outcomes = store.claim(&mine, &by, LEASE).await.expect("claim");
+                let outcomes = store
+                    .claim(&mine, &[], &by, LEASE, None)
+                    .await
+                    .expect("claim");
                 let mut by_key: Vec<(String, ClaimOutcome)> =
                     mine.into_iter().zip(outcomes).collect();
                 by_key.sort_by(|a, b| a.0.cmp(&b.0));
@@ -1059,10 +1311,22 @@ async fn postgres_sweeper_deletes_expired_rows() {
     let a = owner("inst-a", 1);
     let keys: Vec<String> = (0..300).map(|i| ctx.key(&format!("k{i}"))).collect();
     let short = Duration::from_millis(200);
-    ctx.store.claim(&keys[..200], &a, short).await.unwrap();
-    ctx.store.claim(&keys[200..], &a, LEASE).await.unwrap();
-    ctx.store.commit(&keys[..100], &a, short).await.unwrap();
-    ctx.store.commit(&keys[250..], &a, WINDOW).await.unwrap();
+    ctx.store
+        .claim(&keys[..200], &[], &a, short, None)
+        .await
+        .unwrap();
+    ctx.store
+        .claim(&keys[200..], &[], &a, LEASE, None)
+        .await
+        .unwrap();
+    ctx.store
+        .commit(&keys[..100], &[], &a, short)
+        .await
+        .unwrap();
+    ctx.store
+        .commit(&keys[250..], &[], &a, WINDOW)
+        .await
+        .unwrap();
     assert_eq!(pg_rows(&ctx.prefix).await, 300);
 
     let tracker = tokio_util::task::TaskTracker::new();
@@ -1111,18 +1375,21 @@ async fn postgres_size_counts_each_route() {
     let routes: Vec<String> = ["orders", "payments", "idle"].map(String::from).to_vec();
     let before = ctx.store.size(&ctx.prefix, &routes).await.unwrap();
     assert_eq!(before.keys, [0, 0, 0]);
-    ctx.store.claim(&of("orders", 30), &a, LEASE).await.unwrap();
     ctx.store
-        .commit(&of("orders", 20), &a, WINDOW)
+        .claim(&of("orders", 30), &[], &a, LEASE, None)
         .await
         .unwrap();
     ctx.store
-        .claim(&of("payments", 7), &a, LEASE)
+        .commit(&of("orders", 20), &[], &a, WINDOW)
+        .await
+        .unwrap();
+    ctx.store
+        .claim(&of("payments", 7), &[], &a, LEASE, None)
         .await
         .unwrap();
     let expired = of("payments", 12)[7..].to_vec();
     ctx.store
-        .commit(&expired, &a, Duration::from_millis(1))
+        .commit(&expired, &[], &a, Duration::from_millis(1))
         .await
         .unwrap();
     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -1169,7 +1436,13 @@ async fn postgres_reads_create_no_table() {
     assert!(!exists().await, "a read created the table");
     assert_eq!(
         ctx.store
-            .claim(std::slice::from_ref(&key), &owner("inst-a", 1), LEASE)
+            .claim(
+                std::slice::from_ref(&key),
+                &[],
+                &owner("inst-a", 1),
+                LEASE,
+                None
+            )
             .await
             .unwrap(),
         [ClaimOutcome::Claimed]
@@ -1191,8 +1464,14 @@ async fn postgres_batches_never_read_the_whole_table() {
         (0..200).map(|i| ctx.key(&format!("{round}-{i}"))).collect()
     };
     for round in 0..10 {
-        ctx.store.claim(&batch(round), &a, LEASE).await.unwrap();
-        ctx.store.commit(&batch(round), &a, WINDOW).await.unwrap();
+        ctx.store
+            .claim(&batch(round), &[], &a, LEASE, None)
+            .await
+            .unwrap();
+        ctx.store
+            .commit(&batch(round), &[], &a, WINDOW)
+            .await
+            .unwrap();
     }
     // Emptied without a sequential scan of its own, and vacuumed.
     let admin = pg_admin().await;
@@ -1205,16 +1484,19 @@ async fn postgres_batches_never_read_the_whole_table() {
     }
     for round in 10..30 {
         let keys = batch(round);
-        ctx.store.claim(&keys, &a, LEASE).await.unwrap();
+        ctx.store.claim(&keys, &[], &a, LEASE, None).await.unwrap();
         ctx.store.renew(&keys[..100], &a, LEASE).await.unwrap();
         ctx.store.release(&keys[100..], &a).await.unwrap();
-        ctx.store.commit(&keys[..100], &a, WINDOW).await.unwrap();
+        ctx.store
+            .commit(&keys[..100], &[], &a, WINDOW)
+            .await
+            .unwrap();
         ctx.store.inspect(&keys[0]).await.unwrap();
     }
     // One more insert last: a session's statistics reach the others (within seconds) all at
     // once, so once this row is counted, every statement before it is.
     ctx.store
-        .claim(&ctx.keys(&["last"]), &a, LEASE)
+        .claim(&ctx.keys(&["last"]), &[], &a, LEASE, None)
         .await
         .unwrap();
     let inserted = 10 * 200 + 20 * 200 + 1;
@@ -1253,13 +1535,13 @@ async fn postgres_dropped_table_is_created_again() {
     let a = owner("inst-a", 1);
     let keys = ctx.keys(&["k"]);
     assert_eq!(
-        ctx.store.claim(&keys, &a, LEASE).await.unwrap(),
+        ctx.store.claim(&keys, &[], &a, LEASE, None).await.unwrap(),
         [ClaimOutcome::Claimed]
     );
     cleanup_postgres(&ctx.prefix).await;
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match ctx.store.claim(&keys, &a, LEASE).await {
+        match ctx.store.claim(&keys, &[], &a, LEASE, None).await {
             Ok(outcomes) => {
                 assert_eq!(outcomes, [ClaimOutcome::Claimed]);
                 break;
@@ -1306,7 +1588,13 @@ async fn postgres_without_create_privilege_says_what_to_run() {
     );
     assert!(error.contains("may not create it"), "{error}");
     let claim = store
-        .claim(&[format!("{prefix}:r:k")], &owner("inst-a", 1), LEASE)
+        .claim(
+            &[format!("{prefix}:r:k")],
+            &[],
+            &owner("inst-a", 1),
+            LEASE,
+            None,
+        )
         .await;
     assert!(claim.is_err(), "{claim:?}");
     let sql = error
@@ -1328,7 +1616,13 @@ async fn postgres_without_create_privilege_says_what_to_run() {
         .expect("usable once the administrator ran it");
     assert_eq!(
         store
-            .claim(&[format!("{prefix}:r:k")], &owner("inst-a", 1), LEASE)
+            .claim(
+                &[format!("{prefix}:r:k")],
+                &[],
+                &owner("inst-a", 1),
+                LEASE,
+                None
+            )
             .await
             .unwrap(),
         [ClaimOutcome::Claimed]
@@ -1429,15 +1723,18 @@ async fn embedded_reopened_remembers_done_keys_and_drops_claims() {
     let (a, b) = (owner("inst-a", 1), owner("inst-b", 1));
     let done: Vec<String> = (0..300).map(|i| ctx.key(&format!("done-{i}"))).collect();
     let flying = ctx.keys(&["flying-1", "flying-2"]);
-    ctx.store.claim(&done, &a, LEASE).await.unwrap();
-    ctx.store.commit(&done, &a, WINDOW).await.unwrap();
-    ctx.store.claim(&flying, &a, LEASE).await.unwrap();
+    ctx.store.claim(&done, &[], &a, LEASE, None).await.unwrap();
+    ctx.store.commit(&done, &[], &a, WINDOW).await.unwrap();
+    ctx.store
+        .claim(&flying, &[], &a, LEASE, None)
+        .await
+        .unwrap();
     drop(ctx.store);
 
     let store = Store::open(&embedded_config(&ctx.prefix, dir))
         .await
         .expect("reopen");
-    let again = store.claim(&done, &b, LEASE).await.unwrap();
+    let again = store.claim(&done, &[], &b, LEASE, None).await.unwrap();
     assert!(again.iter().all(|o| *o == ClaimOutcome::Done), "{again:?}");
     match store.inspect(&done[0]).await.unwrap() {
         KeyState::Done { window_left } => assert!(
@@ -1447,7 +1744,7 @@ async fn embedded_reopened_remembers_done_keys_and_drops_claims() {
         other => panic!("{other:?}"),
     }
     assert_eq!(
-        store.claim(&flying, &b, LEASE).await.unwrap(),
+        store.claim(&flying, &[], &b, LEASE, None).await.unwrap(),
         [ClaimOutcome::Claimed, ClaimOutcome::Claimed]
     );
     let size = store.size(&ctx.prefix, &["r".to_owned()]).await.unwrap();
@@ -1470,9 +1767,9 @@ async fn embedded_same_path_twice_in_one_process_shares_the_store() {
         .expect("second open in the same process");
     let (a, b) = (owner("inst-a", 1), owner("inst-b", 1));
     let keys = ctx.keys(&["k", "d"]);
-    ctx.store.claim(&keys, &a, LEASE).await.unwrap();
-    ctx.store.commit(&keys[1..], &a, WINDOW).await.unwrap();
-    let outcomes = second.claim(&keys, &b, LEASE).await.unwrap();
+    ctx.store.claim(&keys, &[], &a, LEASE, None).await.unwrap();
+    ctx.store.commit(&keys[1..], &[], &a, WINDOW).await.unwrap();
+    let outcomes = second.claim(&keys, &[], &b, LEASE, None).await.unwrap();
     assert!(
         matches!(
             outcomes[..],
@@ -1512,13 +1809,13 @@ async fn embedded_sweeper_removes_expired_keys() {
     let a = owner("inst-a", 1);
     let short: Vec<String> = (0..500).map(|i| ctx.key(&format!("short-{i}"))).collect();
     let long: Vec<String> = (0..100).map(|i| ctx.key(&format!("long-{i}"))).collect();
-    ctx.store.claim(&short, &a, LEASE).await.unwrap();
+    ctx.store.claim(&short, &[], &a, LEASE, None).await.unwrap();
     ctx.store
-        .commit(&short, &a, Duration::from_millis(200))
+        .commit(&short, &[], &a, Duration::from_millis(200))
         .await
         .unwrap();
-    ctx.store.claim(&long, &a, LEASE).await.unwrap();
-    ctx.store.commit(&long, &a, WINDOW).await.unwrap();
+    ctx.store.claim(&long, &[], &a, LEASE, None).await.unwrap();
+    ctx.store.commit(&long, &[], &a, WINDOW).await.unwrap();
     let routes = ["r".to_owned()];
     assert_eq!(
         ctx.store.size(&ctx.prefix, &routes).await.unwrap().keys,
@@ -1543,7 +1840,7 @@ async fn embedded_sweeper_removes_expired_keys() {
         assert!(Instant::now() < deadline, "still {keys:?} keys on disk");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let again = ctx.store.claim(&long, &a, LEASE).await.unwrap();
+    let again = ctx.store.claim(&long, &[], &a, LEASE, None).await.unwrap();
     assert!(again.iter().all(|o| *o == ClaimOutcome::Done));
     shutdown.cancel();
     tokio::time::timeout(Duration::from_secs(10), tracker.wait())
@@ -1560,14 +1857,14 @@ async fn embedded_racing_claims_and_commits() {
     let ctx = embedded_ctx("race").await;
     let (a, b) = (owner("inst-a", 1), owner("inst-b", 1));
     let keys: Vec<String> = (0..2000).map(|i| ctx.key(&format!("k{i}"))).collect();
-    let claimed = ctx.store.claim(&keys, &a, LEASE).await.unwrap();
+    let claimed = ctx.store.claim(&keys, &[], &a, LEASE, None).await.unwrap();
     assert!(claimed.iter().all(|o| *o == ClaimOutcome::Claimed));
 
     let committer = {
         let (store, keys, a) = (ctx.store.clone(), keys.clone(), a.clone());
         tokio::spawn(async move {
             for batch in keys.chunks(200) {
-                let outcomes = store.commit(batch, &a, WINDOW).await.unwrap();
+                let outcomes = store.commit(batch, &[], &a, WINDOW).await.unwrap();
                 assert!(outcomes.iter().all(|o| *o == CommitOutcome::Committed));
             }
         })
@@ -1575,7 +1872,7 @@ async fn embedded_racing_claims_and_commits() {
     let mut rounds = 0;
     while !committer.is_finished() {
         for batch in keys.chunks(200) {
-            for outcome in ctx.store.claim(batch, &b, LEASE).await.unwrap() {
+            for outcome in ctx.store.claim(batch, &[], &b, LEASE, None).await.unwrap() {
                 assert!(
                     matches!(
                         outcome,
@@ -1589,7 +1886,7 @@ async fn embedded_racing_claims_and_commits() {
     }
     committer.await.expect("committer");
     println!("{rounds} rounds of claims raced the commits");
-    let after = ctx.store.claim(&keys, &b, LEASE).await.unwrap();
+    let after = ctx.store.claim(&keys, &[], &b, LEASE, None).await.unwrap();
     assert!(after.iter().all(|o| *o == ClaimOutcome::Done));
 
     let fresh: Vec<String> = (0..2000).map(|i| ctx.key(&format!("f{i}"))).collect();
@@ -1600,7 +1897,7 @@ async fn embedded_racing_claims_and_commits() {
                 let by = owner(&format!("racer-{i}"), 1);
                 let mut outcomes = Vec::new();
                 for batch in keys.chunks(100) {
-                    outcomes.extend(store.claim(batch, &by, LEASE).await.unwrap());
+                    outcomes.extend(store.claim(batch, &[], &by, LEASE, None).await.unwrap());
                 }
                 outcomes
             })

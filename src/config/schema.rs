@@ -245,6 +245,24 @@ pub struct Route {
     /// Default `"enforce"`.
     #[serde(default)]
     pub mode: Mode,
+    /// `"fixed"`: a key is remembered for `window` from its first copy's commit; `"sliding"`:
+    /// every duplicate restarts its key's window. Default `"fixed"`.
+    #[serde(default)]
+    pub window_mode: WindowMode,
+    /// A copy whose key is remembered with a different body: `"drop"` it as a duplicate,
+    /// `"forward"` it as another message, or `"reject"` it to the queue's dead-letter
+    /// exchange. Always counted in `dedupd_conflicts_total`. Default `"drop"`.
+    #[serde(default)]
+    pub on_conflict: OnConflict,
+    /// An exchange on the downstream broker that receives every dropped duplicate and
+    /// conflict unchanged, plus headers `x-dedupd-route` and `x-dedupd-reason`, confirmed
+    /// before the upstream ack. Default `""`: dropped copies are only acked.
+    #[serde(default)]
+    pub duplicates_exchange: String,
+    /// A header that carries the dedup key on every forwarded copy, for idempotent consumers.
+    /// Default `""`: copies are forwarded byte for byte.
+    #[serde(default)]
+    pub stamp_header: String,
 }
 
 /// `routes.NAME.key`: `message_id`, `header:NAME`, `body`, `json:/pointer`.
@@ -305,6 +323,30 @@ pub enum Mode {
     Enforce,
     /// Forward everything, count what would have been dropped.
     Observe,
+}
+
+/// `routes.NAME.window_mode`
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum WindowMode {
+    /// The window counts from the commit of the key's first copy.
+    #[default]
+    Fixed,
+    /// Each duplicate restarts the window: a key stays remembered while copies keep coming.
+    Sliding,
+}
+
+/// `routes.NAME.on_conflict`
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum OnConflict {
+    /// Drop it (ack) as a duplicate.
+    #[default]
+    Drop,
+    /// Forward it: it is another message that reused the key.
+    Forward,
+    /// Nack without requeue, so the queue's dead-letter exchange receives it.
+    Reject,
 }
 
 fn default_prefetch() -> u16 {

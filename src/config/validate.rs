@@ -247,6 +247,7 @@ fn routes(c: &Config) -> Result<(), ConfigError> {
         if route.exchange.is_empty() {
             default_exchange_route(route, &key, same_broker)?;
         }
+        audit_and_stamp(route, &key)?;
         check_duration(
             &key("window"),
             route.window,
@@ -301,6 +302,41 @@ fn route_names_fit(route: &Route, key: &dyn Fn(&str) -> String) -> Result<(), Co
     if let KeySpec::Header(header) = &route.key {
         // A longer header name cannot occur in a message: every message would miss it.
         check_shortstr(&key("key"), header, "header names")?;
+    }
+    Ok(())
+}
+
+/// `duplicates_exchange` must not be where the route forwards to (duplicates would reach the
+/// consumers after all), and `stamp_header` must not overwrite the header the key is read from.
+fn audit_and_stamp(route: &Route, key: &dyn Fn(&str) -> String) -> Result<(), ConfigError> {
+    let audit = route.duplicates_exchange.as_str();
+    check_shortstr(&key("duplicates_exchange"), audit, "exchange names")?;
+    if !audit.is_empty() && audit == route.exchange {
+        return Err(invalid(
+            key("duplicates_exchange"),
+            format!(
+                "{audit:?} is also the route's exchange: duplicates would be delivered to the \
+                 consumers they are kept from; name a separate exchange for them (or \"\" to \
+                 only drop them)"
+            ),
+        ));
+    }
+    let stamp = route.stamp_header.as_str();
+    check_shortstr(&key("stamp_header"), stamp, "header names")?;
+    if !stamp.is_empty() && stamp.trim() != stamp {
+        return Err(invalid(
+            key("stamp_header"),
+            format!("{stamp:?} has leading or trailing spaces: name the header without them"),
+        ));
+    }
+    if matches!(&route.key, KeySpec::Header(h) if h == stamp) {
+        return Err(invalid(
+            key("stamp_header"),
+            format!(
+                "{stamp:?} is the header the key is read from (key = \"header:{stamp}\"): \
+                 stamping would overwrite the producer's value; pick another header name"
+            ),
+        ));
     }
     Ok(())
 }
@@ -925,6 +961,58 @@ mod tests {
                 .replace("routing_key = \"orders.out\"", ""),
         )
         .unwrap();
+    }
+
+    #[test]
+    fn audit_exchange_and_stamp_header_rules() {
+        let rk = "routing_key = \"orders.out\"";
+        let with = |extra: &str| format!("{rk}\n{extra}");
+        refused(
+            "exchange = \"\"",
+            "exchange = \"out\"\nduplicates_exchange = \"out\"",
+            "routes.orders.duplicates_exchange",
+            "separate exchange",
+        );
+        refused(
+            rk,
+            &with(&format!("duplicates_exchange = {:?}", "d".repeat(256))),
+            "routes.orders.duplicates_exchange",
+            "255",
+        );
+        refused(
+            rk,
+            &with("key = \"header:x-id\"\nstamp_header = \"x-id\""),
+            "routes.orders.stamp_header",
+            "overwrite",
+        );
+        refused(
+            rk,
+            &with("stamp_header = \" x-key\""),
+            "routes.orders.stamp_header",
+            "spaces",
+        );
+        let ok = parse(&BASE.replace(
+            rk,
+            &with(
+                "duplicates_exchange = \"dups\"\nstamp_header = \"x-dedup-key\"\n\
+                 window_mode = \"sliding\"\non_conflict = \"reject\"",
+            ),
+        ))
+        .unwrap();
+        let route = &ok.routes["orders"];
+        assert_eq!(route.duplicates_exchange, "dups");
+        assert_eq!(route.stamp_header, "x-dedup-key");
+        assert_eq!(route.window_mode, crate::config::WindowMode::Sliding);
+        assert_eq!(route.on_conflict, crate::config::OnConflict::Reject);
+        let defaults = parse(BASE).unwrap();
+        let route = &defaults.routes["orders"];
+        assert_eq!(route.window_mode, crate::config::WindowMode::Fixed);
+        assert_eq!(route.on_conflict, crate::config::OnConflict::Drop);
+        assert!(route.duplicates_exchange.is_empty() && route.stamp_header.is_empty());
+        let unknown = parse(&BASE.replace(rk, &with("on_conflict = \"keep\"")))
+            .unwrap_err()
+            .to_string();
+        assert!(unknown.contains("forward"), "{unknown}");
     }
 
     /// Values no operator means, each refused with its bounds and the reason for them; short

@@ -5,14 +5,14 @@
 //! | rule | facts | decides |
 //! |---|---|---|
 //! | [`on_key`] | key derived?, `on_missing_key`, headers too deep? | claim, forward unclaimed, or reject |
-//! | [`on_claim`] | store's answer, mode, redelivered, first copy here? | forward (possible duplicate?), drop, hold here, hold for another owner |
+//! | [`on_claim`] | store's answer, mode, `on_conflict`, redelivered, first copy here? | forward (possible duplicate?), drop, forward or reject a conflict, hold here, hold for another owner |
 //! | [`on_confirm`] | intake's fate, broker's confirm | ack / requeue / reject upstream, commit / release in the store |
 //! | [`commit_verdict`] | what a commit found, retried? | fine, lapsed, possible duplicate |
 //! | [`ack_plan`] | acked tags, lowest held tag | one `multiple` ack, or single acks |
 
 use std::time::Duration;
 
-use crate::config::OnMissingKey;
+use crate::config::{OnConflict, OnMissingKey};
 use crate::store::{ClaimOutcome, CommitOutcome};
 use crate::telemetry::reason;
 
@@ -24,8 +24,18 @@ pub(super) enum Fate {
     Publish { claim: Option<u64> },
     /// A duplicate of a key already done: ack.
     Duplicate,
+    /// A dropped copy (its reason: `"duplicate"` or `"conflict"`) published to the route's
+    /// `duplicates_exchange`: ack once confirmed, requeue if not.
+    Audit(&'static str),
     /// Nack without requeue, so the queue's dead-letter exchange receives it.
     Reject(&'static str),
+}
+
+impl Fate {
+    /// Whether a copy is published: forwarded, or audited.
+    pub(super) fn publishes(self) -> bool {
+        matches!(self, Fate::Publish { .. } | Fate::Audit(_))
+    }
 }
 
 /// What to do with a delivery before any store round trip.
@@ -59,6 +69,8 @@ pub(super) struct ClaimFacts {
     pub outcome: ClaimOutcome,
     /// `mode = "observe"`: forward everything, count duplicates.
     pub observe: bool,
+    /// `on_conflict`: what a copy that finds its key remembered with another body becomes.
+    pub on_conflict: OnConflict,
     /// Redelivered by the broker, and not one that this session requeued itself after a
     /// publish that certainly did not arrive (nacked, returned).
     pub redelivered_unvouched: bool,
@@ -74,8 +86,13 @@ pub(super) enum ClaimDecision {
     Forward { takeover: bool },
     /// Observe mode: publish unclaimed and count a duplicate.
     ForwardObserved,
-    /// A duplicate of a done key: count it and ack.
+    /// A duplicate of a done key (or a conflict, `on_conflict = "drop"`): count it and ack.
     Drop,
+    /// A conflict with `on_conflict = "forward"`: another message, published without a claim
+    /// (the key stays remembered for its first copy).
+    ForwardConflict,
+    /// A conflict with `on_conflict = "reject"`: nack without requeue.
+    RejectConflict,
     /// The first copy is in flight here: hold until it settles.
     HoldHere,
     /// Another owner has it in flight: hold, and look again within `lease_left`.
@@ -83,11 +100,13 @@ pub(super) enum ClaimDecision {
 }
 
 /// `Ours` with no first copy here is a leftover (a claim that timed out but was applied, a
-/// failed release): as good as a fresh claim.
+/// failed release): as good as a fresh claim. A conflict under `on_conflict = "drop"` is a
+/// duplicate; observe mode forwards every conflict too.
 pub(super) fn on_claim(facts: ClaimFacts) -> ClaimDecision {
-    let outcome = match facts.outcome {
-        ClaimOutcome::Ours if !facts.first_copy_here => ClaimOutcome::Claimed,
-        other => other,
+    let outcome = match (facts.outcome, facts.on_conflict) {
+        (ClaimOutcome::Ours, _) if !facts.first_copy_here => ClaimOutcome::Claimed,
+        (ClaimOutcome::Conflict, OnConflict::Drop) => ClaimOutcome::Done,
+        (other, _) => other,
     };
     match outcome {
         ClaimOutcome::Claimed => ClaimDecision::Forward {
@@ -96,6 +115,11 @@ pub(super) fn on_claim(facts: ClaimFacts) -> ClaimDecision {
         ClaimOutcome::TakenOver => ClaimDecision::Forward { takeover: true },
         ClaimOutcome::Done if facts.observe => ClaimDecision::ForwardObserved,
         ClaimOutcome::Done => ClaimDecision::Drop,
+        ClaimOutcome::Conflict if facts.observe => ClaimDecision::ForwardConflict,
+        ClaimOutcome::Conflict => match facts.on_conflict {
+            OnConflict::Reject => ClaimDecision::RejectConflict,
+            OnConflict::Forward | OnConflict::Drop => ClaimDecision::ForwardConflict,
+        },
         ClaimOutcome::Ours | ClaimOutcome::InFlightElsewhere { .. } if facts.observe => {
             ClaimDecision::ForwardObserved
         }
@@ -165,6 +189,23 @@ pub(super) fn on_confirm(fate: Fate, confirmed: Confirmed) -> Settle {
     match (fate, confirmed) {
         (Fate::Duplicate, _) => settle(Settlement::Ack, StoreStep::Nothing, false, false),
         (Fate::Reject(why), _) => settle(Settlement::Reject(why), StoreStep::Nothing, false, false),
+        // An audit copy is published like any copy, so it fails like one: requeued to be
+        // audited again, or rejected when nothing is bound to the audit exchange.
+        (Fate::Audit(_), Confirmed::Acked) => {
+            settle(Settlement::Ack, StoreStep::Nothing, false, false)
+        }
+        (Fate::Audit(_), Confirmed::Returned) => settle(
+            Settlement::Reject(reason::UNROUTABLE),
+            StoreStep::Nothing,
+            false,
+            false,
+        ),
+        (Fate::Audit(_), Confirmed::Nacked) => {
+            settle(Settlement::Requeue, StoreStep::Nothing, false, false)
+        }
+        (Fate::Audit(_), Confirmed::Unknown | Confirmed::NotPublished) => {
+            settle(Settlement::Requeue, StoreStep::Nothing, false, false)
+        }
         (Fate::Publish { .. }, Confirmed::Acked) => {
             settle(Settlement::Ack, StoreStep::Commit, true, false)
         }
@@ -256,8 +297,43 @@ mod tests {
         ClaimFacts {
             outcome,
             observe: false,
+            on_conflict: OnConflict::Drop,
             redelivered_unvouched: false,
             first_copy_here: false,
+        }
+    }
+
+    #[test]
+    fn on_claim_conflict_every_row() {
+        use ClaimDecision::*;
+        // (on_conflict, observe) -> decision; redelivery and local claims do not matter.
+        let rows = [
+            (OnConflict::Drop, false, Drop),
+            (OnConflict::Drop, true, ForwardObserved),
+            (OnConflict::Forward, false, ForwardConflict),
+            (OnConflict::Forward, true, ForwardConflict),
+            (OnConflict::Reject, false, RejectConflict),
+            (OnConflict::Reject, true, ForwardConflict),
+        ];
+        for (on_conflict, observe, expected) in rows {
+            for (redelivered, here) in [(false, false), (true, true)] {
+                let f = ClaimFacts {
+                    on_conflict,
+                    observe,
+                    redelivered_unvouched: redelivered,
+                    first_copy_here: here,
+                    ..facts(ClaimOutcome::Conflict)
+                };
+                assert_eq!(on_claim(f), expected, "{on_conflict:?} observe={observe}");
+            }
+        }
+        // on_conflict changes nothing for a duplicate.
+        for on_conflict in [OnConflict::Forward, OnConflict::Reject] {
+            let f = ClaimFacts {
+                on_conflict,
+                ..facts(ClaimOutcome::Done)
+            };
+            assert_eq!(on_claim(f), Drop);
         }
     }
 
@@ -407,6 +483,21 @@ mod tests {
                 on_confirm(Fate::Reject(reason::MISSING_KEY), confirmed),
                 row(Reject(reason::MISSING_KEY), Nothing, false, false)
             );
+        }
+        // An audit copy is acked only once the audit exchange confirmed it.
+        let audit = Fate::Audit("duplicate");
+        let rows = [
+            (Acked, row(Ack, Nothing, false, false)),
+            (
+                Returned,
+                row(Reject(reason::UNROUTABLE), Nothing, false, false),
+            ),
+            (Nacked, row(Requeue, Nothing, false, false)),
+            (Unknown, row(Requeue, Nothing, false, false)),
+            (NotPublished, row(Requeue, Nothing, false, false)),
+        ];
+        for (confirmed, expected) in rows {
+            assert_eq!(on_confirm(audit, confirmed), expected, "{confirmed:?}");
         }
     }
 

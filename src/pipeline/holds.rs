@@ -185,6 +185,7 @@ mod tests {
 
     fn incoming(tag: u64) -> Incoming {
         Incoming {
+            body: None,
             delivery: Delivery::mock(tag, "".into(), "q".into(), false, Vec::new()),
             received: Instant::now(),
             key: Some("k".into()),

@@ -27,9 +27,19 @@ use super::holds::Book;
 use super::{Batch, Incoming, Item, SessionError, Shared};
 use crate::amqp;
 use crate::backoff::Backoff;
-use crate::config::{Mode, OnStoreError};
+use crate::config::{KeySpec, Mode, OnStoreError, WindowMode};
 use crate::keys;
-use crate::store::ClaimOutcome;
+use crate::store::{BodyDigest, ClaimOutcome};
+
+/// Headers added to a copy published to `duplicates_exchange`: the route that dropped it, and
+/// why ([`AUDIT_DUPLICATE`] or [`AUDIT_CONFLICT`]).
+pub const AUDIT_ROUTE_HEADER: &str = "x-dedupd-route";
+/// See [`AUDIT_ROUTE_HEADER`].
+pub const AUDIT_REASON_HEADER: &str = "x-dedupd-reason";
+/// `x-dedupd-reason` of a duplicate: same key, same body (or a body not remembered).
+pub const AUDIT_DUPLICATE: &str = "duplicate";
+/// `x-dedupd-reason` of a conflict dropped with `on_conflict = "drop"`: same key, other body.
+pub const AUDIT_CONFLICT: &str = "conflict";
 
 /// With this many batches awaiting confirms, intake lets deliveries accumulate a little.
 const BUSY_BATCHES: usize = 2;
@@ -44,6 +54,8 @@ pub(super) struct Intake<'a> {
     /// The consumer tag, to cancel it on shutdown.
     pub tag: ShortString,
     pub exchange: ShortString,
+    /// `routes.NAME.duplicates_exchange`.
+    pub audit_exchange: ShortString,
     /// `routes.NAME.routing_key`; `None`: each message's own.
     pub routing_key: Option<ShortString>,
     /// The downstream user: RabbitMQ refuses any other `user_id`.
@@ -203,6 +215,7 @@ impl<'a> Intake<'a> {
         shared.unsettled.fetch_add(1, Ordering::Relaxed);
         Ok(Incoming {
             key: None,
+            body: None,
             rechecks: 0,
             received: Instant::now(),
             delivery,
@@ -216,19 +229,19 @@ impl<'a> Intake<'a> {
         shutdown: &CancellationToken,
     ) -> Option<Vec<Item>> {
         let fates = self.derive_keys(&mut batch);
-        let keys: Vec<String> = batch
+        let (keys, bodies): (Vec<String>, Vec<Option<BodyDigest>>) = batch
             .iter()
             .zip(&fates)
             .filter(|(_, f)| f.is_none())
-            .filter_map(|(i, _)| i.key.clone())
-            .collect();
+            .filter_map(|(i, _)| Some((i.key.clone()?, i.body)))
+            .unzip();
         // Keys in flight here when the claim goes out: an `Ours` answer for them means "still
         // in flight" even if the first copy finished while the claim was on the wire.
         let was_local: Vec<bool> = {
             let book = self.shared.holds.lock();
             keys.iter().map(|k| book.is_local(k)).collect()
         };
-        let claimed = self.claim_batch(&keys, shutdown).await;
+        let claimed = self.claim_batch(&keys, &bodies, shutdown).await;
         let outcomes = match claimed {
             Claimed::Outcomes(outcomes) => Some(outcomes.into_iter().zip(was_local)),
             Claimed::FailOpen => None,
@@ -260,6 +273,10 @@ impl<'a> Intake<'a> {
             let fate = match fate::on_key(derived.is_ok(), route.on_missing_key, too_deep) {
                 KeyStep::Claim => {
                     incoming.key = derived.ok().map(|id| store_key(&id));
+                    // A key that is the body's hash cannot conflict: no second digest of it.
+                    if route.key != KeySpec::Body {
+                        incoming.body = Some(BodyDigest::of(&d.data));
+                    }
                     None
                 }
                 KeyStep::ClaimBodyHash => {
@@ -296,17 +313,25 @@ impl<'a> Intake<'a> {
     }
 
     /// **Claims** the batch's keys in one store round trip, retrying while the store is down
-    /// with `on_error = "block"`.
-    async fn claim_batch(&mut self, keys: &[String], shutdown: &CancellationToken) -> Claimed {
+    /// with `on_error = "block"`. With a sliding window, the claim also restarts the window of
+    /// each duplicate's key.
+    async fn claim_batch(
+        &mut self,
+        keys: &[String],
+        bodies: &[Option<BodyDigest>],
+        shutdown: &CancellationToken,
+    ) -> Claimed {
         if keys.is_empty() {
             return Claimed::Outcomes(Vec::new());
         }
         let ctx = self.shared.ctx;
+        let slide = (ctx.route.window_mode == WindowMode::Sliding).then_some(ctx.route.window);
         loop {
+            let owner = &self.shared.owner;
             match self
                 .shared
                 .store
-                .claim(keys, &self.shared.owner, ctx.lease)
+                .claim(keys, bodies, owner, ctx.lease, slide)
                 .await
             {
                 Ok(outcomes) => {
@@ -359,11 +384,18 @@ impl<'a> Intake<'a> {
         now: Instant,
     ) -> Option<(Incoming, Fate)> {
         let metrics = self.shared.metrics;
+        let route = &self.shared.ctx.route;
         let key = incoming.key.clone().unwrap_or_default();
+        let conflict = outcome == ClaimOutcome::Conflict;
+        if conflict {
+            metrics.conflicts.increment(1);
+            self.log_conflict(&key);
+        }
         let mut book = self.shared.holds.lock();
         let facts = ClaimFacts {
             outcome,
-            observe: self.shared.ctx.route.mode == Mode::Observe,
+            observe: route.mode == Mode::Observe,
+            on_conflict: route.on_conflict,
             redelivered_unvouched: incoming.delivery.redelivered && !book.take_certainly_lost(&key),
             first_copy_here: was_local || book.is_local(&key),
         };
@@ -382,8 +414,14 @@ impl<'a> Intake<'a> {
             }
             ClaimDecision::Drop => {
                 metrics.duplicates.increment(1);
-                Fate::Duplicate
+                match (route.duplicates_exchange.is_empty(), conflict) {
+                    (true, _) => Fate::Duplicate,
+                    (false, false) => Fate::Audit(AUDIT_DUPLICATE),
+                    (false, true) => Fate::Audit(AUDIT_CONFLICT),
+                }
             }
+            ClaimDecision::ForwardConflict => Fate::Publish { claim: None },
+            ClaimDecision::RejectConflict => Fate::Reject(crate::telemetry::reason::CONFLICT),
             ClaimDecision::HoldHere => {
                 hold_here(&mut book, &key, incoming, &self.shared.holds.wake);
                 return None;
@@ -396,7 +434,8 @@ impl<'a> Intake<'a> {
         Some((incoming, fate))
     }
 
-    /// Starts every publish of the batch at once, in order, and keeps the confirm futures.
+    /// Starts every publish of the batch at once, in order, and keeps the confirm futures:
+    /// forwarded copies to the route's exchange, dropped ones to its `duplicates_exchange`.
     async fn publish(&self, items: Vec<(Incoming, Fate)>) -> Vec<Item> {
         let mut items: Vec<Item> = items
             .into_iter()
@@ -406,10 +445,7 @@ impl<'a> Intake<'a> {
                 published: None,
             })
             .collect();
-        if !items
-            .iter()
-            .any(|item| matches!(item.fate, Fate::Publish { .. }))
-        {
+        if !items.iter().any(|item| item.fate.publishes()) {
             return items;
         }
         let options = BasicPublishOptions {
@@ -418,26 +454,27 @@ impl<'a> Intake<'a> {
         };
         let publishes: Vec<_> = items
             .iter_mut()
-            .filter(|item| matches!(item.fate, Fate::Publish { .. }))
+            .filter(|item| item.fate.publishes())
             .map(|item| {
-                let props = self.outgoing_properties(&mut item.incoming.delivery);
+                let props = self.outgoing_properties(&mut item.incoming, item.fate);
                 let d = &item.incoming.delivery;
-                let routing_key = self
-                    .routing_key
-                    .clone()
-                    .unwrap_or_else(|| d.routing_key.clone());
-                self.ch_out.basic_publish(
-                    self.exchange.clone(),
-                    routing_key,
-                    options,
-                    &d.data,
-                    props,
-                )
+                let (exchange, routing_key) = match item.fate {
+                    // Audited copies keep their own routing key, so an operator can bind by it.
+                    Fate::Audit(_) => (self.audit_exchange.clone(), d.routing_key.clone()),
+                    _ => (
+                        self.exchange.clone(),
+                        self.routing_key
+                            .clone()
+                            .unwrap_or_else(|| d.routing_key.clone()),
+                    ),
+                };
+                self.ch_out
+                    .basic_publish(exchange, routing_key, options, &d.data, props)
             })
             .collect();
         let mut results = self.written(publishes).await.into_iter();
         for item in &mut items {
-            if matches!(item.fate, Fate::Publish { .. }) {
+            if item.fate.publishes() {
                 item.published = results.next();
             }
         }
@@ -464,9 +501,22 @@ impl<'a> Intake<'a> {
     }
 
     /// The delivery's properties for the copy, taken out of it (the delivery is not
-    /// published twice). RabbitMQ refuses a `user_id` other than the connection's user.
-    fn outgoing_properties(&self, delivery: &mut Delivery) -> BasicProperties {
-        let props = std::mem::take(&mut delivery.properties);
+    /// published twice): an audited copy gains `x-dedupd-route` and `x-dedupd-reason`, a
+    /// forwarded one its key in `stamp_header` when that is set. RabbitMQ refuses a `user_id`
+    /// other than the connection's user.
+    fn outgoing_properties(&self, incoming: &mut Incoming, fate: Fate) -> BasicProperties {
+        let mut props = std::mem::take(&mut incoming.delivery.properties);
+        let route = &self.shared.ctx.route;
+        match (fate, &incoming.key) {
+            (Fate::Audit(reason), _) => {
+                props = amqp::with_header(props, AUDIT_ROUTE_HEADER, &self.shared.ctx.name);
+                props = amqp::with_header(props, AUDIT_REASON_HEADER, reason);
+            }
+            (Fate::Publish { .. }, Some(key)) if !route.stamp_header.is_empty() => {
+                props = amqp::with_header(props, &route.stamp_header, self.stamp_of(key));
+            }
+            _ => {}
+        }
         if props
             .user_id()
             .as_ref()
@@ -477,6 +527,24 @@ impl<'a> Intake<'a> {
             return amqp::without_user_id(props);
         }
         props
+    }
+
+    /// The key as the store holds it, without `{prefix}:{route}:`: the id itself, or `#` and
+    /// the hex of its hash when the id is long or not UTF-8 (see `keys::store_key`).
+    fn stamp_of<'k>(&self, key: &'k str) -> &'k str {
+        let ctx = self.shared.ctx;
+        let head = ctx.key_prefix.len() + ctx.name.len() + 2;
+        key.get(head..).unwrap_or(key)
+    }
+
+    /// One line per [`super::LOG_EVERY`] at most: a producer that reuses ids does it often.
+    /// The key itself only at debug level: ids can carry customer data.
+    fn log_conflict(&self, key: &str) {
+        let route = &self.shared.ctx.route;
+        if let Some(suppressed) = self.shared.logs.conflict.allow() {
+            tracing::warn!(on_conflict = ?route.on_conflict, suppressed, "a message reused the key of a remembered message with a different body (a producer reusing ids?); counted in dedupd_conflicts_total");
+        }
+        tracing::debug!(key = self.stamp_of(key), "conflicting key");
     }
 }
 

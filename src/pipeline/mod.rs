@@ -54,7 +54,7 @@ use crate::backoff::Backoff;
 use crate::config::{OnStoreError, Route, Tuning};
 use crate::error_chain;
 use crate::store::watched::WatchedStore;
-use crate::store::{Owner, Store};
+use crate::store::{BodyDigest, Owner, Store};
 use crate::telemetry::{HealthFlag, RouteMetrics};
 use crate::throttle::Throttle;
 
@@ -235,6 +235,7 @@ async fn run_stages(
         ch_out: &links.ch_out,
         tag: tag.into(),
         exchange: ctx.route.exchange.as_str().into(),
+        audit_exchange: ctx.route.duplicates_exchange.as_str().into(),
         routing_key: ctx.route.routing_key.as_deref().map(ShortString::from),
         user: ctx.downstream.username(),
         store_backoff: Backoff::new(ctx.tuning.backoff_min, ctx.tuning.backoff_max),
@@ -332,6 +333,7 @@ struct RouteLogs {
     unroutable: Throttle,
     rejected: Throttle,
     commit: Throttle,
+    conflict: Throttle,
 }
 
 impl Default for RouteLogs {
@@ -341,6 +343,7 @@ impl Default for RouteLogs {
             unroutable: Throttle::new(LOG_EVERY),
             rejected: Throttle::new(LOG_EVERY),
             commit: Throttle::new(LOG_EVERY),
+            conflict: Throttle::new(LOG_EVERY),
         }
     }
 }
@@ -397,6 +400,9 @@ struct Incoming {
     received: Instant,
     /// The store key; `None` forwards without dedup.
     key: Option<String>,
+    /// The body's digest, remembered with the key to tell conflicts from duplicates; `None`
+    /// when the key is the body's hash already.
+    body: Option<BodyDigest>,
     /// How often it was found in flight elsewhere (spaces out the rechecks).
     rechecks: u32,
 }

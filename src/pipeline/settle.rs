@@ -16,12 +16,17 @@ use tokio_util::sync::CancellationToken;
 use super::fate::{self, AckPlan, CommitVerdict, Confirmed, Settle, Settlement, StoreStep};
 use super::{Batch, Item, SessionError, Shared};
 use crate::backoff::Backoff;
+use crate::store::BodyDigest;
 
 /// One batch's decisions, gathered for the store and the acks.
 #[derive(Default)]
 struct Outcome {
     settlements: Vec<Settlement>,
     commit: Vec<String>,
+    /// The body digest of each key in `commit`.
+    commit_bodies: Vec<Option<BodyDigest>>,
+    /// Audit copies the audit exchange confirmed.
+    audited: u64,
     release: Vec<String>,
     /// Keys whose copies certainly did not arrive (their redelivery is no takeover).
     certainly_lost: Vec<String>,
@@ -54,7 +59,7 @@ pub(super) async fn settle(
         let outcome = decide(shared, &items, confirms);
         log_outcome(shared, &outcome);
         if !outcome.commit.is_empty() {
-            commit_until_done(shared, &outcome.commit).await;
+            commit_until_done(shared, &outcome.commit, &outcome.commit_bodies).await;
         }
         if outcome.nacked > 0 {
             let delay = nack_backoff.next_delay();
@@ -141,7 +146,10 @@ fn decide(
         {
             out.finished.push((key.clone(), claim));
             match store {
-                StoreStep::Commit => out.commit.push(key.clone()),
+                StoreStep::Commit => {
+                    out.commit.push(key.clone());
+                    out.commit_bodies.push(item.incoming.body);
+                }
                 StoreStep::Release => out.release.push(key.clone()),
                 StoreStep::Nothing => {}
             }
@@ -152,6 +160,9 @@ fn decide(
         if forwarded {
             shared.metrics.forwarded.increment(1);
         }
+        if matches!(item.fate, fate::Fate::Audit(_)) && confirmed == Confirmed::Acked {
+            out.audited += 1;
+        }
         match confirmed {
             Confirmed::Nacked => out.nacked += 1,
             Confirmed::Returned => {
@@ -161,7 +172,7 @@ fn decide(
                     Some((reply.to_owned(), routing_key.to_owned()))
                 });
             }
-            Confirmed::Unknown if matches!(item.fate, fate::Fate::Publish { .. }) => {
+            Confirmed::Unknown if item.fate.publishes() => {
                 out.unknown += 1;
                 out.first_error = out.first_error.take().or(detail);
             }
@@ -187,6 +198,7 @@ fn log_outcome(shared: &Shared<'_>, outcome: &Outcome) {
             tracing::warn!(messages = outcome.nacked, suppressed, "downstream nacked publishes (a full queue with x-overflow = reject-publish?): requeueing them upstream after a backoff");
         }
     }
+    shared.metrics.audited.increment(outcome.audited);
     if outcome.unknown > 0 {
         let error = outcome.first_error.as_deref().unwrap_or("not published");
         tracing::warn!(messages = outcome.unknown, %error, "publish outcome unknown: requeueing upstream (they may arrive twice)");
@@ -222,14 +234,14 @@ async fn update_store(
 /// Commits until the store answers: a confirmed message must never be released, or a later
 /// copy would be forwarded again. Commit writes the key whatever it holds (see the store docs);
 /// what it found says whether a second copy may have gone out.
-async fn commit_until_done(shared: &Shared<'_>, keys: &[String]) {
+async fn commit_until_done(shared: &Shared<'_>, keys: &[String], bodies: &[Option<BodyDigest>]) {
     let ctx = shared.ctx;
     let mut backoff = Backoff::new(ctx.tuning.backoff_min, ctx.tuning.backoff_max);
     let mut retried = false;
     loop {
         if let Ok(outcomes) = shared
             .store
-            .commit(keys, &shared.owner, ctx.route.window)
+            .commit(keys, bodies, &shared.owner, ctx.route.window)
             .await
         {
             let (mut lapsed, mut contested) = (0u64, 0u64);

@@ -61,7 +61,10 @@ use std::mem::size_of;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, Weak};
 use std::time::{Duration, Instant};
 
-use super::{is_older_epoch_of, ClaimOutcome, CommitOutcome, KeyState, Owner, StoreSize};
+use super::{
+    body_at, done_or_conflict, is_older_epoch_of, BodyDigest, ClaimOutcome, CommitOutcome,
+    KeyState, Owner, StoreSize,
+};
 
 /// How often expired entries are swept. Lazy expiry keeps reads exact in between; this only
 /// bounds how long dead entries hold memory.
@@ -87,7 +90,28 @@ const GROUP_WIDTH: u64 = 16;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Digest([u8; 16]);
 
-const _: () = assert!(size_of::<(Digest, u32)>() == 20);
+const _: () = assert!(size_of::<(Digest, Done)>() == 28);
+
+/// A done key: the tick it expires at, and its first copy's body digest (all zero: none).
+/// Bytes, not a `u64`, so the slot is not padded to 8-byte alignment.
+#[derive(Debug, Clone, Copy)]
+struct Done {
+    expiry: u32,
+    body: [u8; 8],
+}
+
+impl Done {
+    fn new(expiry: u32, body: Option<BodyDigest>) -> Self {
+        Self {
+            expiry,
+            body: body.map_or([0; 8], BodyDigest::to_bytes),
+        }
+    }
+
+    fn body(&self) -> Option<BodyDigest> {
+        BodyDigest::from_u64(u64::from_be_bytes(self.body))
+    }
+}
 
 impl Digest {
     fn of(key: &str) -> Self {
@@ -156,8 +180,8 @@ struct Table {
 
 #[derive(Default)]
 struct Shard {
-    /// Done keys and the tick they expire at.
-    done: Slots<u32>,
+    /// Done keys, the tick they expire at and their body digests.
+    done: Slots<Done>,
     /// Claims in flight.
     claims: Slots<Claim>,
 }
@@ -277,29 +301,49 @@ impl MemoryStore {
     }
 
     /// See `Store::claim`. Keys are handled in order, so a repeated key sees the earlier one.
-    pub fn claim(&self, keys: &[String], owner: &Owner, lease: Duration) -> Vec<ClaimOutcome> {
+    pub fn claim(
+        &self,
+        keys: &[String],
+        bodies: &[Option<BodyDigest>],
+        owner: &Owner,
+        lease: Duration,
+        slide: Option<Duration>,
+    ) -> Vec<ClaimOutcome> {
         let now = self.inner.now(Instant::now());
-        let expires_at = deadline(now.at, lease);
+        let step = ClaimStep {
+            owner,
+            now,
+            expires_at: deadline(now.at, lease),
+            slide_to: slide.map(|window| now.expiry(window)),
+        };
         keys.iter()
-            .map(|key| {
+            .enumerate()
+            .map(|(i, key)| {
                 let digest = Digest::of(key);
                 let table = self.inner.table(key);
                 let mut shard = table.lock(&digest);
-                shard.claim(digest, owner, now, expires_at)
+                shard.claim(digest, body_at(bodies, i), &step)
             })
             .collect()
     }
 
     /// See `Store::commit`.
-    pub fn commit(&self, keys: &[String], owner: &Owner, window: Duration) -> Vec<CommitOutcome> {
+    pub fn commit(
+        &self,
+        keys: &[String],
+        bodies: &[Option<BodyDigest>],
+        owner: &Owner,
+        window: Duration,
+    ) -> Vec<CommitOutcome> {
         let now = self.inner.now(Instant::now());
         let expiry = now.expiry(window);
         keys.iter()
-            .map(|key| {
+            .enumerate()
+            .map(|(i, key)| {
                 let digest = Digest::of(key);
                 let table = self.inner.table(key);
                 let mut shard = table.lock(&digest);
-                shard.commit(digest, owner, now, expiry)
+                shard.commit(digest, owner, now, Done::new(expiry, body_at(bodies, i)))
             })
             .collect()
     }
@@ -349,7 +393,7 @@ impl MemoryStore {
         };
         let digest = Digest::of(key);
         let shard = table.lock(&digest);
-        if let Some(&expiry) = shard.done.map.get(&digest) {
+        if let Some(&Done { expiry, .. }) = shard.done.map.get(&digest) {
             if now.is_live(expiry) {
                 return KeyState::Done {
                     window_left: now.window_left(expiry),
@@ -377,7 +421,7 @@ impl MemoryStore {
             .done
             .map
             .remove(&digest)
-            .is_some_and(|expiry| now.is_live(expiry));
+            .is_some_and(|done| now.is_live(done.expiry));
         let claimed = shard
             .claims
             .map
@@ -481,7 +525,7 @@ impl Inner {
         for (_, table) in self.tables() {
             for shard in table.shards.iter() {
                 let mut shard = lock(shard);
-                shard.done.map.retain(|_, &mut expiry| now.is_live(expiry));
+                shard.done.map.retain(|_, done| now.is_live(done.expiry));
                 shard
                     .claims
                     .map
@@ -502,7 +546,7 @@ impl Table {
                 .done
                 .map
                 .values()
-                .filter(|&&expiry| now.is_live(expiry))
+                .filter(|done| now.is_live(done.expiry))
                 .count() as u64;
             bytes += shard.done.bytes() + shard.claims.bytes();
             for claim in shard.claims.map.values() {
@@ -516,18 +560,37 @@ impl Table {
     }
 }
 
+/// What every key of one claim call shares.
+struct ClaimStep<'a> {
+    owner: &'a Owner,
+    now: Now,
+    /// The lease's end for a new claim.
+    expires_at: Instant,
+    /// Sliding window: the expiry a duplicate's key is moved to.
+    slide_to: Option<u32>,
+}
+
 impl Shard {
     /// Done first, then in flight: the decisions of the Redis claim script.
     fn claim(
         &mut self,
         digest: Digest,
-        owner: &Owner,
-        now: Now,
-        expires_at: Instant,
+        body: Option<BodyDigest>,
+        step: &ClaimStep,
     ) -> ClaimOutcome {
-        if let Some(&expiry) = self.done.map.get(&digest) {
-            if now.is_live(expiry) {
-                return ClaimOutcome::Done;
+        let ClaimStep {
+            owner,
+            now,
+            expires_at,
+            slide_to,
+        } = *step;
+        if let Some(done) = self.done.map.get_mut(&digest) {
+            if now.is_live(done.expiry) {
+                let outcome = done_or_conflict(done.body(), body);
+                if let (ClaimOutcome::Done, Some(slide_to)) = (&outcome, slide_to) {
+                    done.expiry = done.expiry.max(slide_to);
+                }
+                return outcome;
             }
             // Expired: absent, and the claim below takes its place.
             self.done.map.remove(&digest);
@@ -557,12 +620,12 @@ impl Shard {
     }
 
     /// Leaves the key done whatever it holds, except that a done key keeps its window.
-    fn commit(&mut self, digest: Digest, owner: &Owner, now: Now, expiry: u32) -> CommitOutcome {
+    fn commit(&mut self, digest: Digest, owner: &Owner, now: Now, done: Done) -> CommitOutcome {
         if self
             .done
             .map
             .get(&digest)
-            .is_some_and(|&expiry| now.is_live(expiry))
+            .is_some_and(|done| now.is_live(done.expiry))
         {
             return CommitOutcome::DoneElsewhere;
         }
@@ -576,7 +639,7 @@ impl Shard {
             }
             _ => CommitOutcome::Restored,
         };
-        self.done.insert(digest, expiry);
+        self.done.insert(digest, done);
         outcome
     }
 }
@@ -696,20 +759,29 @@ mod tests {
                 let mut shard = Shard::default();
                 let lease = base + offset + Duration::from_secs(30);
                 assert_eq!(
-                    shard.commit(digest, &a, committed, expiry),
+                    shard.commit(digest, &a, committed, Done::new(expiry, None)),
                     CommitOutcome::Restored
                 );
                 let just_before = store
                     .inner
                     .now(base + offset + window - Duration::from_nanos(1));
+                let step = |now| ClaimStep {
+                    owner: &b,
+                    now,
+                    expires_at: lease,
+                    slide_to: None,
+                };
                 assert_eq!(
-                    shard.claim(digest, &b, just_before, lease),
+                    shard.claim(digest, None, &step(just_before)),
                     ClaimOutcome::Done
                 );
                 let left = just_before.window_left(expiry);
                 assert!(left <= TICK, "{left:?} left just before the window ends");
                 let past = store.inner.now(base + offset + window + window / 8);
-                assert_eq!(shard.claim(digest, &b, past, lease), ClaimOutcome::Claimed);
+                assert_eq!(
+                    shard.claim(digest, None, &step(past)),
+                    ClaimOutcome::Claimed
+                );
             }
         }
     }
@@ -758,10 +830,10 @@ mod tests {
         ]);
         use ClaimOutcome::{Claimed, Ours};
         assert_eq!(
-            store.claim(&keys, &a, Duration::from_secs(30)),
+            store.claim(&keys, &[], &a, Duration::from_secs(30), None),
             [Claimed, Claimed, Claimed, Claimed, Claimed, Claimed, Ours]
         );
-        store.commit(&keys[..1], &a, Duration::from_secs(60));
+        store.commit(&keys[..1], &[], &a, Duration::from_secs(60));
         assert_eq!(store.inner.route_tables(), ["orders", "payments"]);
         let routes = strings(&["orders", "payments", "idle", "orders"]);
         assert_eq!(store.size("dd:x", &routes).keys, [2, 1, 0, 2]);
@@ -793,9 +865,9 @@ mod tests {
         let store = MemoryStore::new("dd");
         let a = owner("inst-a", 1);
         let keys: Vec<String> = (0..300).map(|i| format!("dd:r:{i}")).collect();
-        store.claim(&keys, &a, Duration::from_secs(30));
-        store.commit(&keys[..100], &a, Duration::from_secs(60));
-        store.commit(&keys[100..200], &a, Duration::from_millis(1));
+        store.claim(&keys, &[], &a, Duration::from_secs(30), None);
+        store.commit(&keys[..100], &[], &a, Duration::from_secs(60));
+        store.commit(&keys[100..200], &[], &a, Duration::from_millis(1));
         let routes = strings(&["r"]);
         let deadline = Instant::now() + Duration::from_secs(5);
         while store.size("dd", &routes).keys != [200] {
@@ -837,8 +909,8 @@ mod tests {
         let a = owner("inst-a", 1);
         let keys: Vec<String> = (0..50_000).map(|i| format!("dd:r:{i}")).collect();
         for batch in keys.chunks(500) {
-            store.claim(batch, &a, Duration::from_secs(30));
-            store.commit(batch, &a, Duration::from_secs(60));
+            store.claim(batch, &[], &a, Duration::from_secs(30), None);
+            store.commit(batch, &[], &a, Duration::from_secs(60));
         }
         let bytes = store.size("dd", &strings(&["r"])).memory_bytes;
         let per_key = bytes as f64 / 50_000.0;
@@ -877,8 +949,10 @@ mod tests {
                     s.spawn(move || {
                         store.claim(
                             keys,
+                            &[],
                             &owner(&format!("inst-{i}"), 1),
                             Duration::from_secs(30),
+                            None,
                         )
                     })
                 })
@@ -903,10 +977,10 @@ mod tests {
         let a = owner("inst-a", 1);
         let short: Vec<String> = (0..100).map(|i| format!("dd:r:short-{i}")).collect();
         let long = strings(&["dd:r:long", "dd:r:long-done", "other-long"]);
-        store.claim(&short, &a, Duration::from_millis(10));
-        store.claim(&long, &a, Duration::from_secs(60));
-        store.commit(&short[..50], &a, Duration::from_millis(10));
-        store.commit(&long[1..2], &a, Duration::from_secs(60));
+        store.claim(&short, &[], &a, Duration::from_millis(10), None);
+        store.claim(&long, &[], &a, Duration::from_secs(60), None);
+        store.commit(&short[..50], &[], &a, Duration::from_millis(10));
+        store.commit(&long[1..2], &[], &a, Duration::from_secs(60));
         assert_eq!(store.inner.entries(), 103);
 
         store
@@ -942,8 +1016,8 @@ mod tests {
         drop(inner);
         let a = owner("inst-a", 1);
         let keys: Vec<String> = (0..10).map(|i| format!("dd:r:k{i}")).collect();
-        store.claim(&keys, &a, Duration::from_millis(1));
-        store.commit(&keys[..5], &a, Duration::from_millis(1));
+        store.claim(&keys, &[], &a, Duration::from_millis(1), None);
+        store.commit(&keys[..5], &[], &a, Duration::from_millis(1));
 
         let deadline = Instant::now() + Duration::from_secs(5);
         while store.inner.entries() > 0 {

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use metrics::Counter;
 
-use super::{ClaimOutcome, CommitOutcome, Owner, Store, StoreError};
+use super::{BodyDigest, ClaimOutcome, CommitOutcome, Owner, Store, StoreError};
 use crate::config::OnStoreError;
 use crate::error_chain;
 use crate::telemetry::HealthFlag;
@@ -76,20 +76,25 @@ impl WatchedStore {
     pub async fn claim(
         &self,
         keys: &[String],
+        bodies: &[Option<BodyDigest>],
         owner: &Owner,
         lease: Duration,
+        slide: Option<Duration>,
     ) -> Result<Vec<ClaimOutcome>, StoreError> {
-        self.watch(Op::Claim, self.store.claim(keys, owner, lease).await)
+        let claimed = self.store.claim(keys, bodies, owner, lease, slide).await;
+        self.watch(Op::Claim, claimed)
     }
 
     /// See [`Store::commit`].
     pub async fn commit(
         &self,
         keys: &[String],
+        bodies: &[Option<BodyDigest>],
         owner: &Owner,
         window: Duration,
     ) -> Result<Vec<CommitOutcome>, StoreError> {
-        self.watch(Op::Commit, self.store.commit(keys, owner, window).await)
+        let committed = self.store.commit(keys, bodies, owner, window).await;
+        self.watch(Op::Commit, committed)
     }
 
     /// See [`Store::release`].

@@ -22,6 +22,11 @@ pub const CONSUMED: &str = "dedupd_messages_consumed_total";
 pub const FORWARDED: &str = "dedupd_messages_forwarded_total";
 /// Duplicates dropped (enforce) or seen (observe), per route.
 pub const DUPLICATES: &str = "dedupd_duplicates_total";
+/// Copies whose key was remembered with a different body (whatever `on_conflict` did), per
+/// route.
+pub const CONFLICTS: &str = "dedupd_conflicts_total";
+/// Dropped copies published to the route's `duplicates_exchange` and confirmed there, per route.
+pub const AUDITED: &str = "dedupd_duplicates_audited_total";
 /// Messages nacked without requeue, per route and reason.
 pub const REJECTED: &str = "dedupd_messages_rejected_total";
 /// Claims taken over from a dead owner (possible duplicates), per route.
@@ -64,6 +69,8 @@ pub mod reason {
     pub const MISSING_KEY: &str = "missing_key";
     /// The downstream broker returned the message (no queue bound).
     pub const UNROUTABLE: &str = "unroutable";
+    /// Same key as a remembered message, different body, and `on_conflict = "reject"`.
+    pub const CONFLICT: &str = "conflict";
     /// Not a rejection: forwarded without a `user_id` the downstream user may not set.
     pub const USER_ID_STRIPPED: &str = "user_id_stripped";
     /// dedupd cannot handle the message safely: headers nested deeper than
@@ -76,6 +83,8 @@ pub struct RouteMetrics {
     pub consumed: Counter,
     pub forwarded: Counter,
     pub duplicates: Counter,
+    pub conflicts: Counter,
+    pub audited: Counter,
     pub takeovers: Counter,
     pub store_errors: Counter,
     pub rejected_missing_key: Counter,
@@ -95,6 +104,8 @@ impl RouteMetrics {
             consumed: ::metrics::counter!(CONSUMED, "route" => r.clone()),
             forwarded: ::metrics::counter!(FORWARDED, "route" => r.clone()),
             duplicates: ::metrics::counter!(DUPLICATES, "route" => r.clone()),
+            conflicts: ::metrics::counter!(CONFLICTS, "route" => r.clone()),
+            audited: ::metrics::counter!(AUDITED, "route" => r.clone()),
             takeovers: ::metrics::counter!(TAKEOVERS, "route" => r.clone()),
             store_errors: ::metrics::counter!(STORE_ERRORS, "route" => r.clone()),
             rejected_missing_key: ::metrics::counter!(REJECTED, "route" => r.clone(), "reason" => reason::MISSING_KEY),
@@ -154,7 +165,18 @@ fn describe() {
     use metrics::{describe_counter, describe_gauge, describe_histogram, Unit};
     describe_counter!(CONSUMED, "Upstream deliveries received");
     describe_counter!(FORWARDED, "Messages published downstream and confirmed");
-    describe_counter!(DUPLICATES, "Duplicates dropped (enforce) or seen (observe)");
+    describe_counter!(
+        DUPLICATES,
+        "Duplicates dropped (enforce) or seen (observe), conflicts dropped with on_conflict = drop included"
+    );
+    describe_counter!(
+        CONFLICTS,
+        "Copies whose key was remembered with a different body, whatever on_conflict did with them"
+    );
+    describe_counter!(
+        AUDITED,
+        "Dropped copies published to the route's duplicates_exchange and confirmed"
+    );
     describe_counter!(REJECTED, "Messages nacked without requeue, by reason");
     describe_counter!(
         TAKEOVERS,

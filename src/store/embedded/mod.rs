@@ -144,7 +144,7 @@ use std::time::{Duration, Instant};
 use self::claims::{digest, Claims, Digest};
 use self::disk::{Disk, OpenError};
 use super::layout::{self, route_of, tick_to_ms};
-use super::{ClaimOutcome, CommitOutcome, KeyState, Owner, StoreError, StoreSize};
+use super::{BodyDigest, ClaimOutcome, CommitOutcome, KeyState, Owner, StoreError, StoreSize};
 use crate::config::StoreConfig;
 
 /// The embedded store. Cloning shares the open file.
@@ -304,8 +304,10 @@ impl EmbeddedStore {
     pub async fn claim(
         &self,
         keys: &[String],
+        _bodies: &[Option<BodyDigest>],
         owner: &Owner,
         lease: Duration,
+        _slide: Option<Duration>,
     ) -> Result<Vec<ClaimOutcome>, StoreError> {
         let (keys, owner) = (keys.to_vec(), owner.clone());
         self.blocking(move |shared, prefix| {
@@ -333,6 +335,7 @@ impl EmbeddedStore {
     pub async fn commit(
         &self,
         keys: &[String],
+        _bodies: &[Option<BodyDigest>],
         owner: &Owner,
         window: Duration,
     ) -> Result<Vec<CommitOutcome>, StoreError> {
@@ -649,7 +652,7 @@ mod tests {
         {
             let _stuck = store.shared.lock_claims();
             let started = Instant::now();
-            let result = store.claim(&keys, &owner, lease).await;
+            let result = store.claim(&keys, &[], &owner, lease, None).await;
             assert!(
                 matches!(result, Err(StoreError::Timeout(t)) if t == timeout),
                 "{result:?}"
@@ -658,7 +661,10 @@ mod tests {
         }
         // The timed-out claim went through once the lock was free: its outcome was unknown
         // to the caller, and the key is ours.
-        let again = store.claim(&keys, &owner, lease).await.expect("claim");
+        let again = store
+            .claim(&keys, &[], &owner, lease, None)
+            .await
+            .expect("claim");
         assert!(
             matches!(again[..], [ClaimOutcome::Ours] | [ClaimOutcome::Claimed]),
             "{again:?}"
@@ -689,12 +695,18 @@ mod tests {
         let lease = Duration::from_secs(30);
         let done = vec!["dd:r:done".to_owned()];
         let flying = vec!["dd:r:flying".to_owned()];
-        store.claim(&done, &a, lease).await.expect("claim");
         store
-            .commit(&done, &a, Duration::from_secs(60))
+            .claim(&done, &[], &a, lease, None)
+            .await
+            .expect("claim");
+        store
+            .commit(&done, &[], &a, Duration::from_secs(60))
             .await
             .expect("commit");
-        store.claim(&flying, &a, lease).await.expect("claim");
+        store
+            .claim(&flying, &[], &a, lease, None)
+            .await
+            .expect("claim");
         let broken = |store: &EmbeddedStore| {
             let slot = store
                 .shared
@@ -715,7 +727,7 @@ mod tests {
 
         let both = vec![done[0].clone(), flying[0].clone()];
         let outcomes = store
-            .claim(&both, &b, lease)
+            .claim(&both, &[], &b, lease, None)
             .await
             .expect("claim after reopen");
         assert!(!broken(&store), "opened again");
@@ -728,7 +740,7 @@ mod tests {
         );
         assert_eq!(
             store
-                .commit(&flying, &a, Duration::from_secs(60))
+                .commit(&flying, &[], &a, Duration::from_secs(60))
                 .await
                 .expect("commit after reopen"),
             [CommitOutcome::Committed]

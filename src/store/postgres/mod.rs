@@ -91,7 +91,7 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 use tokio_postgres::{NoTls, Row};
 
-use super::{ClaimOutcome, CommitOutcome, KeyState, Owner, StoreError, StoreSize};
+use super::{BodyDigest, ClaimOutcome, CommitOutcome, KeyState, Owner, StoreError, StoreSize};
 use crate::config::{redact_url, StoreConfig, StoreUrl};
 
 pub use schema::table_name;
@@ -276,8 +276,10 @@ impl PostgresStore {
     pub async fn claim(
         &self,
         keys: &[String],
+        _bodies: &[Option<BodyDigest>],
         owner: &Owner,
         lease: Duration,
+        _slide: Option<Duration>,
     ) -> Result<Vec<ClaimOutcome>, StoreError> {
         let batch = Batch::new(keys, &self.inner.prefix);
         let token = owner.token();
@@ -307,6 +309,7 @@ impl PostgresStore {
     pub async fn commit(
         &self,
         keys: &[String],
+        _bodies: &[Option<BodyDigest>],
         owner: &Owner,
         window: Duration,
     ) -> Result<Vec<CommitOutcome>, StoreError> {

@@ -63,7 +63,9 @@ use ::redis::{
 use tokio_util::sync::CancellationToken;
 
 use super::layout::{self, Tables};
-use super::{px_millis, ClaimOutcome, CommitOutcome, KeyState, Owner, StoreError, StoreSize};
+use super::{
+    px_millis, BodyDigest, ClaimOutcome, CommitOutcome, KeyState, Owner, StoreError, StoreSize,
+};
 use crate::config::{StoreConfig, StoreUrl, Tls};
 
 /// A table is split when it holds more than this many remembered keys per shard on average
@@ -237,8 +239,10 @@ impl RedisStore {
     pub async fn claim(
         &self,
         keys: &[String],
+        _bodies: &[Option<BodyDigest>],
         owner: &Owner,
         lease: Duration,
+        _slide: Option<Duration>,
     ) -> Result<Vec<ClaimOutcome>, StoreError> {
         let placed = self.place(keys, true);
         let head = [
@@ -300,6 +304,7 @@ impl RedisStore {
     pub async fn commit(
         &self,
         keys: &[String],
+        _bodies: &[Option<BodyDigest>],
         owner: &Owner,
         window: Duration,
     ) -> Result<Vec<CommitOutcome>, StoreError> {
