@@ -394,6 +394,64 @@ async fn check_connect_reports_a_missing_destination_queue() {
     let _ = std::fs::remove_file(path);
 }
 
+/// `check` refuses an audit exchange that is the route's own destination (duplicates would
+/// reach the consumers after all), and `check --connect` reports one that does not exist.
+#[tokio::test]
+async fn check_refuses_an_audit_exchange_equal_to_the_destination_and_reports_a_missing_one() {
+    let mut setup = Setup::new("check-audit");
+    let route_exchange = format!("{}.x", setup.name);
+    setup.extra = format!("duplicates_exchange = {route_exchange:?}");
+    let toml = setup.toml().replace(
+        "exchange = \"\"\n",
+        &format!("exchange = {route_exchange:?}\n"),
+    );
+    let path = std::env::temp_dir().join(format!("{}.toml", setup.name));
+    std::fs::write(&path, &toml).expect("write");
+    let path_str = path.to_str().expect("utf-8 path");
+    let (code, _, err) = run_binary(&["check", "-c", path_str], &[]).await;
+    assert_eq!(code, 2, "{err}");
+    assert!(
+        err.contains(&format!("routes.{}.duplicates_exchange", setup.name)),
+        "names the key: {err}"
+    );
+    assert!(
+        err.contains("separate exchange"),
+        "says how to fix it: {err}"
+    );
+
+    let audit = format!("{}.audit", setup.name);
+    setup.extra = format!("duplicates_exchange = {audit:?}");
+    std::fs::write(&path, setup.toml()).expect("write");
+    let mut broker = Broker::connect().await;
+    setup.declare(&mut broker).await;
+    let (code, out, _) = run_binary(&["check", "--connect", "-c", path_str], &[]).await;
+    assert_eq!(code, 1, "{out}");
+    let fail = format!("FAIL  route {}: duplicates_exchange {audit:?}", setup.name);
+    assert!(out.contains(&fail), "{out}");
+    broker
+        .ch
+        .exchange_declare(
+            audit.as_str().into(),
+            lapin::ExchangeKind::Fanout,
+            lapin::options::ExchangeDeclareOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .expect("declare the audit exchange");
+    let (code, out, _) = run_binary(&["check", "--connect", "-c", path_str], &[]).await;
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        out.contains(&format!("ok    route {}: duplicates_exchange", setup.name)),
+        "{out}"
+    );
+    let _ = broker
+        .ch
+        .exchange_delete(audit.as_str().into(), Default::default())
+        .await;
+    broker.cleanup().await;
+    let _ = std::fs::remove_file(path);
+}
+
 /// Writes `id`'s key on `setup`'s route the way the proxy does: claimed, then committed.
 async fn commit_id(setup: &Setup, id: &[u8]) -> String {
     let config = setup.config();
