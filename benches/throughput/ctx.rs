@@ -159,6 +159,35 @@ impl Ctx<'_> {
         self.broker.declare(q).await
     }
 
+    /// Declares the fanout exchange `exchange`, auto-deleted with its binding (so removing
+    /// `queue` removes it too), and `queue` bound to it.
+    pub async fn declare_audit(&self, exchange: &str, queue: &str) -> Result<()> {
+        self.declare(queue).await?;
+        let ch = &self.broker.ch;
+        let options = lapin::options::ExchangeDeclareOptions {
+            auto_delete: true,
+            ..Default::default()
+        };
+        ch.exchange_declare(
+            exchange.into(),
+            lapin::ExchangeKind::Fanout,
+            options,
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("declaring exchange {exchange}"))?;
+        ch.queue_bind(
+            queue.into(),
+            exchange.into(),
+            "".into(),
+            lapin::options::QueueBindOptions::default(),
+            lapin::types::FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("binding {queue} to {exchange}"))?;
+        Ok(())
+    }
+
     pub async fn delete(&self, q: &str) -> Result<()> {
         self.broker.delete(q).await?;
         self.cleanup.queue_gone(q);

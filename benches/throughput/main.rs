@@ -34,6 +34,7 @@
 //! | `DEDUPD_BENCH_LATENCY_RATE` | half the median dedupd rate (or 2000) | msg/s |
 //! | `DEDUPD_BENCH_RSS` | 0 | 1: move `DEDUPD_BENCH_RSS_N` messages through dedupd, sampling RSS |
 //! | `DEDUPD_BENCH_RSS_N` | 1000000 | messages of the RSS scenario |
+//! | `DEDUPD_BENCH_AUDIT` | 0 | 1: dedupd publishes every dropped duplicate to a `duplicates_exchange` (a fanout exchange bound to one queue), and each round checks that queue holds them all |
 //! | `DEDUPD_BENCH_STORE` | `redis` | dedupd's store: `redis` (127.0.0.1:6379), `cluster` (a 3-master Redis Cluster on 127.0.0.1:30001-30003, started by `scripts/redis-cluster.sh` if it is not running), `postgres` (127.0.0.1:5432, user and database `postgres`), `embedded` (a fresh directory under the temp dir), `memory` |
 //!
 //! Layout: `scenarios.rs` (the rounds and what each checks), `movers.rs` (the shovel and the
@@ -139,6 +140,8 @@ pub struct Opts {
     pub window: usize,
     /// dedupd's store.
     pub store: StoreChoice,
+    /// Duplicates published to an audit exchange instead of only acked.
+    pub audit: bool,
 }
 
 /// Which store dedupd uses in the benchmark.
@@ -312,6 +315,7 @@ impl Opts {
             latency_rate,
             rss: env_flag("DEDUPD_BENCH_RSS", false)?,
             rss_n: env_or("DEDUPD_BENCH_RSS_N", 1_000_000)?,
+            audit: env_flag("DEDUPD_BENCH_AUDIT", false)?,
             window: 10_000,
             store: StoreChoice::from_env().await?,
         })

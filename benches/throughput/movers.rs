@@ -186,11 +186,22 @@ exchange = ""
 routing_key = "{dst}"
 key = "message_id"
 window = "1h"
+{audit}
 "#,
+        audit = if ctx.opts.audit {
+            format!("duplicates_exchange = \"{}\"", audit_names(dst).0)
+        } else {
+            String::new()
+        },
         prefetch = ctx.opts.prefetch,
         tuning = ctx.opts.tuning,
         store = ctx.opts.store.toml(),
     )
+}
+
+/// The audit exchange and the queue bound to it of a round whose destination is `dst`.
+pub fn audit_names(dst: &str) -> (String, String) {
+    (format!("{dst}.audit"), format!("{dst}.audited"))
 }
 
 /// Starts the built binary on a config of its own, its log in a file (level warn, but for

@@ -90,12 +90,17 @@ pub fn throughput(out: &mut String, opts: &Opts, scenarios: &[Scenario]) {
         "- workload: {} persistent messages of {BODY_LEN} B per round, each with a message_id \
          (duplicates repeat the id of a random earlier message), preloaded into a durable \
          classic queue; moved to another durable classic queue on the same broker by a \
-         dynamic shovel (ack-mode on-confirm) or by dedupd ({store}, window 1h, {tuning}); \
+         dynamic shovel (ack-mode on-confirm) or by dedupd ({store}, window 1h, {tuning}{audit}); \
          prefetch {} for both; {} round(s) of each, alternating shovel, dedupd",
         opts.n,
         opts.prefetch,
         opts.rounds,
         store = opts.store.label(),
+        audit = if opts.audit {
+            ", duplicates published to a duplicates_exchange bound to one queue"
+        } else {
+            ""
+        },
     );
     let _ = writeln!(
         out,

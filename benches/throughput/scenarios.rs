@@ -14,7 +14,9 @@ use rand::{Rng, SeedableRng};
 use crate::ctx::{Ctx, Publisher};
 use crate::harness::{poll_until, scrape, Broker, POLL};
 use crate::measure::{proc_cpu_secs, proc_status_kb, quantile_of_samples, spawn_sink};
-use crate::movers::{start_dedupd, start_shovel, stop_dedupd, stop_shovel, wait_moved, Mover};
+use crate::movers::{
+    audit_names, start_dedupd, start_shovel, stop_dedupd, stop_shovel, wait_moved, Mover,
+};
 use crate::report::{fmt_ms, scenario_name};
 use crate::{ROUTE, STALL};
 
@@ -123,6 +125,10 @@ pub async fn dedupd_round(ctx: &mut Ctx<'_>, tag: &str, wl: &Workload) -> Result
     let unique = wl.first_seen.len() as u32;
     ctx.declare(&src).await?;
     ctx.declare(&dst).await?;
+    let (audit_exchange, audited) = audit_names(&dst);
+    if ctx.opts.audit {
+        ctx.declare_audit(&audit_exchange, &audited).await?;
+    }
     let pre = ctx.preload(&src, &wl.seq).await?;
     eprintln!(
         "  [{tag}] dedupd: preloaded {n} in {:.1} s",
@@ -167,6 +173,15 @@ pub async fn dedupd_round(ctx: &mut Ctx<'_>, tag: &str, wl: &Workload) -> Result
     let hwm_kb = proc_status_kb(started.proxy.pid, "VmHWM").unwrap_or(0);
     let what = format!("dedupd {tag}");
     stop_dedupd(ctx, &what, started).await?;
+    if ctx.opts.audit {
+        // Every duplicate was confirmed by the audit exchange before its upstream ack.
+        let in_audit = ctx.count(&audited).await?;
+        if in_audit != n - unique {
+            let expected = n - unique;
+            bail!("dedupd {tag}: {audited} holds {in_audit} duplicates, expected {expected}");
+        }
+        ctx.delete(&audited).await?;
+    }
 
     let labels = [("route", ROUTE)];
     let consumed = m.sum("dedupd_messages_consumed_total", &labels);
