@@ -430,6 +430,7 @@ window = "1h"
             ("forwarded", FORWARDED),
             ("duplicates", DUPLICATES),
             ("takeovers", TAKEOVERS),
+            ("conflicts", "dedupd_conflicts_total"),
             ("inflight", INFLIGHT),
             ("store_keys", STORE_KEYS),
         ] {
@@ -660,6 +661,7 @@ async fn status_page_computes_rates_and_shows_missing_and_down_states() {
         "not a rejection: {busy}"
     );
     assert_eq!(cell(busy, "takeovers").0, "2");
+    assert_eq!(cell(busy, "conflicts").0, "5");
     assert_eq!(cell(busy, "store_errors").0, "1");
     assert_eq!(cell(busy, "inflight").1, "1,234");
     assert_eq!(cell(busy, "store_keys").1, "not sampled yet");
@@ -697,6 +699,7 @@ fn scripted_metrics(k: u64) -> String {
          {REJECTED}{{route=\"busy\",reason=\"unroutable\"}} 3\n\
          {REJECTED}{{route=\"busy\",reason=\"user_id_stripped\"}} 9\n\
          {TAKEOVERS}{{route=\"busy\"}} 2\n\
+         dedupd_conflicts_total{{route=\"busy\"}} 5\n\
          {store_errors}{{route=\"busy\"}} 1\n\
          {INFLIGHT}{{route=\"busy\"}} 1234\n\
          {INFLIGHT}{{route=\"idle\"}} 0\n\

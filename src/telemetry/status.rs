@@ -1,6 +1,6 @@
 //! The status page at `GET /` on the metrics listener: one self-contained HTML document (inline
 //! CSS and JS, no external assets, no build step) that shows each route's rates, duplicate
-//! ratio, in-flight count, rejections by reason, takeovers and store errors, and the state of
+//! ratio, in-flight count, rejections by reason, takeovers, conflicts and store errors, and the state of
 //! upstream, downstream and store, refreshing itself every 2 s.
 //!
 //! # Why the browser computes it from `/metrics`
@@ -26,8 +26,8 @@
 use std::sync::LazyLock;
 
 use super::{
-    reason, BUILD_INFO, CONSUMED, DUPLICATES, FORWARDED, INFLIGHT, REJECTED, ROUTE_FAILURES,
-    STORE_ERRORS, STORE_KEYS, STORE_MEMORY, TAKEOVERS, UP,
+    reason, BUILD_INFO, CONFLICTS, CONSUMED, DUPLICATES, FORWARDED, INFLIGHT, REJECTED,
+    ROUTE_FAILURES, STORE_ERRORS, STORE_KEYS, STORE_MEMORY, TAKEOVERS, UP,
 };
 
 /// The Content-Security-Policy of the page.
@@ -47,6 +47,7 @@ pub fn page() -> &'static str {
             "duplicates": DUPLICATES,
             "rejected": REJECTED,
             "takeovers": TAKEOVERS,
+            "conflicts": CONFLICTS,
             "storeErrors": STORE_ERRORS,
             "inflight": INFLIGHT,
             "up": UP,
@@ -144,10 +145,11 @@ footer { padding: 0 24px 16px; font-size: 12px; color: var(--muted); }
       <th>in flight</th>
       <th>rejected<small>total, by reason</small></th>
       <th>takeovers<small>possible duplicates</small></th>
+      <th>conflicts<small>same key, other body</small></th>
       <th>store errors</th>
       <th>keys in store<small>sampled</small></th>
     </tr></thead>
-    <tbody id="routes"><tr><td class="none" colspan="10">no data yet: waiting for /metrics</td></tr></tbody>
+    <tbody id="routes"><tr><td class="none" colspan="11">no data yet: waiting for /metrics</td></tr></tbody>
   </table></div>
 </main>
 <footer>Rates are computed in this page from successive samples of <a href="metrics">/metrics</a>,
@@ -240,7 +242,7 @@ function rate(now, before, dt) {
 
 function render(series, t) {
   const counters = {};
-  for (const k of ["consumed", "forwarded", "duplicates", "takeovers", "storeErrors", "routeFailures"]) {
+  for (const k of ["consumed", "forwarded", "duplicates", "takeovers", "conflicts", "storeErrors", "routeFailures"]) {
     counters[k] = byLabel(series, NAMES[k], "route");
   }
   const inflight = byLabel(series, NAMES.inflight, "route");
@@ -300,6 +302,7 @@ function render(series, t) {
     }
     tr.appendChild(rej);
     tr.appendChild(cell("takeovers", get("takeovers"), fmtInt(get("takeovers")), get("takeovers") > 0 ? "warn" : ""));
+    tr.appendChild(cell("conflicts", get("conflicts"), fmtInt(get("conflicts")), get("conflicts") > 0 ? "warn" : ""));
     tr.appendChild(cell("store_errors", get("storeErrors"), fmtInt(get("storeErrors")), get("storeErrors") > 0 ? "warn" : ""));
     const k = keys.get(route);
     tr.appendChild(cell("store_keys", k === undefined ? null : k, k === undefined ? "not sampled yet" : fmtInt(k), k === undefined ? "pending" : ""));
@@ -372,6 +375,7 @@ mod tests {
             DUPLICATES,
             REJECTED,
             TAKEOVERS,
+            CONFLICTS,
             STORE_ERRORS,
             INFLIGHT,
             UP,
