@@ -35,8 +35,9 @@ struct Outcome {
     nacked: u64,
     unknown: u64,
     first_error: Option<String>,
-    /// Reply text and routing key of the first returned message.
-    returned: Option<(String, String)>,
+    /// Reply text and routing key of the first returned message, and whether it was an
+    /// audit copy (published to the `duplicates_exchange`).
+    returned: Option<(String, String, bool)>,
 }
 
 /// Settles batches until intake hangs up. A broker error while acking ends the session after
@@ -166,10 +167,11 @@ fn decide(
         match confirmed {
             Confirmed::Nacked => out.nacked += 1,
             Confirmed::Returned => {
+                let audit = matches!(item.fate, fate::Fate::Audit(_));
                 out.returned = out.returned.take().or_else(|| {
                     let detail = detail.unwrap_or_default();
                     let (reply, routing_key) = detail.split_once('\u{0}').unwrap_or((&detail, ""));
-                    Some((reply.to_owned(), routing_key.to_owned()))
+                    Some((reply.to_owned(), routing_key.to_owned(), audit))
                 });
             }
             Confirmed::Unknown if item.fate.publishes() => {
@@ -187,9 +189,14 @@ fn decide(
 /// repeat batch after batch are rate-limited too; the counters keep the numbers.
 fn log_outcome(shared: &Shared<'_>, outcome: &Outcome) {
     let route = &shared.ctx.route;
-    if let Some((reply, routing_key)) = &outcome.returned {
+    if let Some((reply, routing_key, audit)) = &outcome.returned {
+        let exchange = if *audit {
+            &route.duplicates_exchange
+        } else {
+            &route.exchange
+        };
         if let Some(suppressed) = shared.logs.unroutable.allow() {
-            tracing::warn!(exchange = %route.exchange, %routing_key, %reply, suppressed, "downstream returned a message (no queue bound for this exchange and routing key): rejecting it to the upstream dead-letter exchange");
+            tracing::warn!(%exchange, %routing_key, %reply, suppressed, "downstream returned a message (no queue bound for this exchange and routing key): rejecting it to the upstream dead-letter exchange");
         }
     }
     if outcome.nacked > 0 {
