@@ -486,3 +486,52 @@ async fn audit_exchange_missing_keeps_the_duplicate_upstream() {
 async fn audit_exchange_missing_retries_until_it_exists() {
     audit_exchange_missing_keeps_the_duplicate_upstream().await;
 }
+
+/// An audit copy that no queue bound to the audit exchange takes comes back as returned (it is
+/// published `mandatory`, like a forwarded copy) and is rejected to the dead-letter exchange,
+/// not silently dropped.
+#[tokio::test]
+async fn audit_copy_nobody_takes_is_dead_lettered() {
+    let mut route = Route::new("auditnone", Kind::Memory);
+    route.setup.extra = format!("duplicates_exchange = {:?}", route.audit_exchange());
+    let mut broker = Broker::connect().await;
+    let dlq = route.declare(&mut broker, false).await;
+    broker
+        .ch
+        .exchange_declare(
+            route.audit_exchange().as_str().into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare the audit exchange, bound to nothing");
+    broker
+        .publish_all(
+            &route.setup.queue,
+            &[message("a", "a-1"), message("a", "a-1")],
+        )
+        .await;
+    let proxy = InProcess::start(route.config());
+    route.setup.wait_settled(proxy.port, 2, SETTLE).await;
+    assert_eq!(broker.drain(&route.setup.out).await.len(), 1);
+    let dead = broker.receive(&dlq, 1, SETTLE).await;
+    assert_eq!(
+        dead[0].properties.message_id().as_ref().map(|s| s.as_str()),
+        Some("a")
+    );
+    let rejected = metric(
+        proxy.port,
+        "dedupd_messages_rejected_total",
+        &[("route", &route.setup.name), ("reason", "unroutable")],
+    )
+    .await;
+    assert_eq!(rejected, 1.0);
+    assert_eq!(
+        route
+            .metric(&proxy, "dedupd_duplicates_audited_total")
+            .await,
+        0.0
+    );
+    route.finish(broker, proxy).await;
+}
