@@ -4,9 +4,12 @@
 //!
 //! | table | key | value |
 //! |---|---|---|
-//! | `done:{route}` | 16-byte digest of the store key | expiry, in ticks of `layout::TICK_MS` since `layout::EPOCH_MS` (u32) |
+//! | `done:{route}` | 16-byte digest of the store key | (expiry, in ticks of `layout::TICK_MS` since `layout::EPOCH_MS` (u32); the first copy's body digest, 0 for none (u64)) |
 //! | `done` | the same, for keys of no route (not `{prefix}:{route}:{id}`) | the same |
 //! | `meta` | `layout` | [`LAYOUT`] |
+//!
+//! Layout 1 (dedupd 0.4) valued keys by the expiry alone; opening such a file upgrades it in
+//! place, in one write transaction, to layout 2 (every key without a body digest).
 //!
 //! Route names never contain `:`, so `done:{route}` cannot collide with `done` or `meta`.
 
@@ -26,7 +29,8 @@ use crate::store::StoreError;
 
 /// The version of this layout, written at the first open: a later dedupd that changes it
 /// knows what it reads, and this one refuses a file written in a layout it does not know.
-pub const LAYOUT: u64 = 1;
+/// Layout 1 (0.4: expiry only) is upgraded at open.
+pub const LAYOUT: u64 = 2;
 
 /// The file in the store's directory.
 pub const FILE_NAME: &str = "dedupd.redb";
@@ -39,7 +43,13 @@ const ROUTE_PREFIX: &str = "done:";
 /// long behind the sweeper's write.
 pub const SWEEP_CHUNK: usize = 4096;
 
-type DoneTable<'a> = TableDefinition<'a, Digest, u32>;
+/// A done key's value: its expiry tick and its first copy's body digest (0: none).
+pub type Entry = (u32, u64);
+
+type DoneTable<'a> = TableDefinition<'a, Digest, Entry>;
+
+/// Tables of layout 1: the expiry alone.
+type DoneTableV1<'a> = TableDefinition<'a, Digest, u32>;
 
 /// The table of `route`'s done keys (`""`: keys of no route).
 pub fn table_name(route: &str) -> String {
@@ -133,6 +143,13 @@ impl Disk {
                 .map(|v| v.value());
             match found {
                 Some(LAYOUT) => {}
+                Some(1) => {
+                    drop(meta);
+                    self.upgrade_from_1(&tx)?;
+                    let mut meta = tx.open_table(META).map_err(|e| self.failed(what, e))?;
+                    meta.insert("layout", LAYOUT)
+                        .map_err(|e| self.failed(what, e))?;
+                }
                 Some(other) => {
                     return Err(StoreError::Embedded(format!(
                         "{} holds layout {other}, this dedupd knows layout {LAYOUT}: it was \
@@ -149,6 +166,45 @@ impl Disk {
         tx.commit().map_err(|e| self.failed(what, e))
     }
 
+    /// Rewrites every table of done keys of layout 1 (expiry alone) with the values of this
+    /// layout (no body digest), in the caller's write transaction: all or nothing.
+    fn upgrade_from_1(&self, tx: &redb::WriteTransaction) -> Result<(), StoreError> {
+        let what = "upgrading the file from layout 1";
+        let started = std::time::Instant::now();
+        let names: Vec<String> = tx
+            .list_tables()
+            .map_err(|e| self.failed(what, e))?
+            .map(|t| t.name().to_owned())
+            .filter(|name| is_done_table(name))
+            .collect();
+        let mut keys = 0;
+        for name in &names {
+            let entries: Vec<(Digest, u32)> = {
+                let old = tx
+                    .open_table(DoneTableV1::new(name))
+                    .map_err(|e| self.failed(what, e))?;
+                let all = old.iter().map_err(|e| self.failed(what, e))?;
+                all.map(|entry| {
+                    let (digest, expiry) = entry.map_err(|e| self.failed(what, e))?;
+                    Ok((digest.value(), expiry.value()))
+                })
+                .collect::<Result<_, StoreError>>()?
+            };
+            tx.delete_table(DoneTableV1::new(name))
+                .map_err(|e| self.failed(what, e))?;
+            let mut new = tx
+                .open_table(DoneTable::new(name))
+                .map_err(|e| self.failed(what, e))?;
+            for (digest, expiry) in &entries {
+                new.insert(digest, (*expiry, 0))
+                    .map_err(|e| self.failed(what, e))?;
+            }
+            keys += entries.len();
+        }
+        tracing::info!(file = %self.file.display(), tables = names.len(), keys, elapsed_ms = started.elapsed().as_millis() as u64, "embedded store upgraded from layout 1 (dedupd 0.4): keys kept, without body digests");
+        Ok(())
+    }
+
     /// A consistent view of the file as of now, for a batch of reads.
     pub fn reader(&self) -> Result<Reader<'_>, StoreError> {
         let txn = self
@@ -162,14 +218,63 @@ impl Disk {
         })
     }
 
-    /// Writes each `(route, digest)` done until `expiry`, in one write transaction made
+    /// Writes each `(route, digest, body)` done until `expiry`, in one write transaction made
     /// durable (fsync) before this returns. One disk sync, whatever the batch's size.
-    pub fn write_done(&self, keys: &[(&str, Digest)], expiry: u32) -> Result<(), StoreError> {
-        let what = "writing done keys";
-        let tx = self.db.begin_write().map_err(|e| self.failed(what, e))?;
+    pub fn write_done(&self, keys: &[(&str, Digest, u64)], expiry: u32) -> Result<(), StoreError> {
+        let entries: Vec<(&str, Digest, Entry)> = keys
+            .iter()
+            .map(|&(route, digest, body)| (route, digest, (expiry, body)))
+            .collect();
+        self.write(&entries, "writing done keys", true)
+    }
+
+    /// Moves each `(route, digest)` that is still done to `expiry` when that is later (a
+    /// sliding window), keeping its body digest. Not synced by itself: the next commit's sync
+    /// makes it durable, and a crash before that only loses the slide.
+    pub fn slide(&self, keys: &[(&str, Digest)], expiry: u32) -> Result<(), StoreError> {
+        let what = "sliding windows";
+        let mut tx = self.db.begin_write().map_err(|e| self.failed(what, e))?;
+        tx.set_durability(Durability::None);
         {
-            let mut tables: HashMap<&str, redb::Table<Digest, u32>> = HashMap::new();
+            let mut tables: HashMap<&str, redb::Table<Digest, Entry>> = HashMap::new();
             for (route, digest) in keys {
+                if !tables.contains_key(route) {
+                    let name = table_name(route);
+                    let table = tx
+                        .open_table(DoneTable::new(&name))
+                        .map_err(|e| self.failed(what, e))?;
+                    tables.insert(route, table);
+                }
+                let Some(table) = tables.get_mut(route) else {
+                    continue;
+                };
+                let found = table
+                    .get(digest)
+                    .map_err(|e| self.failed(what, e))?
+                    .map(|v| v.value());
+                if let Some((_, body)) = found.filter(|&(old, _)| old < expiry) {
+                    table
+                        .insert(digest, (expiry, body))
+                        .map_err(|e| self.failed(what, e))?;
+                }
+            }
+        }
+        tx.commit().map_err(|e| self.failed(what, e))
+    }
+
+    fn write(
+        &self,
+        entries: &[(&str, Digest, Entry)],
+        what: &str,
+        durable: bool,
+    ) -> Result<(), StoreError> {
+        let mut tx = self.db.begin_write().map_err(|e| self.failed(what, e))?;
+        if !durable {
+            tx.set_durability(Durability::None);
+        }
+        {
+            let mut tables: HashMap<&str, redb::Table<Digest, Entry>> = HashMap::new();
+            for (route, digest, entry) in entries {
                 if !tables.contains_key(route) {
                     let name = table_name(route);
                     let table = tx
@@ -179,7 +284,7 @@ impl Disk {
                 }
                 if let Some(table) = tables.get_mut(route) {
                     table
-                        .insert(digest, expiry)
+                        .insert(digest, entry)
                         .map_err(|e| self.failed(what, e))?;
                 }
             }
@@ -197,7 +302,7 @@ impl Disk {
                 .open_table(DoneTable::new(&name))
                 .map_err(|e| self.failed(what, e))?;
             let removed = table.remove(digest).map_err(|e| self.failed(what, e))?;
-            removed.map(|v| v.value())
+            removed.map(|v| v.value().0)
         };
         tx.commit().map_err(|e| self.failed(what, e))?;
         Ok(removed)
@@ -245,7 +350,7 @@ impl Disk {
             for entry in range {
                 let (digest, expiry) = entry.map_err(|e| self.failed(what, e))?;
                 let digest = digest.value();
-                if u64::from(expiry.value()) <= now_tick {
+                if u64::from(expiry.value().0) <= now_tick {
                     expired.push(digest);
                 }
                 last = Some(digest);
@@ -276,7 +381,7 @@ impl Disk {
                 let still_expired = table
                     .get(digest)
                     .map_err(|e| self.failed(what, e))?
-                    .is_some_and(|expiry| u64::from(expiry.value()) <= now_tick);
+                    .is_some_and(|entry| u64::from(entry.value().0) <= now_tick);
                 if still_expired {
                     table.remove(digest).map_err(|e| self.failed(what, e))?;
                     removed += 1;
@@ -360,12 +465,17 @@ pub fn dir_bytes(dir: &Path) -> std::io::Result<u64> {
 pub struct Reader<'d> {
     disk: &'d Disk,
     txn: ReadTransaction,
-    tables: HashMap<String, Option<ReadOnlyTable<Digest, u32>>>,
+    tables: HashMap<String, Option<ReadOnlyTable<Digest, Entry>>>,
 }
 
 impl Reader<'_> {
     /// The expiry of `digest` in `route`'s table, if it is there (expired or not).
     pub fn expiry(&mut self, route: &str, digest: &Digest) -> Result<Option<u32>, StoreError> {
+        Ok(self.entry(route, digest)?.map(|(expiry, _)| expiry))
+    }
+
+    /// The expiry and body digest (0: none) of `digest` in `route`'s table, if it is there.
+    pub fn entry(&mut self, route: &str, digest: &Digest) -> Result<Option<Entry>, StoreError> {
         let what = "reading a key";
         if !self.tables.contains_key(route) {
             let name = table_name(route);
@@ -384,5 +494,84 @@ impl Reader<'_> {
                 .map(|v| v.value())),
             _ => Ok(None),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file written by dedupd 0.4 (layout 1: digest → expiry) is upgraded at open: every key
+    /// keeps its expiry, without a body digest, the file says layout 2, and opening it again
+    /// changes nothing.
+    #[test]
+    fn a_layout_1_file_is_upgraded_in_place() {
+        let dir =
+            std::env::temp_dir().join(format!("dedupd-layout1-{:016x}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join(FILE_NAME);
+        let keys: Vec<(Digest, u32)> = (0u8..50).map(|n| ([n; 16], 1000 + u32::from(n))).collect();
+        {
+            let db = Database::builder()
+                .create_with_file_format_v3(true)
+                .create(&file)
+                .expect("create a 0.4 file");
+            let tx = db.begin_write().expect("write");
+            {
+                let mut meta = tx.open_table(META).expect("meta");
+                meta.insert("layout", 1).expect("layout 1");
+                let mut orders = tx
+                    .open_table(DoneTableV1::new(&table_name("orders")))
+                    .expect("orders");
+                let mut none = tx
+                    .open_table(DoneTableV1::new(&table_name("")))
+                    .expect("no route");
+                for (digest, expiry) in &keys {
+                    orders.insert(digest, expiry).expect("insert");
+                }
+                none.insert(&[99; 16], 7).expect("insert");
+            }
+            tx.commit().expect("commit");
+        }
+        for _ in 0..2 {
+            let disk = Disk::open(&file).unwrap_or_else(|_| panic!("open {}", file.display()));
+            let mut reader = disk.reader().expect("reader");
+            for (digest, expiry) in &keys {
+                assert_eq!(
+                    reader.entry("orders", digest).expect("read"),
+                    Some((*expiry, 0))
+                );
+            }
+            assert_eq!(reader.entry("", &[99; 16]).expect("read"), Some((7, 0)));
+            assert_eq!(disk.counts(&["orders".to_owned()]).expect("counts"), [50]);
+            let tx = disk.db.begin_read().expect("read");
+            let meta = tx.open_table(META).expect("meta");
+            assert_eq!(
+                meta.get("layout").expect("get").map(|v| v.value()),
+                Some(LAYOUT)
+            );
+        }
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// A slide moves a done key's expiry later, never earlier, keeps its body digest, and
+    /// leaves a key that is not there absent.
+    #[test]
+    fn slide_only_extends_and_keeps_the_digest() {
+        let dir = std::env::temp_dir().join(format!("dedupd-slide-{:016x}", rand::random::<u64>()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let disk = Disk::open(&dir.join(FILE_NAME)).unwrap_or_else(|_| panic!("open"));
+        disk.write_done(&[("r", [1; 16], 42), ("r", [2; 16], 0)], 100)
+            .expect("write");
+        disk.slide(&[("r", [1; 16]), ("r", [3; 16])], 200)
+            .expect("slide");
+        disk.slide(&[("r", [2; 16])], 50).expect("slide back");
+        let mut reader = disk.reader().expect("reader");
+        assert_eq!(reader.entry("r", &[1; 16]).expect("read"), Some((200, 42)));
+        assert_eq!(reader.entry("r", &[2; 16]).expect("read"), Some((100, 0)));
+        assert_eq!(reader.entry("r", &[3; 16]).expect("read"), None);
+        drop(reader);
+        drop(disk);
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -58,14 +58,19 @@
 //! the chance that two share a digest is about 10⁻²¹), valued by the expiry as a u32 count of
 //! 125 ms ticks since 2026-01-01 (`layout::TICK_MS`, `layout::EPOCH_MS`, as on Redis: a
 //! window ends rounded up by less than a tick, at most `window / 8` for the shortest window,
-//! 1 s; ticks last until 2043). A table per route gives exact per-route counts for free
-//! (redb keeps each table's length). An entry is 20 bytes in a B-tree leaf; leaves filled in
+//! 1 s; ticks last until 2043) and the 8-byte body digest of the key's first copy (0: none,
+//! see `store::BodyDigest`). A table per route gives exact per-route counts for free
+//! (redb keeps each table's length). An entry is 28 bytes in a B-tree leaf; leaves filled in
 //! random digest order are split half full and never packed, and branch pages and pages
 //! freed by copy-on-write come on top. Measured with
 //! `measure_embedded_store_bytes_per_remembered_key` (`tests/embedded.rs`, keys committed
-//! through the store in batches of 200, three runs): the directory grows by **38.0 bytes per
-//! remembered key** between 20,000 and 120,000 keys (5.8 MB at 120,000 keys, 48.4 bytes per
-//! key with the fixed overhead).
+//! with body digests through the store in batches of 200): the directory grows by **47.0
+//! bytes per remembered key** between 20,000 and 120,000 keys (7.1 MB at 120,000 keys); 0.4,
+//! without digests, took 38.0. Files of 0.4 (layout 1) are upgraded at open, see `disk`.
+//!
+//! A sliding window (`window_mode = "sliding"`) moves a duplicate's expiry in a write
+//! transaction of its own after the claim's read, without a sync (`Durability::None`): the
+//! next commit's sync makes it durable, and a crash before that only loses the slide.
 //!
 //! `memory_bytes` (the `dedupd_store_memory_bytes` gauge) is the disk the store's directory
 //! takes: blocks allocated to its files, not their length (redb grows the file in whole
@@ -143,8 +148,11 @@ use std::time::{Duration, Instant};
 
 use self::claims::{digest, Claims, Digest};
 use self::disk::{Disk, OpenError};
-use super::layout::{self, route_of, tick_to_ms};
-use super::{BodyDigest, ClaimOutcome, CommitOutcome, KeyState, Owner, StoreError, StoreSize};
+use super::layout::{self, route_of};
+use super::{
+    body_at, done_or_conflict, BodyDigest, ClaimOutcome, CommitOutcome, KeyState, Owner,
+    StoreError, StoreSize,
+};
 use crate::config::StoreConfig;
 
 /// The embedded store. Cloning shares the open file.
@@ -300,33 +308,52 @@ impl EmbeddedStore {
         }
     }
 
-    /// See `Store::claim`. One read transaction for the batch, no write.
+    /// See `Store::claim`. One read transaction for the batch; with a sliding window, one
+    /// unsynced write more for the duplicates whose window restarts.
     pub async fn claim(
         &self,
         keys: &[String],
-        _bodies: &[Option<BodyDigest>],
+        bodies: &[Option<BodyDigest>],
         owner: &Owner,
         lease: Duration,
-        _slide: Option<Duration>,
+        slide: Option<Duration>,
     ) -> Result<Vec<ClaimOutcome>, StoreError> {
-        let (keys, owner) = (keys.to_vec(), owner.clone());
+        let (keys, bodies, owner) = (keys.to_vec(), bodies.to_vec(), owner.clone());
         self.blocking(move |shared, prefix| {
-            let (now, tick) = (Instant::now(), now_tick());
+            let (now, now_ms) = (Instant::now(), now_ms());
+            let tick = tick_at(now_ms);
+            let slide_to = slide.map(|window| expiry_at(now_ms, window));
+            let mut slides: Vec<(&str, Digest)> = Vec::new();
             let mut claims = shared.lock_claims();
-            shared.with_disk(|disk| {
+            let outcomes = shared.with_disk(|disk| {
                 // Begun under the lock: it sees every commit whose markers are gone.
                 let mut reader = disk.reader()?;
                 keys.iter()
-                    .map(|key| {
+                    .enumerate()
+                    .map(|(i, key)| {
                         let route = route_of(prefix, key);
                         let digest = digest(key);
-                        let done = reader
-                            .expiry(route, &digest)?
-                            .is_some_and(|e| is_live(e, tick));
-                        Ok(claims.claim(digest, route, done, &owner, now, lease))
+                        let live = reader
+                            .entry(route, &digest)?
+                            .filter(|&(expiry, _)| is_live(expiry, tick));
+                        let Some((expiry, stored)) = live else {
+                            return Ok(claims.claim(digest, route, false, &owner, now, lease));
+                        };
+                        let outcome =
+                            done_or_conflict(BodyDigest::from_u64(stored), body_at(&bodies, i));
+                        if outcome == ClaimOutcome::Done && slide_to.is_some_and(|to| to > expiry) {
+                            slides.push((route, digest));
+                        }
+                        Ok(outcome)
                     })
-                    .collect()
-            })
+                    .collect::<Result<Vec<_>, StoreError>>()
+            })?;
+            drop(claims);
+            if let (Some(to), false) = (slide_to, slides.is_empty()) {
+                shared.with_disk(|disk| disk.slide(&slides, to))?;
+                shared.count_write();
+            }
+            Ok(outcomes)
         })
         .await
     }
@@ -335,25 +362,26 @@ impl EmbeddedStore {
     pub async fn commit(
         &self,
         keys: &[String],
-        _bodies: &[Option<BodyDigest>],
+        bodies: &[Option<BodyDigest>],
         owner: &Owner,
         window: Duration,
     ) -> Result<Vec<CommitOutcome>, StoreError> {
-        let (keys, owner, lease) = (keys.to_vec(), owner.clone(), self.lease);
+        let (keys, bodies, owner, lease) =
+            (keys.to_vec(), bodies.to_vec(), owner.clone(), self.lease);
         self.blocking(move |shared, prefix| {
             let (now, now_ms) = (Instant::now(), now_ms());
             let tick = tick_at(now_ms);
             let routes: Vec<&str> = keys.iter().map(|k| route_of(prefix, k)).collect();
             let digests: Vec<Digest> = keys.iter().map(|k| digest(k)).collect();
             let mut outcomes = Vec::with_capacity(keys.len());
-            let mut writes: Vec<(&str, Digest)> = Vec::with_capacity(keys.len());
+            let mut writes: Vec<(&str, Digest, u64)> = Vec::with_capacity(keys.len());
             let mut claims = shared.lock_claims();
             let id = claims.commit_id();
             shared
                 .with_disk(|disk| {
                     let mut reader = disk.reader()?;
                     let mut seen = std::collections::HashSet::with_capacity(keys.len());
-                    for (route, digest) in routes.iter().zip(&digests) {
+                    for (i, (route, digest)) in routes.iter().zip(&digests).enumerate() {
                         let done = reader
                             .expiry(route, digest)?
                             .is_some_and(|e| is_live(e, tick));
@@ -361,7 +389,8 @@ impl EmbeddedStore {
                         let step = claims
                             .begin_commit(id, *digest, route, done, again, &owner, now, lease);
                         if step.write {
-                            writes.push((route, *digest));
+                            let body = body_at(&bodies, i).map_or(0, BodyDigest::get);
+                            writes.push((route, *digest, body));
                         }
                         outcomes.push(step.outcome);
                     }
@@ -370,7 +399,7 @@ impl EmbeddedStore {
                 .inspect_err(|_| {
                     // Markers placed before a read failed: nothing was written, the keys are
                     // their committer's claims again.
-                    let marked: Vec<Digest> = writes.iter().map(|(_, d)| *d).collect();
+                    let marked: Vec<Digest> = writes.iter().map(|(_, d, _)| *d).collect();
                     claims.end_commit(id, &marked, false, now, lease);
                 })?;
             drop(claims);
@@ -384,7 +413,7 @@ impl EmbeddedStore {
                 }
                 written
             };
-            let marked: Vec<Digest> = writes.iter().map(|(_, d)| *d).collect();
+            let marked: Vec<Digest> = writes.iter().map(|(_, d, _)| *d).collect();
             shared
                 .lock_claims()
                 .end_commit(id, &marked, written.is_ok(), Instant::now(), lease);
@@ -427,8 +456,9 @@ impl EmbeddedStore {
         .await
     }
 
-    /// See `Store::inspect`. `window_left` runs to the end of the key's last tick, so it may
-    /// exceed the window by up to a tick (125 ms).
+    /// See `Store::inspect`. `window_left` counts whole ticks from the next tick boundary, as
+    /// the memory store does: never more than the window committed, short of the truth by
+    /// under a tick.
     pub async fn inspect(&self, key: &str) -> Result<KeyState, StoreError> {
         let key = key.to_owned();
         self.blocking(move |shared, prefix| {
@@ -438,7 +468,10 @@ impl EmbeddedStore {
             let route = route_of(prefix, &key);
             let expiry = shared.with_disk(|disk| disk.reader()?.expiry(route, &digest))?;
             if let Some(expiry) = expiry.filter(|&e| is_live(e, tick_at(now_ms))) {
-                let left = tick_to_ms(u64::from(expiry)).saturating_sub(now_ms);
+                let next = now_ms
+                    .saturating_sub(layout::EPOCH_MS)
+                    .div_ceil(layout::TICK_MS);
+                let left = u64::from(expiry).saturating_sub(next) * layout::TICK_MS;
                 return Ok(KeyState::Done {
                     window_left: Duration::from_millis(left),
                 });
@@ -613,6 +646,7 @@ fn open_error(dir: &Path, file: &Path, e: OpenError) -> StoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::layout::tick_to_ms;
 
     #[test]
     fn expiry_is_at_least_the_window_and_at_most_a_tick_more() {
