@@ -158,7 +158,10 @@ pub use crate::store::layout::digest16 as digest;
 pub struct Statements {
     /// Creates the table (see [`create_table`]).
     pub create: String,
-    /// `$1` the quoted table name: (exists, may read and write it, may create it, role, schema).
+    /// Adds the `body` column to a table created by dedupd 0.4 (see [`upgrade_table`]).
+    pub upgrade: String,
+    /// `$1` the quoted table name: (exists, may read and write it, may create it, role, schema,
+    /// has the `body` column).
     pub probe: &'static str,
     pub claim: String,
     pub commit: String,
@@ -180,6 +183,7 @@ impl Statements {
         let t = quote_ident(table);
         Statements {
             create: create_table(table, key_prefix),
+            upgrade: upgrade_table(table),
             probe: PROBE,
             claim: CLAIM.replace("{t}", &t),
             commit: COMMIT.replace("{t}", &t),
@@ -217,8 +221,18 @@ pub fn create_table(table: &str, key_prefix: &str) -> String {
     ));
     format!(
         "CREATE TABLE IF NOT EXISTS {t} (expires_at timestamptz NOT NULL, route int4 NOT NULL, \
-         key uuid NOT NULL PRIMARY KEY, owner text) WITH (fillfactor = 60); \
+         key uuid NOT NULL PRIMARY KEY, owner text, body int8) WITH (fillfactor = 60); \
          COMMENT ON TABLE {t} IS {comment};"
+    )
+}
+
+/// The DDL that brings a table of dedupd 0.4 (no `body` column) up to date, also printed for
+/// an administrator to run when the role does not own the table. A nullable column without
+/// a default is a catalog change only: no row is rewritten, whatever the table holds.
+pub fn upgrade_table(table: &str) -> String {
+    format!(
+        "ALTER TABLE {} ADD COLUMN IF NOT EXISTS body int8;",
+        quote_ident(table)
     )
 }
 
@@ -236,39 +250,62 @@ const PROBE: &str = "SELECT t IS NOT NULL, \
     t IS NOT NULL AND has_table_privilege(t, 'SELECT') AND has_table_privilege(t, 'INSERT') \
       AND has_table_privilege(t, 'UPDATE') AND has_table_privilege(t, 'DELETE'), \
     current_schema() IS NOT NULL AND has_schema_privilege(current_schema(), 'CREATE'), \
-    current_user::text, coalesce(current_schema()::text, '') \
+    current_user::text, coalesce(current_schema()::text, ''), \
+    EXISTS (SELECT FROM pg_attribute WHERE attrelid = t AND attname = 'body' AND NOT attisdropped) \
     FROM to_regclass($1::text) AS t";
 
 /// Claim codes: 0 claimed, 1 done, 2 ours, 3 taken over, 4 in flight elsewhere (with the lease
-/// left in ms), [`RETRY`]. `$1` keys, `$2` their route ids, `$3` our token, `$4` our instance
-/// prefix `{instance}:`, `$5` our epoch, `$6` the lease in ms.
+/// left in ms), 5 conflict, [`RETRY`]; and for a live done row (1 or 5), its body digest.
+/// `$1` keys, `$2` their route ids, `$3` each key's body digest (its first copy's in the
+/// batch), `$4` our token, `$5` our instance prefix `{instance}:`, `$6` our epoch, `$7` the
+/// lease in ms, `$8` the sliding window in ms (NULL: fixed windows), `$9`/`$10` the other
+/// digests of keys repeated in the batch with another body, as (key number, digest) pairs.
 ///
 /// A token of our instance is "an older epoch" when what follows the prefix is all digits and
 /// numerically less than ours (as `is_older_epoch_of`); `left`/`substr` rather than `LIKE`, whose
 /// wildcards an instance id could contain.
+///
+/// `(a <> b) IS NOT TRUE` is `done_or_conflict` answering `Done`: equal, or either unknown. A
+/// done row slides when any copy of its key in the batch is such a duplicate (the memory store
+/// decides each copy in turn, and one `Done` among them slides the key), and only when that
+/// lengthens its window: a row version per duplicate that changes nothing would only bloat
+/// the heap.
 const CLAIM: &str = "WITH input AS (
-    SELECT k, r, n FROM unnest($1::uuid[], $2::int4[]) WITH ORDINALITY AS i(k, r, n)
+    SELECT k, r, b, n FROM unnest($1::uuid[], $2::int4[], $3::int8[]) WITH ORDINALITY AS i(k, r, b, n)
 ), locked AS (
-    SELECT key, owner, expires_at FROM {t} WHERE key = ANY($1::uuid[]) ORDER BY key FOR UPDATE
-), decided AS MATERIALIZED (
-    SELECT key, expires_at, CASE
-        WHEN expires_at <= clock_timestamp() THEN 0
-        WHEN owner IS NULL THEN 1
-        WHEN owner = $3::text THEN 2
-        WHEN left(owner, length($4::text)) = $4::text
-             AND substr(owner, length($4::text) + 1) ~ '^[0-9]{1,20}$'
-             AND substr(owner, length($4::text) + 1)::numeric < $5::int8::numeric THEN 3
+    SELECT key, owner, expires_at, body FROM {t} WHERE key = ANY($1::uuid[]) ORDER BY key FOR UPDATE
+), coded AS (
+    SELECT l.key, l.expires_at, l.body, i.n, CASE
+        WHEN l.expires_at <= clock_timestamp() THEN 0
+        WHEN l.owner IS NULL AND l.body <> i.b THEN 5
+        WHEN l.owner IS NULL THEN 1
+        WHEN l.owner = $4::text THEN 2
+        WHEN left(l.owner, length($5::text)) = $5::text
+             AND substr(l.owner, length($5::text) + 1) ~ '^[0-9]{1,20}$'
+             AND substr(l.owner, length($5::text) + 1)::numeric < $6::int8::numeric THEN 3
         ELSE 4 END AS code
-    FROM locked
+    FROM locked l JOIN input i ON i.k = l.key
+), decided AS MATERIALIZED (
+    SELECT key, expires_at, body, code,
+        code IN (1, 5) AND $8::int8 IS NOT NULL
+        AND expires_at < clock_timestamp() + $8::int8 * interval '1 millisecond'
+        AND (code = 1 OR EXISTS (
+            SELECT FROM unnest($9::int4[], $10::int8[]) AS x(n, b)
+            WHERE x.n = coded.n AND (coded.body <> x.b) IS NOT TRUE)) AS slides
+    FROM coded
 ), upd AS (
-    UPDATE {t} AS t SET owner = $3::text,
-        expires_at = clock_timestamp() + $6::int8 * interval '1 millisecond'
+    UPDATE {t} AS t SET
+        owner = CASE WHEN d.code IN (1, 5) THEN NULL ELSE $4::text END,
+        body = CASE WHEN d.code IN (1, 5) THEN t.body END,
+        expires_at = CASE WHEN d.code IN (1, 5)
+            THEN greatest(t.expires_at, clock_timestamp() + $8::int8 * interval '1 millisecond')
+            ELSE clock_timestamp() + $7::int8 * interval '1 millisecond' END
     FROM decided d
-    WHERE t.key = d.key AND t.key = ANY($1::uuid[]) AND d.code IN (0, 2, 3)
+    WHERE t.key = d.key AND t.key = ANY($1::uuid[]) AND (d.code IN (0, 2, 3) OR d.slides)
     RETURNING t.key
 ), ins AS (
     INSERT INTO {t} (expires_at, route, key, owner)
-    SELECT clock_timestamp() + $6::int8 * interval '1 millisecond', r, k, $3::text FROM input
+    SELECT clock_timestamp() + $7::int8 * interval '1 millisecond', r, k, $4::text FROM input
     WHERE k NOT IN (SELECT key FROM locked)
     ORDER BY k
     ON CONFLICT (key) DO NOTHING
@@ -277,38 +314,40 @@ const CLAIM: &str = "WITH input AS (
 SELECT i.n, CASE
         WHEN ins.key IS NOT NULL THEN 0
         WHEN upd.key IS NOT NULL THEN d.code
-        WHEN d.code IN (1, 4) THEN d.code
+        WHEN d.code IN (1, 4, 5) THEN d.code
         ELSE 9 END::int4,
     CASE WHEN d.code = 4 AND upd.key IS NULL THEN
-        greatest(0, (extract(epoch FROM d.expires_at - clock_timestamp()) * 1000)::int8) END
+        greatest(0, (extract(epoch FROM d.expires_at - clock_timestamp()) * 1000)::int8) END,
+    CASE WHEN d.code IN (1, 5) THEN d.body END
 FROM input i
 LEFT JOIN ins ON ins.key = i.k
 LEFT JOIN upd ON upd.key = i.k
 LEFT JOIN decided d ON d.key = i.k";
 
 /// Commit codes (as `CommitOutcome::from_code`): 0 committed, 1 restored (nothing live was
-/// there), 2 done elsewhere (left alone), 3 overrode another owner's claim, [`RETRY`]. `$1`
-/// keys, `$2` route ids, `$3` our token, `$4` the window in ms.
+/// there), 2 done elsewhere (left alone, with its window and its digest), 3 overrode another
+/// owner's claim, [`RETRY`]. `$1` keys, `$2` route ids, `$3` each key's body digest (its first
+/// copy's in the batch), `$4` our token, `$5` the window in ms.
 const COMMIT: &str = "WITH input AS (
-    SELECT k, r, n FROM unnest($1::uuid[], $2::int4[]) WITH ORDINALITY AS i(k, r, n)
+    SELECT k, r, b, n FROM unnest($1::uuid[], $2::int4[], $3::int8[]) WITH ORDINALITY AS i(k, r, b, n)
 ), locked AS (
     SELECT key, owner, expires_at FROM {t} WHERE key = ANY($1::uuid[]) ORDER BY key FOR UPDATE
 ), decided AS MATERIALIZED (
     SELECT key, CASE
         WHEN expires_at <= clock_timestamp() THEN 1
         WHEN owner IS NULL THEN 2
-        WHEN owner = $3::text THEN 0
+        WHEN owner = $4::text THEN 0
         ELSE 3 END AS code
     FROM locked
 ), upd AS (
-    UPDATE {t} AS t SET owner = NULL,
-        expires_at = clock_timestamp() + $4::int8 * interval '1 millisecond'
-    FROM decided d
+    UPDATE {t} AS t SET owner = NULL, body = i.b,
+        expires_at = clock_timestamp() + $5::int8 * interval '1 millisecond'
+    FROM decided d JOIN input i ON i.k = d.key
     WHERE t.key = d.key AND t.key = ANY($1::uuid[]) AND d.code <> 2
     RETURNING t.key
 ), ins AS (
-    INSERT INTO {t} (expires_at, route, key, owner)
-    SELECT clock_timestamp() + $4::int8 * interval '1 millisecond', r, k, NULL FROM input
+    INSERT INTO {t} (expires_at, route, key, owner, body)
+    SELECT clock_timestamp() + $5::int8 * interval '1 millisecond', r, k, NULL, b FROM input
     WHERE k NOT IN (SELECT key FROM locked)
     ORDER BY k
     ON CONFLICT (key) DO NOTHING
@@ -319,6 +358,7 @@ SELECT i.n, CASE
         WHEN upd.key IS NOT NULL THEN d.code
         WHEN d.code = 2 THEN 2
         ELSE 9 END::int4,
+    NULL::int8,
     NULL::int8
 FROM input i
 LEFT JOIN ins ON ins.key = i.k
