@@ -18,17 +18,23 @@
 //!
 //! Measured with it (see `tests/postgres.rs`): 0.05 statements per message end to end with
 //! batches of 50 (two per batch: claim and commit), 0.008 in the throughput benchmark's
-//! default batches; the bytes each remembered key costs are in `schema`.
+//! default batches; the bytes each remembered key costs are in `schema` (about 190, or 204
+//! with a body digest).
 //!
 //! # What a batch costs
 //!
 //! One statement per batch of claims, commits, renewals or releases, however many keys (see
-//! `schema` for how each decides every key in one statement). Repeated keys of a batch are
-//! sent once and answered as the memory store answers them (a second claim of a key is `Ours`,
-//! a second commit `DoneElsewhere`). A claim or commit that raced another instance's insert of
-//! the same new key sends a second statement for those keys alone, rarely. `commands_sent`
-//! counts statements; each statement is also parsed once per pooled connection (the first
-//! time that connection sends it), which is not counted.
+//! `schema` for how each decides every key in one statement). Repeated keys of a batch are sent
+//! once and answered as the memory store answers them (a second claim of a key is `Ours`, a
+//! second commit `DoneElsewhere`, each copy of a done key is `Done` or `Conflict` by its own
+//! body digest, and the key's window slides if any of them is `Done`). Body digests travel as
+//! an `int8[]` beside the keys (the first copy's); the other digests of a key repeated with
+//! another body, rare, as a second pair of arrays, so that a claim stays one statement; a
+//! sliding claim lengthens its duplicates' windows in that statement too. A claim
+//! or commit that raced another instance's insert of the same new key sends a second statement
+//! for those keys alone, rarely. `commands_sent` counts statements; each statement is also
+//! parsed once per pooled connection (the first time that connection sends it), which is not
+//! counted.
 //!
 //! # Connections, PostgreSQL down, restarts
 //!
@@ -59,12 +65,14 @@
 //! # The table
 //!
 //! Created by the first claim, commit, renewal, release or ping that reaches the server
-//! (`CREATE TABLE IF NOT EXISTS`, once per process however many operations start at once),
-//! and again after a statement says it is missing. Reads (`inspect`, `forget`, `size`, the
-//! sweeper) of a prefix that has no table answer "nothing there" and create none. When the
-//! role may not create it (or may not read and write an existing one), every operation — and
-//! so `dedupd check --connect`, through `ping` — fails with what is missing and the SQL an
-//! administrator can run.
+//! (`CREATE TABLE IF NOT EXISTS`, once per process however many operations start at once), and
+//! again after a statement says it is missing. A table created by dedupd 0.4 lacks the `body`
+//! column of body digests: the first of those operations adds it, instantly (see `schema`,
+//! "Tables of dedupd 0.4"), or, for a role that does not own the table, fails with the
+//! statement to run. Reads (`inspect`, `forget`, `size`, the sweeper) of a prefix that has no
+//! table answer "nothing there" and create none. When the role may not create it (or may not
+//! read and write an existing one), every operation — and so `dedupd check --connect`, through
+//! `ping` — fails with what is missing and the SQL an administrator can run.
 //!
 //! # TLS
 //!

@@ -21,19 +21,30 @@
 //! | `route` | `int4` | 4 | [`route_id`]: the route's name hashed, for per-route counts |
 //! | `key` | `uuid` (primary key) | 16 | the first 16 bytes of the BLAKE3 hash of the store key |
 //! | `owner` | `text`, NULL = done | 0 when done | the owner token while in flight |
+//! | `body` | `int8`, NULL = none | 8 (+4 padding) when set | a done key's body digest |
 //!
 //! A done row is 24 bytes of tuple header plus 28 of data, 56 bytes aligned, plus a 4-byte line
 //! pointer; its primary-key entry is 16 bytes of uuid plus an 8-byte index tuple header, plus a
 //! line pointer. The digest is stored as a `uuid` rather than a `bytea` because a `uuid` is
-//! fixed-length: no length byte, so the index entry is 24 bytes instead of 32. The columns are
-//! ordered widest first so nothing is padded; a route id costs nothing (the row is 56 bytes
-//! with or without it), where a route name in `text` would cost 8 more bytes for names longer
-//! than 4 characters. A 16-byte digest collides with another key of the table with a chance of
-//! about n²/2¹²⁹ for n keys: never, in practice (see the memory store, which keeps the same).
+//! fixed-length: no length byte, so the index entry is 24 bytes instead of 32. The first four
+//! columns are ordered widest first so nothing is padded; a route id costs nothing (the row is
+//! 56 bytes with or without it), where a route name in `text` would cost 8 more bytes for
+//! names longer than 4 characters. A 16-byte digest collides with another key of the table
+//! with a chance of about n²/2¹²⁹ for n keys: never, in practice (see the memory store, which
+//! keeps the same).
+//!
+//! `body` holds the [`BodyDigest`](crate::store::BodyDigest) of the key's first committed copy,
+//! its 64 bits read as a signed `int8` (PostgreSQL has no unsigned integers); NULL when the
+//! copy had none (`key = "body"`) or the key is in flight. A done row with a digest is 64 bytes:
+//! the `int8` must start on an 8-byte boundary, 4 bytes after the uuid ends. It is the last
+//! column because `ALTER TABLE … ADD COLUMN` appends, so a table of 0.4 and a new one have the
+//! same rows; first after `expires_at` it would save nothing (36 bytes of data also round up
+//! to 64). A NULL `body` costs nothing: every row of this table already has a null bitmap
+//! (done rows for `owner`, claims for `body`) within the 24-byte header.
 //!
 //! Every key is written twice: claimed (a row with the owner token, 72 bytes), then committed
-//! (the done row, 56 bytes), and under MVCC the committed row is a new version of the claimed
-//! one. `fillfactor = 60` leaves room on each page for the done versions of the claims
+//! (the done row, 56 bytes, or 64 with a digest), and under MVCC the committed row is a new
+//! version of the claimed one. `fillfactor = 60` leaves room on each page for the done versions of the claims
 //! inserted there, so most commits stay on their page as heap-only tuples: no second
 //! primary-key entry per key, and the claim version is pruned on the page without waiting for
 //! a VACUUM. No index on `expires_at`: it would cost about 20 bytes per key and make every
@@ -58,6 +69,37 @@
 //! free-space map names), which is why it stays near 140 bytes per key. Under steady traffic
 //! (keys expiring while new ones arrive) autovacuum lets new rows reuse that space and the
 //! primary key's pages; that was not measured.
+//!
+//! The figures above are of done rows without a body digest. With one in every done row (as
+//! dedupd 0.5 writes them unless `key = "body"`), measured the same way at fillfactor 60 on the
+//! same server as a run without: growth 203–204 B/key (heap 154 + primary key 50–51) against
+//! 189 (143 + 45), and 252 B/key after a refill against 233. The heap grows by the digest's 8
+//! bytes and page packing; the primary key presumably by a few commits more that no longer
+//! fit on their claim's page as a heap-only tuple and so add a second index entry.
+//!
+//! # Tables of dedupd 0.4
+//!
+//! 0.4 created the table without `body`. The first claim, commit, renewal, release or ping of a
+//! process that finds the column missing adds it (`ALTER TABLE … ADD COLUMN IF NOT EXISTS`, see
+//! [`upgrade_table`]): a nullable column without a default is a change of the catalog only,
+//! instant whatever the table holds, and the keys 0.4 wrote read as done without a digest,
+//! which can only answer `Done`. The `ALTER` waits for the exclusive lock of the table, so for
+//! the batches of other instances that hold its rows, within `statement_timeout`. Only the
+//! table's owner may alter it: any other role is told the statement to run. Reads do not alter
+//! the table (nor create it), and a 0.4 instance still running alongside keeps working, since
+//! every statement names its columns; should it create the table again after a `DROP`, the next
+//! statement that fails on the missing column makes the store add it again.
+//!
+//! # Conflicts and sliding windows
+//!
+//! A claim that finds a live done key compares the copy's digest with `body` in the same
+//! statement that locks the row (code 5, `Conflict`, when both are known and differ), and
+//! with a sliding window moves `expires_at` to `greatest(expires_at, now + window)` in that
+//! statement's `UPDATE`, so a window only grows and two instances sliding one key cannot undo
+//! each other. A slide writes a new row version (a heap-only one, as `expires_at` has no
+//! index) for each duplicate that lengthens its window, so it costs what a commit costs; a
+//! duplicate whose window is already longer writes nothing. A commit that finds the key done
+//! leaves the row untouched, digest and window alike.
 //!
 //! # Plans
 //!
@@ -85,9 +127,9 @@
 //!    row locked after a wait is re-read in its newest committed version, so each decision is
 //!    made on the row as it is now and nobody can change it before the statement commits.
 //! 2. `decided`: the decision per locked row (the same rules as the memory store and the Redis
-//!    scripts), materialized once.
-//! 3. `upd`: the rows to overwrite, updated; `ins`: the keys that had no row, inserted with
-//!    `ON CONFLICT DO NOTHING`.
+//!    scripts, `done_or_conflict` included), materialized once.
+//! 3. `upd`: the rows to overwrite (or, for a sliding claim, whose window to lengthen),
+//!    updated; `ins`: the keys that had no row, inserted with `ON CONFLICT DO NOTHING`.
 //! 4. The answer per key. A key that had no row in the statement's snapshot but got one from a
 //!    concurrent statement before our insert (a race between two instances on a new key) is
 //!    neither inserted nor locked: it is answered [`RETRY`], and the caller sends a second
