@@ -1634,6 +1634,195 @@ async fn postgres_without_create_privilege_says_what_to_run() {
         .expect("DROP ROLE");
 }
 
+/// Creates the table of `prefix` as dedupd 0.4 did (no `body` column) and writes `done` and
+/// `in_flight` (store keys) into it as 0.4 wrote them.
+async fn pg_create_0_4_table(prefix: &str, done: &[&str], in_flight: &[&str]) {
+    let table = dedupd::store::postgres_table_name(prefix);
+    let admin = pg_admin().await;
+    admin
+        .batch_execute(&format!(
+            "CREATE TABLE \"{table}\" (expires_at timestamptz NOT NULL, route int4 NOT NULL, \
+             key uuid NOT NULL PRIMARY KEY, owner text) WITH (fillfactor = 60)"
+        ))
+        .await
+        .expect("CREATE TABLE as 0.4");
+    let rows = done
+        .iter()
+        .map(|key| (key, None))
+        .chain(in_flight.iter().map(|key| (key, Some("old-inst:1"))));
+    for (key, owner) in rows {
+        let uuid: String = dedupd::store::layout::digest16(key)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        admin
+            .execute(
+                &format!(
+                    "INSERT INTO \"{table}\" (expires_at, route, key, owner) \
+                     VALUES (clock_timestamp() + interval '1 minute', 0, $1::text::uuid, $2)"
+                ),
+                &[&uuid, &owner],
+            )
+            .await
+            .expect("INSERT as 0.4");
+    }
+}
+
+/// Whether the table of `prefix` has the `body` column.
+async fn pg_has_body_column(prefix: &str) -> bool {
+    let table = dedupd::store::postgres_table_name(prefix);
+    pg_admin()
+        .await
+        .query_one(
+            "SELECT EXISTS (SELECT FROM pg_attribute WHERE attrelid = to_regclass($1::text) \
+             AND attname = 'body' AND NOT attisdropped)",
+            &[&format!("\"{table}\"")],
+        )
+        .await
+        .expect("pg_attribute")
+        .get(0)
+}
+
+/// A table dedupd 0.4 created has no `body` column: reads use it as it is, the first claim
+/// adds the column, and the keys 0.4 wrote keep their state (done ones read as duplicates
+/// whatever the copy's body, having no digest to compare). A table dropped and created again
+/// by a 0.4 instance still running is upgraded again.
+#[tokio::test]
+async fn postgres_upgrades_a_table_of_0_4() {
+    let ctx = postgres_ctx("upgrade04").await;
+    let (a, b) = (owner("inst-a", 1), owner("inst-b", 1));
+    let [old, busy, new] = [ctx.key("old"), ctx.key("busy"), ctx.key("new")];
+    pg_create_0_4_table(&ctx.prefix, &[&old], &[&busy]).await;
+
+    assert!(matches!(
+        ctx.store.inspect(&old).await.unwrap(),
+        KeyState::Done { .. }
+    ));
+    assert!(!pg_has_body_column(&ctx.prefix).await, "a read altered it");
+
+    let keys = [old.clone(), busy.clone(), new.clone()];
+    let bodies = [body("o"), body("b"), body("n")];
+    let outcomes = ctx
+        .store
+        .claim(&keys, &bodies, &a, LEASE, Some(WINDOW * 10))
+        .await
+        .unwrap();
+    assert_eq!(outcomes[0], ClaimOutcome::Done);
+    assert!(
+        matches!(outcomes[1], ClaimOutcome::InFlightElsewhere { .. }),
+        "{outcomes:?}"
+    );
+    assert_eq!(outcomes[2], ClaimOutcome::Claimed);
+    assert!(pg_has_body_column(&ctx.prefix).await);
+    // The old done key slid like any other; it remembers no body, so nothing conflicts.
+    assert!(window_left(&ctx, &old).await > WINDOW * 5);
+    assert_eq!(
+        ctx.store
+            .claim(&keys[..1], &[body("other")], &b, LEASE, None)
+            .await
+            .unwrap(),
+        [ClaimOutcome::Done]
+    );
+    assert_eq!(
+        ctx.store
+            .commit(&keys[2..], &bodies[2..], &a, WINDOW)
+            .await
+            .unwrap(),
+        [CommitOutcome::Committed]
+    );
+    assert_eq!(
+        ctx.store
+            .claim(&keys[2..], &[body("other")], &b, LEASE, None)
+            .await
+            .unwrap(),
+        [ClaimOutcome::Conflict]
+    );
+
+    // Dropped and created again by 0.4: the first statement fails on the missing column, and
+    // the next operations add it again.
+    cleanup_postgres(&ctx.prefix).await;
+    pg_create_0_4_table(&ctx.prefix, &[&old], &[]).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        match ctx
+            .store
+            .claim(&keys[..1], &[body("o")], &b, LEASE, None)
+            .await
+        {
+            Ok(outcomes) => {
+                assert_eq!(outcomes, [ClaimOutcome::Done]);
+                break;
+            }
+            Err(e) => {
+                assert!(e.to_string().contains("body"), "{e}");
+                assert!(Instant::now() < deadline, "still failing: {e}");
+            }
+        }
+    }
+    assert!(pg_has_body_column(&ctx.prefix).await);
+    ctx.cleanup().await;
+}
+
+/// A role that may use a table of 0.4 but does not own it may not add the column: every
+/// operation says what an administrator can run, and once that ran, the same store works.
+#[tokio::test]
+async fn postgres_upgrade_without_owning_the_table_says_what_to_run() {
+    let admin = pg_admin().await;
+    let role = format!("dedupd_test_{:08x}", rand::random::<u32>());
+    let prefix = prefix("pg", "upgradegrant");
+    let table = dedupd::store::postgres_table_name(&prefix);
+    let old = format!("{prefix}:r:old");
+    pg_create_0_4_table(&prefix, &[&old], &[]).await;
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {role} LOGIN; \
+             GRANT SELECT, INSERT, UPDATE, DELETE ON \"{table}\" TO {role}"
+        ))
+        .await
+        .expect("CREATE ROLE, GRANT");
+    let cfg = StoreConfig {
+        key_prefix: prefix.clone(),
+        ..store_config(
+            StoreKind::Postgres,
+            &format!("postgres://{role}@127.0.0.1:5432/postgres"),
+            Duration::from_secs(5),
+        )
+    };
+    let store = Store::open(&cfg).await.expect("open");
+    assert!(matches!(
+        store.inspect(&old).await.unwrap(),
+        KeyState::Done { .. }
+    ));
+    let error = store.ping().await.expect_err("not the owner").to_string();
+    assert!(error.contains("may not add it"), "{error}");
+    let keys = [old.clone(), format!("{prefix}:r:new")];
+    let claim = store
+        .claim(&keys, &[], &owner("inst-a", 1), LEASE, None)
+        .await;
+    assert!(claim.is_err(), "{claim:?}");
+    let sql = error
+        .split_once("an administrator can run: ")
+        .map(|(_, sql)| sql.to_owned())
+        .expect("the SQL to run");
+    assert!(sql.starts_with("ALTER TABLE"), "{sql}");
+    admin
+        .batch_execute(&sql)
+        .await
+        .expect("the printed SQL runs");
+    assert_eq!(
+        store
+            .claim(&keys, &[], &owner("inst-a", 1), LEASE, None)
+            .await
+            .unwrap(),
+        [ClaimOutcome::Done, ClaimOutcome::Claimed]
+    );
+    cleanup_postgres(&prefix).await;
+    admin
+        .batch_execute(&format!("DROP ROLE {role}"))
+        .await
+        .expect("DROP ROLE");
+}
+
 /// `sslmode=require`: the connection is encrypted (the server says so in `pg_stat_ssl`) and the
 /// server's certificate verified, against `store.tls.ca_file` (here the self-signed certificate
 /// Debian's PostgreSQL serves, for `localhost`); without it, the webpki roots refuse it.

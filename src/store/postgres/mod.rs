@@ -18,17 +18,23 @@
 //!
 //! Measured with it (see `tests/postgres.rs`): 0.05 statements per message end to end with
 //! batches of 50 (two per batch: claim and commit), 0.008 in the throughput benchmark's
-//! default batches; the bytes each remembered key costs are in `schema`.
+//! default batches; the bytes each remembered key costs are in `schema` (about 190, or 204
+//! with a body digest).
 //!
 //! # What a batch costs
 //!
 //! One statement per batch of claims, commits, renewals or releases, however many keys (see
-//! `schema` for how each decides every key in one statement). Repeated keys of a batch are
-//! sent once and answered as the memory store answers them (a second claim of a key is `Ours`,
-//! a second commit `DoneElsewhere`). A claim or commit that raced another instance's insert of
-//! the same new key sends a second statement for those keys alone, rarely. `commands_sent`
-//! counts statements; each statement is also parsed once per pooled connection (the first
-//! time that connection sends it), which is not counted.
+//! `schema` for how each decides every key in one statement). Repeated keys of a batch are sent
+//! once and answered as the memory store answers them (a second claim of a key is `Ours`, a
+//! second commit `DoneElsewhere`, each copy of a done key is `Done` or `Conflict` by its own
+//! body digest, and the key's window slides if any of them is `Done`). Body digests travel as
+//! an `int8[]` beside the keys (the first copy's); the other digests of a key repeated with
+//! another body, rare, as a second pair of arrays, so that a claim stays one statement; a
+//! sliding claim lengthens its duplicates' windows in that statement too. A claim
+//! or commit that raced another instance's insert of the same new key sends a second statement
+//! for those keys alone, rarely. `commands_sent` counts statements; each statement is also
+//! parsed once per pooled connection (the first time that connection sends it), which is not
+//! counted.
 //!
 //! # Connections, PostgreSQL down, restarts
 //!
@@ -59,12 +65,14 @@
 //! # The table
 //!
 //! Created by the first claim, commit, renewal, release or ping that reaches the server
-//! (`CREATE TABLE IF NOT EXISTS`, once per process however many operations start at once),
-//! and again after a statement says it is missing. Reads (`inspect`, `forget`, `size`, the
-//! sweeper) of a prefix that has no table answer "nothing there" and create none. When the
-//! role may not create it (or may not read and write an existing one), every operation — and
-//! so `dedupd check --connect`, through `ping` — fails with what is missing and the SQL an
-//! administrator can run.
+//! (`CREATE TABLE IF NOT EXISTS`, once per process however many operations start at once), and
+//! again after a statement says it is missing. A table created by dedupd 0.4 lacks the `body`
+//! column of body digests: the first of those operations adds it, instantly (see `schema`,
+//! "Tables of dedupd 0.4"), or, for a role that does not own the table, fails with the
+//! statement to run. Reads (`inspect`, `forget`, `size`, the sweeper) of a prefix that has no
+//! table answer "nothing there" and create none. When the role may not create it (or may not
+//! read and write an existing one), every operation — and so `dedupd check --connect`, through
+//! `ping` — fails with what is missing and the SQL an administrator can run.
 //!
 //! # TLS
 //!
@@ -91,7 +99,10 @@ use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 use tokio_postgres::{NoTls, Row};
 
-use super::{BodyDigest, ClaimOutcome, CommitOutcome, KeyState, Owner, StoreError, StoreSize};
+use super::{
+    body_at, done_or_conflict, BodyDigest, ClaimOutcome, CommitOutcome, KeyState, Owner,
+    StoreError, StoreSize,
+};
 use crate::config::{redact_url, StoreConfig, StoreUrl};
 
 pub use schema::table_name;
@@ -159,22 +170,36 @@ impl ToSql for Uuid {
 struct Batch {
     digests: Vec<Uuid>,
     routes: Vec<i32>,
+    /// The body digest of each distinct key's first copy (the `body` column's value).
+    bodies: Vec<Option<i64>>,
+    /// The other body digests of repeated keys, as (index into `digests`, digest), each once
+    /// per key: what a claim needs to know whether any copy of a done key is a duplicate.
+    /// Empty unless a batch repeats a key with another body (or with and without one).
+    others: Vec<(usize, Option<i64>)>,
     /// For each key of the batch: (index into `digests`, repeated).
     slots: Vec<(usize, bool)>,
 }
 
 impl Batch {
-    fn new(keys: &[String], prefix: &str) -> Batch {
+    fn new(keys: &[String], bodies: &[Option<BodyDigest>], prefix: &str) -> Batch {
         let mut index: HashMap<Uuid, usize> = HashMap::with_capacity(keys.len());
         let mut batch = Batch {
             digests: Vec::with_capacity(keys.len()),
             routes: Vec::with_capacity(keys.len()),
+            bodies: Vec::with_capacity(keys.len()),
+            others: Vec::new(),
             slots: Vec::with_capacity(keys.len()),
         };
-        for key in keys {
+        for (n, key) in keys.iter().enumerate() {
             let digest = Uuid(schema::digest(key));
+            let body = body_at(bodies, n).map(to_column);
             match index.get(&digest) {
-                Some(&i) => batch.slots.push((i, true)),
+                Some(&i) => {
+                    batch.slots.push((i, true));
+                    if body != batch.bodies[i] && !batch.others.contains(&(i, body)) {
+                        batch.others.push((i, body));
+                    }
+                }
                 None => {
                     let i = batch.digests.len();
                     index.insert(digest, i);
@@ -182,6 +207,7 @@ impl Batch {
                     batch
                         .routes
                         .push(route_id(super::layout::route_of(prefix, key)));
+                    batch.bodies.push(body);
                     batch.slots.push((i, false));
                 }
             }
@@ -276,52 +302,70 @@ impl PostgresStore {
     pub async fn claim(
         &self,
         keys: &[String],
-        _bodies: &[Option<BodyDigest>],
+        bodies: &[Option<BodyDigest>],
         owner: &Owner,
         lease: Duration,
-        _slide: Option<Duration>,
+        slide: Option<Duration>,
     ) -> Result<Vec<ClaimOutcome>, StoreError> {
-        let batch = Batch::new(keys, &self.inner.prefix);
+        let batch = Batch::new(keys, bodies, &self.inner.prefix);
         let token = owner.token();
         let instance = owner.instance_prefix();
         let epoch = i64::try_from(owner.epoch()).unwrap_or(i64::MAX);
         let lease_ms = millis(lease);
+        let slide_ms = slide.map(millis);
         let mut session = self.session().await?;
         let answers = session
             .decide(
                 &self.inner.sql.claim,
                 &batch,
-                &[&token, &instance, &epoch, &lease_ms],
+                Others::Send,
+                &[&token, &instance, &epoch, &lease_ms, &slide_ms],
             )
             .await?
             .into_iter()
-            .map(|(code, left)| claim_outcome(code, left))
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(batch.spread(&answers, |first| match first {
-            ClaimOutcome::Claimed | ClaimOutcome::TakenOver | ClaimOutcome::Ours => {
-                ClaimOutcome::Ours
-            }
-            other => other.clone(),
-        }))
+            .map(|answer| Ok((claim_outcome(answer.code, answer.left)?, answer.body)))
+            .collect::<Result<Vec<_>, StoreError>>()?;
+        // Each copy of a done key compares its own body: a batch may repeat a key with another.
+        Ok(batch
+            .slots
+            .iter()
+            .enumerate()
+            .map(|(n, &(i, repeated))| match &answers[i] {
+                (ClaimOutcome::Done | ClaimOutcome::Conflict, stored) => {
+                    done_or_conflict(stored.and_then(from_column), body_at(bodies, n))
+                }
+                (ClaimOutcome::Claimed | ClaimOutcome::TakenOver | ClaimOutcome::Ours, _)
+                    if repeated =>
+                {
+                    ClaimOutcome::Ours
+                }
+                (outcome, _) => outcome.clone(),
+            })
+            .collect())
     }
 
     /// See `Store::commit`.
     pub async fn commit(
         &self,
         keys: &[String],
-        _bodies: &[Option<BodyDigest>],
+        bodies: &[Option<BodyDigest>],
         owner: &Owner,
         window: Duration,
     ) -> Result<Vec<CommitOutcome>, StoreError> {
-        let batch = Batch::new(keys, &self.inner.prefix);
+        let batch = Batch::new(keys, bodies, &self.inner.prefix);
         let token = owner.token();
         let window_ms = millis(window);
         let mut session = self.session().await?;
         let answers = session
-            .decide(&self.inner.sql.commit, &batch, &[&token, &window_ms])
+            .decide(
+                &self.inner.sql.commit,
+                &batch,
+                Others::Skip,
+                &[&token, &window_ms],
+            )
             .await?
             .into_iter()
-            .map(|(code, _)| {
+            .map(|Answer { code, .. }| {
                 CommitOutcome::from_code(i64::from(code))
                     .ok_or_else(|| unexpected(format!("commit answered code {code}")))
             })
@@ -338,7 +382,7 @@ impl PostgresStore {
     ) -> Result<Vec<bool>, StoreError> {
         let lease_ms = millis(lease);
         let sql = &self.inner.sql.renew;
-        let batch = Batch::new(keys, &self.inner.prefix);
+        let batch = Batch::new(keys, &[], &self.inner.prefix);
         let found = self
             .compare_and(sql, &batch, &[&batch.digests, &owner.token(), &lease_ms])
             .await?;
@@ -348,7 +392,7 @@ impl PostgresStore {
     /// See `Store::release`.
     pub async fn release(&self, keys: &[String], owner: &Owner) -> Result<Vec<bool>, StoreError> {
         let sql = &self.inner.sql.release;
-        let batch = Batch::new(keys, &self.inner.prefix);
+        let batch = Batch::new(keys, &[], &self.inner.prefix);
         let found = self
             .compare_and(sql, &batch, &[&batch.digests, &owner.token()])
             .await?;
@@ -579,6 +623,24 @@ enum Setup {
     ReadOnly,
 }
 
+/// Whether a statement takes the other body digests of repeated keys (claims do, commits
+/// write the first copy's only).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Others {
+    Send,
+    Skip,
+}
+
+/// A claim's or commit's answer for one distinct key.
+#[derive(Debug, Clone, Copy)]
+struct Answer {
+    code: i32,
+    /// Lease left in ms (in flight elsewhere).
+    left: Option<i64>,
+    /// The stored body digest of a live done key (the `body` column).
+    body: Option<i64>,
+}
+
 impl Session<'_> {
     /// Runs `sql` (prepared once per connection) within the operation's deadline.
     async fn query(
@@ -629,34 +691,54 @@ impl Session<'_> {
     }
 
     /// Sends a claim or commit statement for the distinct keys of `batch`, then again for the
-    /// keys it answered [`RETRY`], until all are decided: (code, lease left in ms) per key.
+    /// keys it answered [`RETRY`], until all are decided: one [`Answer`] per distinct key.
+    /// Parameters: the keys, their routes, their bodies, `more`, then (with [`Others::Send`])
+    /// the other digests of repeated keys as key numbers and digests.
     async fn decide(
         &mut self,
         sql: &str,
         batch: &Batch,
+        others: Others,
         more: &[&(dyn ToSql + Sync)],
-    ) -> Result<Vec<(i32, Option<i64>)>, StoreError> {
-        let mut answers: Vec<Option<(i32, Option<i64>)>> = vec![None; batch.digests.len()];
+    ) -> Result<Vec<Answer>, StoreError> {
+        let mut answers: Vec<Option<Answer>> = vec![None; batch.digests.len()];
         let mut todo: Vec<usize> = (0..batch.digests.len()).collect();
         for _ in 0..MAX_ATTEMPTS {
             let keys: Vec<Uuid> = todo.iter().map(|&i| batch.digests[i]).collect();
             let routes: Vec<i32> = todo.iter().map(|&i| batch.routes[i]).collect();
-            let mut params: Vec<&(dyn ToSql + Sync)> = vec![&keys, &routes];
+            let bodies: Vec<Option<i64>> = todo.iter().map(|&i| batch.bodies[i]).collect();
+            // Key numbers of this statement (1-based, as `WITH ORDINALITY` counts).
+            let (other_keys, other_bodies): (Vec<i32>, Vec<Option<i64>>) = batch
+                .others
+                .iter()
+                .filter_map(|&(i, body)| {
+                    let n = todo.iter().position(|&t| t == i)?;
+                    Some((i32::try_from(n + 1).ok()?, body))
+                })
+                .unzip();
+            let mut params: Vec<&(dyn ToSql + Sync)> = vec![&keys, &routes, &bodies];
             params.extend_from_slice(more);
+            if others == Others::Send {
+                params.push(&other_keys);
+                params.push(&other_bodies);
+            }
             let rows = self.query(sql, &params).await?;
             let mut retry = Vec::new();
             for row in rows {
                 let n: i64 = row.try_get(0).map_err(failure)?;
-                let code: i32 = row.try_get(1).map_err(failure)?;
-                let left: Option<i64> = row.try_get(2).map_err(failure)?;
+                let answer = Answer {
+                    code: row.try_get(1).map_err(failure)?,
+                    left: row.try_get(2).map_err(failure)?,
+                    body: row.try_get(3).map_err(failure)?,
+                };
                 let i = usize::try_from(n - 1)
                     .ok()
                     .and_then(|n| todo.get(n).copied())
                     .ok_or_else(|| unexpected(format!("an answer for key number {n}")))?;
-                if code == RETRY {
+                if answer.code == RETRY {
                     retry.push(i);
                 } else {
-                    answers[i] = Some((code, left));
+                    answers[i] = Some(answer);
                 }
             }
             if retry.is_empty() {
@@ -692,20 +774,31 @@ impl Session<'_> {
         let may_create: bool = row.try_get(2).map_err(failure)?;
         let role: String = row.try_get(3).map_err(failure)?;
         let schema_name: String = row.try_get(4).map_err(failure)?;
+        let has_body: bool = row.try_get(5).map_err(failure)?;
         let grant = schema::grant(&inner.table, &role);
-        if exists && usable {
+        if exists && usable && has_body {
             inner.ready.store(true, Ordering::Relaxed);
             return Ok(());
         }
-        if !exists && setup == Setup::ReadOnly {
-            self.missing = true;
+        if setup == Setup::ReadOnly {
+            // Reads never change the schema, and a table of 0.4 reads as well as a new one;
+            // the next claim or commit upgrades it (and until then reads probe again).
+            self.missing = !exists;
             return Ok(());
         }
-        if exists {
+        if exists && !usable {
+            let sql = if has_body {
+                grant
+            } else {
+                format!("{} {grant}", inner.sql.upgrade)
+            };
             return Err(StoreError::Postgres(format!(
                 "role {role:?} may not read and write table {quoted} (it needs SELECT, INSERT, \
-                 UPDATE and DELETE): an administrator can run: {grant}"
+                 UPDATE and DELETE): an administrator can run: {sql}"
             )));
+        }
+        if exists {
+            return self.upgrade_table(&role).await;
         }
         if !may_create {
             let schema_name = if schema_name.is_empty() {
@@ -749,10 +842,57 @@ impl Session<'_> {
         Ok(())
     }
 
+    /// Adds the `body` column to a table created by dedupd 0.4. Only the table's owner may:
+    /// anyone else is told what to run.
+    async fn upgrade_table(&mut self, role: &str) -> Result<(), StoreError> {
+        let inner = &self.store.inner;
+        let Some(client) = self.client.as_ref() else {
+            return Err(StoreError::Postgres("the connection was dropped".into()));
+        };
+        self.store.sent(1);
+        // Takes the table's exclusive lock for a moment (a catalog change, no rewrite), after
+        // the batches of other instances that hold its rows; bounded by statement_timeout.
+        match tokio::time::timeout_at(self.deadline, client.batch_execute(&inner.sql.upgrade)).await
+        {
+            Ok(Ok(())) => {
+                tracing::info!(
+                    store = %inner.label,
+                    "added the body column to the key store's table (created by dedupd 0.4)"
+                );
+            }
+            // Another instance added it at the same moment.
+            Ok(Err(e))
+                if matches!(
+                    e.code(),
+                    Some(&SqlState::DUPLICATE_COLUMN | &SqlState::UNIQUE_VIOLATION)
+                ) => {}
+            Ok(Err(e)) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
+                return Err(StoreError::Postgres(format!(
+                    "table {} lacks the body column dedupd 0.5 keeps body digests in (created \
+                     by dedupd 0.4), and role {role:?} may not add it (only the table's owner \
+                     may): an administrator can run: {}",
+                    quote_ident(&inner.table),
+                    inner.sql.upgrade
+                )));
+            }
+            Ok(Err(e)) => return Err(self.failed(&e)),
+            Err(_) => {
+                self.discard();
+                return Err(StoreError::Timeout(inner.timeout));
+            }
+        }
+        inner.ready.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
     /// The error of a failed statement; drops the connection if it is closed, and forgets that
-    /// the table is ready if it is missing.
+    /// the table is ready if it is missing or lacks a column.
     fn failed(&mut self, e: &tokio_postgres::Error) -> StoreError {
-        if e.code() == Some(&SqlState::UNDEFINED_TABLE) {
+        // A missing column: the table was dropped and created again by dedupd 0.4.
+        if matches!(
+            e.code(),
+            Some(&SqlState::UNDEFINED_TABLE | &SqlState::UNDEFINED_COLUMN)
+        ) {
             self.store.inner.ready.store(false, Ordering::Relaxed);
         }
         // A server that turned read-only (a primary demoted in a failover) keeps refusing
@@ -820,6 +960,7 @@ fn claim_outcome(code: i32, left_ms: Option<i64>) -> Result<ClaimOutcome, StoreE
     Ok(match code {
         0 => ClaimOutcome::Claimed,
         1 => ClaimOutcome::Done,
+        5 => ClaimOutcome::Conflict,
         2 => ClaimOutcome::Ours,
         3 => ClaimOutcome::TakenOver,
         4 => ClaimOutcome::InFlightElsewhere {
@@ -855,6 +996,17 @@ fn describe_target(pg: &tokio_postgres::Config) -> String {
     format!("postgres://{user}{}/{database}", hosts.join(","))
 }
 
+/// A body digest as the `body` column keeps it: the same 64 bits, as PostgreSQL has no
+/// unsigned integers.
+fn to_column(body: BodyDigest) -> i64 {
+    i64::from_be_bytes(body.to_bytes())
+}
+
+/// A `body` column's value as a digest (never 0, as [`to_column`] never writes 0).
+fn from_column(body: i64) -> Option<BodyDigest> {
+    BodyDigest::from_u64(u64::from_be_bytes(body.to_be_bytes()))
+}
+
 /// A lease or window in ms for the SQL (at least 1 ms, as everywhere else).
 fn millis(d: Duration) -> i64 {
     i64::try_from(super::px_millis(d)).unwrap_or(i64::MAX)
@@ -870,17 +1022,48 @@ mod tests {
 
     #[test]
     fn a_batch_sends_each_key_once_and_answers_every_copy() {
-        let batch = Batch::new(&keys(&["x", "y", "x", "x", "z"]), "dd");
+        let batch = Batch::new(&keys(&["x", "y", "x", "x", "z"]), &[], "dd");
         assert_eq!(batch.digests.len(), 3);
         assert_eq!(batch.routes, vec![route_id("r"); 3]);
+        assert_eq!(batch.bodies, [None; 3]);
+        assert!(batch.others.is_empty());
         let answers = [1, 2, 3];
         assert_eq!(batch.spread(&answers, |a| a * 10), [1, 2, 10, 10, 3]);
+    }
+
+    #[test]
+    fn a_batch_sends_each_other_body_of_a_repeated_key_once() {
+        let digest = |text: &str| Some(BodyDigest::of(text.as_bytes()));
+        let column = |text: &str| digest(text).map(to_column);
+        let bodies = [
+            digest("a"),
+            digest("b"),
+            digest("a"),
+            digest("c"),
+            None,
+            digest("c"),
+            digest("b"),
+        ];
+        let batch = Batch::new(&keys(&["x", "y", "x", "x", "x", "x", "y"]), &bodies, "dd");
+        assert_eq!(batch.bodies, [column("a"), column("b")]);
+        assert_eq!(batch.others, [(0, column("c")), (0, None)]);
+    }
+
+    #[test]
+    fn body_digests_survive_the_signed_column() {
+        for value in [1, 0x7fff_ffff_ffff_ffff, 0x8000_0000_0000_0000, u64::MAX] {
+            let digest = BodyDigest::from_u64(value).unwrap();
+            assert_eq!(from_column(to_column(digest)), Some(digest));
+        }
+        assert_eq!(to_column(BodyDigest::from_u64(u64::MAX).unwrap()), -1);
+        assert_eq!(from_column(0), None);
     }
 
     #[test]
     fn claim_codes_read_as_the_redis_scripts_answer() {
         assert_eq!(claim_outcome(0, None).ok(), Some(ClaimOutcome::Claimed));
         assert_eq!(claim_outcome(3, None).ok(), Some(ClaimOutcome::TakenOver));
+        assert_eq!(claim_outcome(5, None).ok(), Some(ClaimOutcome::Conflict));
         assert_eq!(
             claim_outcome(4, Some(1500)).ok(),
             Some(ClaimOutcome::InFlightElsewhere {

@@ -21,19 +21,30 @@
 //! | `route` | `int4` | 4 | [`route_id`]: the route's name hashed, for per-route counts |
 //! | `key` | `uuid` (primary key) | 16 | the first 16 bytes of the BLAKE3 hash of the store key |
 //! | `owner` | `text`, NULL = done | 0 when done | the owner token while in flight |
+//! | `body` | `int8`, NULL = none | 8 (+4 padding) when set | a done key's body digest |
 //!
 //! A done row is 24 bytes of tuple header plus 28 of data, 56 bytes aligned, plus a 4-byte line
 //! pointer; its primary-key entry is 16 bytes of uuid plus an 8-byte index tuple header, plus a
 //! line pointer. The digest is stored as a `uuid` rather than a `bytea` because a `uuid` is
-//! fixed-length: no length byte, so the index entry is 24 bytes instead of 32. The columns are
-//! ordered widest first so nothing is padded; a route id costs nothing (the row is 56 bytes
-//! with or without it), where a route name in `text` would cost 8 more bytes for names longer
-//! than 4 characters. A 16-byte digest collides with another key of the table with a chance of
-//! about n²/2¹²⁹ for n keys: never, in practice (see the memory store, which keeps the same).
+//! fixed-length: no length byte, so the index entry is 24 bytes instead of 32. The first four
+//! columns are ordered widest first so nothing is padded; a route id costs nothing (the row is
+//! 56 bytes with or without it), where a route name in `text` would cost 8 more bytes for
+//! names longer than 4 characters. A 16-byte digest collides with another key of the table
+//! with a chance of about n²/2¹²⁹ for n keys: never, in practice (see the memory store, which
+//! keeps the same).
+//!
+//! `body` holds the [`BodyDigest`](crate::store::BodyDigest) of the key's first committed copy,
+//! its 64 bits read as a signed `int8` (PostgreSQL has no unsigned integers); NULL when the
+//! copy had none (`key = "body"`) or the key is in flight. A done row with a digest is 64 bytes:
+//! the `int8` must start on an 8-byte boundary, 4 bytes after the uuid ends. It is the last
+//! column because `ALTER TABLE … ADD COLUMN` appends, so a table of 0.4 and a new one have the
+//! same rows; first after `expires_at` it would save nothing (36 bytes of data also round up
+//! to 64). A NULL `body` costs nothing: every row of this table already has a null bitmap
+//! (done rows for `owner`, claims for `body`) within the 24-byte header.
 //!
 //! Every key is written twice: claimed (a row with the owner token, 72 bytes), then committed
-//! (the done row, 56 bytes), and under MVCC the committed row is a new version of the claimed
-//! one. `fillfactor = 60` leaves room on each page for the done versions of the claims
+//! (the done row, 56 bytes, or 64 with a digest), and under MVCC the committed row is a new
+//! version of the claimed one. `fillfactor = 60` leaves room on each page for the done versions of the claims
 //! inserted there, so most commits stay on their page as heap-only tuples: no second
 //! primary-key entry per key, and the claim version is pruned on the page without waiting for
 //! a VACUUM. No index on `expires_at`: it would cost about 20 bytes per key and make every
@@ -58,6 +69,37 @@
 //! free-space map names), which is why it stays near 140 bytes per key. Under steady traffic
 //! (keys expiring while new ones arrive) autovacuum lets new rows reuse that space and the
 //! primary key's pages; that was not measured.
+//!
+//! The figures above are of done rows without a body digest. With one in every done row (as
+//! dedupd 0.5 writes them unless `key = "body"`), measured the same way at fillfactor 60 on the
+//! same server as a run without: growth 203–204 B/key (heap 154 + primary key 50–51) against
+//! 189 (143 + 45), and 252 B/key after a refill against 233. The heap grows by the digest's 8
+//! bytes and page packing; the primary key presumably by a few commits more that no longer
+//! fit on their claim's page as a heap-only tuple and so add a second index entry.
+//!
+//! # Tables of dedupd 0.4
+//!
+//! 0.4 created the table without `body`. The first claim, commit, renewal, release or ping of a
+//! process that finds the column missing adds it (`ALTER TABLE … ADD COLUMN IF NOT EXISTS`, see
+//! [`upgrade_table`]): a nullable column without a default is a change of the catalog only,
+//! instant whatever the table holds, and the keys 0.4 wrote read as done without a digest,
+//! which can only answer `Done`. The `ALTER` waits for the exclusive lock of the table, so for
+//! the batches of other instances that hold its rows, within `statement_timeout`. Only the
+//! table's owner may alter it: any other role is told the statement to run. Reads do not alter
+//! the table (nor create it), and a 0.4 instance still running alongside keeps working, since
+//! every statement names its columns; should it create the table again after a `DROP`, the next
+//! statement that fails on the missing column makes the store add it again.
+//!
+//! # Conflicts and sliding windows
+//!
+//! A claim that finds a live done key compares the copy's digest with `body` in the same
+//! statement that locks the row (code 5, `Conflict`, when both are known and differ), and
+//! with a sliding window moves `expires_at` to `greatest(expires_at, now + window)` in that
+//! statement's `UPDATE`, so a window only grows and two instances sliding one key cannot undo
+//! each other. A slide writes a new row version (a heap-only one, as `expires_at` has no
+//! index) for each duplicate that lengthens its window, so it costs what a commit costs; a
+//! duplicate whose window is already longer writes nothing. A commit that finds the key done
+//! leaves the row untouched, digest and window alike.
 //!
 //! # Plans
 //!
@@ -85,9 +127,9 @@
 //!    row locked after a wait is re-read in its newest committed version, so each decision is
 //!    made on the row as it is now and nobody can change it before the statement commits.
 //! 2. `decided`: the decision per locked row (the same rules as the memory store and the Redis
-//!    scripts), materialized once.
-//! 3. `upd`: the rows to overwrite, updated; `ins`: the keys that had no row, inserted with
-//!    `ON CONFLICT DO NOTHING`.
+//!    scripts, `done_or_conflict` included), materialized once.
+//! 3. `upd`: the rows to overwrite (or, for a sliding claim, whose window to lengthen),
+//!    updated; `ins`: the keys that had no row, inserted with `ON CONFLICT DO NOTHING`.
 //! 4. The answer per key. A key that had no row in the statement's snapshot but got one from a
 //!    concurrent statement before our insert (a race between two instances on a new key) is
 //!    neither inserted nor locked: it is answered [`RETRY`], and the caller sends a second
@@ -158,7 +200,10 @@ pub use crate::store::layout::digest16 as digest;
 pub struct Statements {
     /// Creates the table (see [`create_table`]).
     pub create: String,
-    /// `$1` the quoted table name: (exists, may read and write it, may create it, role, schema).
+    /// Adds the `body` column to a table created by dedupd 0.4 (see [`upgrade_table`]).
+    pub upgrade: String,
+    /// `$1` the quoted table name: (exists, may read and write it, may create it, role, schema,
+    /// has the `body` column).
     pub probe: &'static str,
     pub claim: String,
     pub commit: String,
@@ -180,6 +225,7 @@ impl Statements {
         let t = quote_ident(table);
         Statements {
             create: create_table(table, key_prefix),
+            upgrade: upgrade_table(table),
             probe: PROBE,
             claim: CLAIM.replace("{t}", &t),
             commit: COMMIT.replace("{t}", &t),
@@ -217,8 +263,18 @@ pub fn create_table(table: &str, key_prefix: &str) -> String {
     ));
     format!(
         "CREATE TABLE IF NOT EXISTS {t} (expires_at timestamptz NOT NULL, route int4 NOT NULL, \
-         key uuid NOT NULL PRIMARY KEY, owner text) WITH (fillfactor = 60); \
+         key uuid NOT NULL PRIMARY KEY, owner text, body int8) WITH (fillfactor = 60); \
          COMMENT ON TABLE {t} IS {comment};"
+    )
+}
+
+/// The DDL that brings a table of dedupd 0.4 (no `body` column) up to date, also printed for
+/// an administrator to run when the role does not own the table. A nullable column without
+/// a default is a catalog change only: no row is rewritten, whatever the table holds.
+pub fn upgrade_table(table: &str) -> String {
+    format!(
+        "ALTER TABLE {} ADD COLUMN IF NOT EXISTS body int8;",
+        quote_ident(table)
     )
 }
 
@@ -236,39 +292,62 @@ const PROBE: &str = "SELECT t IS NOT NULL, \
     t IS NOT NULL AND has_table_privilege(t, 'SELECT') AND has_table_privilege(t, 'INSERT') \
       AND has_table_privilege(t, 'UPDATE') AND has_table_privilege(t, 'DELETE'), \
     current_schema() IS NOT NULL AND has_schema_privilege(current_schema(), 'CREATE'), \
-    current_user::text, coalesce(current_schema()::text, '') \
+    current_user::text, coalesce(current_schema()::text, ''), \
+    EXISTS (SELECT FROM pg_attribute WHERE attrelid = t AND attname = 'body' AND NOT attisdropped) \
     FROM to_regclass($1::text) AS t";
 
 /// Claim codes: 0 claimed, 1 done, 2 ours, 3 taken over, 4 in flight elsewhere (with the lease
-/// left in ms), [`RETRY`]. `$1` keys, `$2` their route ids, `$3` our token, `$4` our instance
-/// prefix `{instance}:`, `$5` our epoch, `$6` the lease in ms.
+/// left in ms), 5 conflict, [`RETRY`]; and for a live done row (1 or 5), its body digest.
+/// `$1` keys, `$2` their route ids, `$3` each key's body digest (its first copy's in the
+/// batch), `$4` our token, `$5` our instance prefix `{instance}:`, `$6` our epoch, `$7` the
+/// lease in ms, `$8` the sliding window in ms (NULL: fixed windows), `$9`/`$10` the other
+/// digests of keys repeated in the batch with another body, as (key number, digest) pairs.
 ///
 /// A token of our instance is "an older epoch" when what follows the prefix is all digits and
 /// numerically less than ours (as `is_older_epoch_of`); `left`/`substr` rather than `LIKE`, whose
 /// wildcards an instance id could contain.
+///
+/// `(a <> b) IS NOT TRUE` is `done_or_conflict` answering `Done`: equal, or either unknown. A
+/// done row slides when any copy of its key in the batch is such a duplicate (the memory store
+/// decides each copy in turn, and one `Done` among them slides the key), and only when that
+/// lengthens its window: a row version per duplicate that changes nothing would only bloat
+/// the heap.
 const CLAIM: &str = "WITH input AS (
-    SELECT k, r, n FROM unnest($1::uuid[], $2::int4[]) WITH ORDINALITY AS i(k, r, n)
+    SELECT k, r, b, n FROM unnest($1::uuid[], $2::int4[], $3::int8[]) WITH ORDINALITY AS i(k, r, b, n)
 ), locked AS (
-    SELECT key, owner, expires_at FROM {t} WHERE key = ANY($1::uuid[]) ORDER BY key FOR UPDATE
-), decided AS MATERIALIZED (
-    SELECT key, expires_at, CASE
-        WHEN expires_at <= clock_timestamp() THEN 0
-        WHEN owner IS NULL THEN 1
-        WHEN owner = $3::text THEN 2
-        WHEN left(owner, length($4::text)) = $4::text
-             AND substr(owner, length($4::text) + 1) ~ '^[0-9]{1,20}$'
-             AND substr(owner, length($4::text) + 1)::numeric < $5::int8::numeric THEN 3
+    SELECT key, owner, expires_at, body FROM {t} WHERE key = ANY($1::uuid[]) ORDER BY key FOR UPDATE
+), coded AS (
+    SELECT l.key, l.expires_at, l.body, i.n, CASE
+        WHEN l.expires_at <= clock_timestamp() THEN 0
+        WHEN l.owner IS NULL AND l.body <> i.b THEN 5
+        WHEN l.owner IS NULL THEN 1
+        WHEN l.owner = $4::text THEN 2
+        WHEN left(l.owner, length($5::text)) = $5::text
+             AND substr(l.owner, length($5::text) + 1) ~ '^[0-9]{1,20}$'
+             AND substr(l.owner, length($5::text) + 1)::numeric < $6::int8::numeric THEN 3
         ELSE 4 END AS code
-    FROM locked
+    FROM locked l JOIN input i ON i.k = l.key
+), decided AS MATERIALIZED (
+    SELECT key, expires_at, body, code,
+        code IN (1, 5) AND $8::int8 IS NOT NULL
+        AND expires_at < clock_timestamp() + $8::int8 * interval '1 millisecond'
+        AND (code = 1 OR EXISTS (
+            SELECT FROM unnest($9::int4[], $10::int8[]) AS x(n, b)
+            WHERE x.n = coded.n AND (coded.body <> x.b) IS NOT TRUE)) AS slides
+    FROM coded
 ), upd AS (
-    UPDATE {t} AS t SET owner = $3::text,
-        expires_at = clock_timestamp() + $6::int8 * interval '1 millisecond'
+    UPDATE {t} AS t SET
+        owner = CASE WHEN d.code IN (1, 5) THEN NULL ELSE $4::text END,
+        body = CASE WHEN d.code IN (1, 5) THEN t.body END,
+        expires_at = CASE WHEN d.code IN (1, 5)
+            THEN greatest(t.expires_at, clock_timestamp() + $8::int8 * interval '1 millisecond')
+            ELSE clock_timestamp() + $7::int8 * interval '1 millisecond' END
     FROM decided d
-    WHERE t.key = d.key AND t.key = ANY($1::uuid[]) AND d.code IN (0, 2, 3)
+    WHERE t.key = d.key AND t.key = ANY($1::uuid[]) AND (d.code IN (0, 2, 3) OR d.slides)
     RETURNING t.key
 ), ins AS (
     INSERT INTO {t} (expires_at, route, key, owner)
-    SELECT clock_timestamp() + $6::int8 * interval '1 millisecond', r, k, $3::text FROM input
+    SELECT clock_timestamp() + $7::int8 * interval '1 millisecond', r, k, $4::text FROM input
     WHERE k NOT IN (SELECT key FROM locked)
     ORDER BY k
     ON CONFLICT (key) DO NOTHING
@@ -277,38 +356,40 @@ const CLAIM: &str = "WITH input AS (
 SELECT i.n, CASE
         WHEN ins.key IS NOT NULL THEN 0
         WHEN upd.key IS NOT NULL THEN d.code
-        WHEN d.code IN (1, 4) THEN d.code
+        WHEN d.code IN (1, 4, 5) THEN d.code
         ELSE 9 END::int4,
     CASE WHEN d.code = 4 AND upd.key IS NULL THEN
-        greatest(0, (extract(epoch FROM d.expires_at - clock_timestamp()) * 1000)::int8) END
+        greatest(0, (extract(epoch FROM d.expires_at - clock_timestamp()) * 1000)::int8) END,
+    CASE WHEN d.code IN (1, 5) THEN d.body END
 FROM input i
 LEFT JOIN ins ON ins.key = i.k
 LEFT JOIN upd ON upd.key = i.k
 LEFT JOIN decided d ON d.key = i.k";
 
 /// Commit codes (as `CommitOutcome::from_code`): 0 committed, 1 restored (nothing live was
-/// there), 2 done elsewhere (left alone), 3 overrode another owner's claim, [`RETRY`]. `$1`
-/// keys, `$2` route ids, `$3` our token, `$4` the window in ms.
+/// there), 2 done elsewhere (left alone, with its window and its digest), 3 overrode another
+/// owner's claim, [`RETRY`]. `$1` keys, `$2` route ids, `$3` each key's body digest (its first
+/// copy's in the batch), `$4` our token, `$5` the window in ms.
 const COMMIT: &str = "WITH input AS (
-    SELECT k, r, n FROM unnest($1::uuid[], $2::int4[]) WITH ORDINALITY AS i(k, r, n)
+    SELECT k, r, b, n FROM unnest($1::uuid[], $2::int4[], $3::int8[]) WITH ORDINALITY AS i(k, r, b, n)
 ), locked AS (
     SELECT key, owner, expires_at FROM {t} WHERE key = ANY($1::uuid[]) ORDER BY key FOR UPDATE
 ), decided AS MATERIALIZED (
     SELECT key, CASE
         WHEN expires_at <= clock_timestamp() THEN 1
         WHEN owner IS NULL THEN 2
-        WHEN owner = $3::text THEN 0
+        WHEN owner = $4::text THEN 0
         ELSE 3 END AS code
     FROM locked
 ), upd AS (
-    UPDATE {t} AS t SET owner = NULL,
-        expires_at = clock_timestamp() + $4::int8 * interval '1 millisecond'
-    FROM decided d
+    UPDATE {t} AS t SET owner = NULL, body = i.b,
+        expires_at = clock_timestamp() + $5::int8 * interval '1 millisecond'
+    FROM decided d JOIN input i ON i.k = d.key
     WHERE t.key = d.key AND t.key = ANY($1::uuid[]) AND d.code <> 2
     RETURNING t.key
 ), ins AS (
-    INSERT INTO {t} (expires_at, route, key, owner)
-    SELECT clock_timestamp() + $4::int8 * interval '1 millisecond', r, k, NULL FROM input
+    INSERT INTO {t} (expires_at, route, key, owner, body)
+    SELECT clock_timestamp() + $5::int8 * interval '1 millisecond', r, k, NULL, b FROM input
     WHERE k NOT IN (SELECT key FROM locked)
     ORDER BY k
     ON CONFLICT (key) DO NOTHING
@@ -319,6 +400,7 @@ SELECT i.n, CASE
         WHEN upd.key IS NOT NULL THEN d.code
         WHEN d.code = 2 THEN 2
         ELSE 9 END::int4,
+    NULL::int8,
     NULL::int8
 FROM input i
 LEFT JOIN ins ON ins.key = i.k
