@@ -16,6 +16,7 @@ use ::redis::{Cmd, ErrorKind, RedisResult, Script, ServerErrorKind, Value};
 
 use super::{unexpected, Conn};
 use crate::store::layout::{self, Tables};
+use crate::store::{body_at, BodyDigest};
 
 /// One key, placed.
 pub(super) struct Placed {
@@ -25,6 +26,19 @@ pub(super) struct Placed {
     pub field: [u8; layout::FIELD_BYTES],
     /// Its 0.1-layout name when the claim must also read it, else `None`.
     pub legacy: Option<String>,
+    /// Its copy's body digest, for claims and commits.
+    pub body: Option<BodyDigest>,
+}
+
+/// What a script takes per key after its table, field and hex (see `scripts`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum PerKey {
+    /// Nothing more: release and renew touch only the claim.
+    Bare,
+    /// The 0.1 name (or '') and the body digest (or '').
+    LegacyAndBody,
+    /// The body digest (or '').
+    Body,
 }
 
 /// One script call: the metas it declares and, per key, its position in the batch and args.
@@ -43,7 +57,7 @@ impl<'a> Call<'a> {
         }
     }
 
-    fn push(&mut self, position: usize, key: &'a Placed, with_legacy: bool) {
+    fn push(&mut self, position: usize, key: &'a Placed, per_key: PerKey) {
         let table = match self.metas.iter().position(|m| *m == &*key.meta) {
             Some(i) => i + 1,
             None => {
@@ -55,9 +69,13 @@ impl<'a> Call<'a> {
         self.args.push(table.to_string().into_bytes());
         self.args.push(key.field.to_vec());
         self.args.push(layout::hex(&key.field).to_vec());
-        if with_legacy {
+        if per_key == PerKey::LegacyAndBody {
             self.args
                 .push(key.legacy.as_deref().unwrap_or("").as_bytes().to_vec());
+        }
+        if per_key != PerKey::Bare {
+            self.args
+                .push(key.body.map_or_else(Vec::new, |b| b.to_bytes().to_vec()));
         }
     }
 
@@ -72,46 +90,50 @@ impl<'a> Call<'a> {
     }
 }
 
-/// Places `keys` (`{prefix}:{route}:{id}`) using `tables` to name each route's tables and
-/// `legacy` to say whether claims of the route read old names too. Both are asked once per
-/// route in the batch (a batch is nearly always one route's), not once per key.
+/// Places `keys` (`{prefix}:{route}:{id}`, with `bodies`: one per key, or empty) using
+/// `tables` to name each route's tables and `legacy` to say whether claims of the route read
+/// old names too. Both are asked once per route in the batch (a batch is nearly always one
+/// route's), not once per key.
 pub(super) fn place(
     keys: &[String],
+    bodies: &[Option<BodyDigest>],
     prefix: &str,
     tables: impl Fn(&str) -> Arc<Tables>,
     legacy: impl Fn(&str) -> bool,
 ) -> Vec<Placed> {
     let mut routes: Vec<(&str, Arc<Tables>, bool)> = Vec::with_capacity(1);
     keys.iter()
-        .map(|key| {
+        .enumerate()
+        .map(|(i, key)| {
             let route = layout::route_of(prefix, key);
-            let i = match routes.iter().position(|(r, _, _)| *r == route) {
-                Some(i) => i,
+            let r = match routes.iter().position(|(known, _, _)| *known == route) {
+                Some(r) => r,
                 None => {
                     routes.push((route, tables(route), legacy(route)));
                     routes.len() - 1
                 }
             };
-            let (_, route_tables, read_legacy) = &routes[i];
+            let (_, route_tables, read_legacy) = &routes[r];
             let placement = layout::place(key);
             Placed {
                 meta: route_tables.meta_shared(placement.group),
                 field: placement.field,
                 legacy: read_legacy.then(|| key.clone()),
+                body: body_at(bodies, i),
             }
         })
         .collect()
 }
 
 /// Runs `script` over `keys`: `head` arguments first, then each key's table, field, field in
-/// hex and (with `with_legacy`) 0.1 name. Returns `stride` values per key, in key order. `sent` counts
+/// hex and what `per_key` adds. Returns `stride` values per key, in key order. `sent` counts
 /// commands.
 pub(super) async fn run(
     conn: &mut Conn,
     script: &Script,
     head: &[String],
     keys: &[Placed],
-    with_legacy: bool,
+    per_key: PerKey,
     stride: usize,
     sent: &(dyn Fn(u64) + Sync),
 ) -> RedisResult<Vec<Vec<Value>>> {
@@ -119,7 +141,7 @@ pub(super) async fn run(
         Conn::Single(_) => {
             let mut call = Call::new();
             for (i, key) in keys.iter().enumerate() {
-                call.push(i, key, with_legacy);
+                call.push(i, key, per_key);
             }
             vec![call]
         }
@@ -133,7 +155,7 @@ pub(super) async fn run(
                         order.push(&*key.meta);
                         Call::new()
                     })
-                    .push(i, key, with_legacy);
+                    .push(i, key, per_key);
             }
             order
                 .into_iter()

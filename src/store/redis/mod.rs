@@ -239,17 +239,18 @@ impl RedisStore {
     pub async fn claim(
         &self,
         keys: &[String],
-        _bodies: &[Option<BodyDigest>],
+        bodies: &[Option<BodyDigest>],
         owner: &Owner,
         lease: Duration,
-        _slide: Option<Duration>,
+        slide: Option<Duration>,
     ) -> Result<Vec<ClaimOutcome>, StoreError> {
-        let placed = self.place(keys, true);
+        let placed = self.place(keys, bodies, true);
         let head = [
             owner.token().to_owned(),
             px_millis(lease).to_string(),
             owner.instance_prefix(),
             owner.epoch().to_string(),
+            slide.map_or_else(|| "0".to_owned(), |w| px_millis(w).to_string()),
         ];
         let scripts = &self.inner.scripts;
         self.bounded(move |mut conn| async move {
@@ -285,9 +286,15 @@ impl RedisStore {
                 .enumerate()
                 .filter(|(i, _)| outcomes[*i].is_none())
                 .unzip();
-            let replies = calls::run(&mut conn, &scripts.claim, &head, &todo, true, 2, &|n| {
-                self.sent(n)
-            })
+            let replies = calls::run(
+                &mut conn,
+                &scripts.claim,
+                &head,
+                &todo,
+                calls::PerKey::LegacyAndBody,
+                2,
+                &|n| self.sent(n),
+            )
             .await?;
             for (i, values) in rest.into_iter().zip(replies) {
                 outcomes[i] = Some(parse_claim(&values)?);
@@ -304,11 +311,11 @@ impl RedisStore {
     pub async fn commit(
         &self,
         keys: &[String],
-        _bodies: &[Option<BodyDigest>],
+        bodies: &[Option<BodyDigest>],
         owner: &Owner,
         window: Duration,
     ) -> Result<Vec<CommitOutcome>, StoreError> {
-        let placed = self.place(keys, false);
+        let placed = self.place(keys, bodies, false);
         let head = [
             owner.token().to_owned(),
             px_millis(window).to_string(),
@@ -316,9 +323,15 @@ impl RedisStore {
         ];
         let script = &self.inner.scripts.commit;
         self.bounded(move |mut conn| async move {
-            let replies = calls::run(&mut conn, script, &head, &placed, false, 1, &|n| {
-                self.sent(n)
-            })
+            let replies = calls::run(
+                &mut conn,
+                script,
+                &head,
+                &placed,
+                calls::PerKey::Body,
+                1,
+                &|n| self.sent(n),
+            )
             .await?;
             replies
                 .into_iter()
@@ -358,11 +371,17 @@ impl RedisStore {
         keys: &[String],
         head: &[String],
     ) -> Result<Vec<bool>, StoreError> {
-        let placed = self.place(keys, false);
+        let placed = self.place(keys, &[], false);
         self.bounded(move |mut conn| async move {
-            let replies = calls::run(&mut conn, script, head, &placed, false, 1, &|n| {
-                self.sent(n)
-            })
+            let replies = calls::run(
+                &mut conn,
+                script,
+                head,
+                &placed,
+                calls::PerKey::Bare,
+                1,
+                &|n| self.sent(n),
+            )
             .await?;
             replies
                 .into_iter()
@@ -527,7 +546,7 @@ impl RedisStore {
 
     /// See `Store::inspect`: the key's table (remembered field and claim) and its 0.1 name.
     pub async fn inspect(&self, key: &str) -> Result<KeyState, StoreError> {
-        let placed = self.place(std::slice::from_ref(&key.to_owned()), false);
+        let placed = self.place(std::slice::from_ref(&key.to_owned()), &[], false);
         let script = &self.inner.scripts.inspect;
         self.bounded(move |mut conn| async move {
             let p = &placed[0];
@@ -574,7 +593,7 @@ impl RedisStore {
 
     /// See `Store::forget`: the remembered field, the claim, and the 0.1 name.
     pub async fn forget(&self, key: &str) -> Result<bool, StoreError> {
-        let placed = self.place(std::slice::from_ref(&key.to_owned()), false);
+        let placed = self.place(std::slice::from_ref(&key.to_owned()), &[], false);
         let script = &self.inner.scripts.forget;
         self.bounded(move |mut conn| async move {
             let p = &placed[0];
@@ -591,10 +610,17 @@ impl RedisStore {
         .await
     }
 
-    /// Places `keys` in their tables; `claiming` adds the 0.1 names a claim must also read.
-    fn place(&self, keys: &[String], claiming: bool) -> Vec<calls::Placed> {
+    /// Places `keys` (with their `bodies`, one per key or none) in their tables; `claiming`
+    /// adds the 0.1 names a claim must also read.
+    fn place(
+        &self,
+        keys: &[String],
+        bodies: &[Option<BodyDigest>],
+        claiming: bool,
+    ) -> Vec<calls::Placed> {
         calls::place(
             keys,
+            bodies,
             &self.inner.prefix,
             |route| self.tables_with_prefix(&self.inner.prefix, route),
             |route| claiming && self.legacy_possible(route),
@@ -814,6 +840,7 @@ fn parse_claim(reply: &[Value]) -> RedisResult<ClaimOutcome> {
         4 => ClaimOutcome::InFlightElsewhere {
             lease_left: ttl_left(parse_int(pttl)?),
         },
+        5 => ClaimOutcome::Conflict,
         other => return Err(unexpected(format!("claim script returned {other}"))),
     })
 }

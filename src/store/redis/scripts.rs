@@ -61,12 +61,27 @@ local function now_ms()
   local t = redis.call('TIME')
   return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 end
-local function alive(tick, now)
-  return tonumber(tick) * TICK + EPOCH > now
-end
-local function hash32(field)
-  local a, b, c, d = string.byte(field, 1, 4)
+-- The first 4 bytes of `s` as a big-endian number: a field's hash, a binary value's tick.
+local function be32(s)
+  local a, b, c, d = string.byte(s, 1, 4)
   return ((a * 256 + b) * 256 + c) * 256 + d
+end
+-- A value is a decimal tick (no digest, or written by 0.3/0.4: at most 11 characters) or 12
+-- bytes, the tick in 4 then the body digest in 8.
+local function tick_of(v)
+  if #v == 12 then return be32(v) end
+  return tonumber(v)
+end
+local function alive(v, now)
+  return tick_of(v) * TICK + EPOCH > now
+end
+local function ticks_to(now, window)
+  return math.ceil((now + window - EPOCH) / TICK)
+end
+-- The tick as the 4 bytes of a binary value: once per call, not per key.
+local function be4(n)
+  return string.char(math.floor(n / 16777216) % 256, math.floor(n / 65536) % 256,
+    math.floor(n / 256) % 256, n % 256)
 end
 local tables = {}
 local function open(index)
@@ -84,7 +99,7 @@ local function open(index)
 end
 -- Shard names are cached per call: turning a number into a string costs Redis a printf.
 local function shard(t, field)
-  local h = hash32(field)
+  local h = be32(field)
   local s = h % t.lo
   if s < t.n - t.lo then s = h % (2 * t.lo) end
   local name = t.names[s]
@@ -104,6 +119,20 @@ end
 local function claim_key_in(index, hex)
   return string.sub(KEYS[tonumber(index)], 1, -3) .. ':c:' .. hex
 end
+-- Ends a call that wrote fields of `t` (its `shards`) with `window`: every shard and the meta
+-- outlive the longest window any commit or slide used, counted from now, so a window shortened
+-- by a reload never cuts short a key remembered under the longer one. Returns the TTL, for the
+-- meta.
+local function keep_alive(t, window)
+  if window > t.w then
+    t.w = window
+    redis.call('HSET', t.meta, 'w', window)
+  end
+  -- A string, formatted once: Redis would printf a Lua number for every call.
+  local ttl = string.format('%d', t.w + 2 * TICK)
+  for sk in pairs(t.shards) do redis.call('PEXPIRE', sk, ttl) end
+  return ttl
+end
 ";
 
 /// Splits shard `p` of table `t` (see the module docs); returns how many expired fields it
@@ -118,7 +147,7 @@ local function split(t, now)
     local f, v = all[i], all[i + 1]
     if not alive(v, now) then
       dropped = dropped + 1
-    elseif hash32(f) % (2 * t.lo) == p then
+    elseif be32(f) % (2 * t.lo) == p then
       keep[#keep + 1] = f; keep[#keep + 1] = v
     else
       move[#move + 1] = f; move[#move + 1] = v
@@ -138,15 +167,19 @@ local function split(t, now)
 end
 ";
 
-/// ARGV: token, lease ms, instance prefix, our epoch, then per key: table, field, hex, 0.1
-/// name (or ''). Two values per key: {0, 0} claimed, {1, 0} done, {2, 0} ours, {3, 0} taken over,
-/// {4, pttl} in flight elsewhere. Keys are handled in order, so a key repeated in the batch
-/// sees its earlier claim.
+/// ARGV: token, lease ms, instance prefix, our epoch, slide ms ('0': fixed windows), then per
+/// key: table, field, hex, 0.1 name (or ''), body digest (8 bytes, or ''). Two values per key:
+/// {0, 0} claimed, {1, 0} done, {2, 0} ours, {3, 0} taken over, {4, pttl} in flight elsewhere,
+/// {5, 0} conflict (done with another body digest). Keys are handled in order, so a key
+/// repeated in the batch sees its earlier claim, and its earlier slide.
 pub const CLAIM_LUA: &str = r"
 local token, lease, prefix, ours = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local slide = tonumber(ARGV[5])
 local now = now_ms()
+-- The slid expiry in both value formats, built by the first duplicate that needs it.
+local slid, slid4, slid10
 local out = {}
-for a = 5, #ARGV, 4 do
+for a = 6, #ARGV, 5 do
   local t, field, legacy = open(ARGV[a]), ARGV[a + 1], ARGV[a + 3]
   local code, pttl = nil, 0
   if legacy ~= '' then
@@ -158,8 +191,33 @@ for a = 5, #ARGV, 4 do
     end
   end
   if not code then
-    local tick = redis.call('HGET', shard(t, field), field)
-    if tick and alive(tick, now) then code = 1 end
+    local sk = shard(t, field)
+    local v = redis.call('HGET', sk, field)
+    local tick = v and tick_of(v)
+    if tick and tick * TICK + EPOCH > now then
+      local body = ARGV[a + 4]
+      -- Only two known digests can differ: a key remembered without one, or a copy without
+      -- one, reads as a duplicate.
+      if #v == 12 and body ~= '' and string.sub(v, 5) ~= body then
+        code = 5
+      else
+        code = 1
+        if slide > 0 then
+          if not slid then slid = ticks_to(now, slide) end
+          if slid > tick then
+            -- The value keeps its format, and so its digest.
+            if #v == 12 then
+              if not slid4 then slid4 = be4(slid) end
+              redis.call('HSET', sk, field, slid4 .. string.sub(v, 5))
+            else
+              if not slid10 then slid10 = string.format('%d', slid) end
+              redis.call('HSET', sk, field, slid10)
+            end
+            t.shards[sk] = true
+          end
+        end
+      end
+    end
   end
   if not code then
     local key = claim_key(t, ARGV[a + 2])
@@ -189,28 +247,36 @@ for a = 5, #ARGV, 4 do
   out[#out + 1] = code
   out[#out + 1] = pttl
 end
+-- A slid key may now outlive its shard's and meta's TTLs: extend them as a commit would.
+for _, t in pairs(tables) do
+  if next(t.shards) then redis.call('PEXPIRE', t.meta, keep_alive(t, slide)) end
+end
 return out
 ";
 
-/// ARGV: token, window ms, alpha, then per key: table, field, hex. Per key: 0 committed (ours),
-/// 1 restored (absent), 2 done already (left alone, keeps its window), 3 overrode another
-/// owner's claim. See `CommitOutcome`.
+/// ARGV: token, window ms, alpha, then per key: table, field, hex, body digest (8 bytes, or
+/// ''). Per key: 0 committed (ours), 1 restored (absent), 2 done already (left alone: keeps
+/// its window and its digest), 3 overrode another owner's claim. See `CommitOutcome`.
 pub const COMMIT_LUA: &str = r"
 local token, window, alpha = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local now = now_ms()
-local tick = string.format('%d', math.ceil((now + window - EPOCH) / TICK))
+local ticks = ticks_to(now, window)
+-- Both value formats, built once: a key with a digest is stored as tick4 .. digest.
+local tick, tick4 = string.format('%d', ticks), be4(ticks)
 local out = {}
-for a = 4, #ARGV, 3 do
-  local t, field = open(ARGV[a]), ARGV[a + 1]
+for a = 4, #ARGV, 4 do
+  local t, field, body = open(ARGV[a]), ARGV[a + 1], ARGV[a + 3]
   local sk = shard(t, field)
+  local value = tick
+  if body ~= '' then value = tick4 .. body end
   -- The claim ends here whatever it held; what it held says which outcome this is.
   local v = redis.call('GETDEL', claim_key(t, ARGV[a + 2]))
   local code
-  if redis.call('HSETNX', sk, field, tick) == 1 then
+  if redis.call('HSETNX', sk, field, value) == 1 then
     t.added = t.added + 1
   else
     local old = redis.call('HGET', sk, field)
-    if alive(old, now) then code = 2 else redis.call('HSET', sk, field, tick) end
+    if alive(old, now) then code = 2 else redis.call('HSET', sk, field, value) end
   end
   if not code then
     t.shards[sk] = true
@@ -220,15 +286,7 @@ for a = 4, #ARGV, 3 do
 end
 for _, t in pairs(tables) do
   if next(t.shards) then
-    -- Every shard and the meta outlive the longest window any commit used, counted from now:
-    -- a window shortened by a reload never cuts short a key remembered under the longer one.
-    if window > t.w then
-      t.w = window
-      redis.call('HSET', t.meta, 'w', window)
-    end
-    -- A string, formatted once: Redis would printf a Lua number for every call.
-    local ttl = string.format('%d', t.w + 2 * TICK)
-    for sk in pairs(t.shards) do redis.call('PEXPIRE', sk, ttl) end
+    local ttl = keep_alive(t, window)
     -- After HINCRBY, which creates the meta of a new table: a TTL on a missing key is lost.
     local c = redis.call('HINCRBY', t.meta, 'c', t.added)
     redis.call('PEXPIRE', t.meta, ttl)
@@ -277,16 +335,20 @@ return out
 ";
 
 /// KEYS: one meta; ARGV: table (1), field, hex. Returns {claim token or false, claim PTTL, ms left of
-/// the remembered key or -1}.
+/// the remembered key (0 in its last tick) or -1}.
 pub const INSPECT_LUA: &str = r"
 local t, field = open(ARGV[1]), ARGV[2]
 local now = now_ms()
 local key = claim_key(t, ARGV[3])
 local owner = redis.call('GET', key)
 local pttl = owner and redis.call('PTTL', key) or -2
-local tick = redis.call('HGET', shard(t, field), field)
+local v = redis.call('HGET', shard(t, field), field)
 local left = -1
-if tick and alive(tick, now) then left = tonumber(tick) * TICK + EPOCH - now end
+if v and alive(v, now) then
+  -- Counted from the next tick boundary, as the memory store does: never more than the window
+  -- committed (a whole number of ticks), short of the truth by under a tick.
+  left = (tick_of(v) - math.ceil((now - EPOCH) / TICK)) * TICK
+end
 return {owner, pttl, left}
 ";
 
@@ -296,13 +358,13 @@ pub const FORGET_LUA: &str = r"
 local t, field = open(ARGV[1]), ARGV[2]
 local now = now_ms()
 local sk = shard(t, field)
-local tick = redis.call('HGET', sk, field)
+local v = redis.call('HGET', sk, field)
 local found = redis.call('DEL', claim_key(t, ARGV[3]))
-if tick then
+if v then
   redis.call('HDEL', sk, field)
   -- Only an existing meta: HINCRBY would create one without a TTL.
   if redis.call('EXISTS', t.meta) == 1 then redis.call('HINCRBY', t.meta, 'c', -1) end
-  if alive(tick, now) then found = found + 1 end
+  if alive(v, now) then found = found + 1 end
 end
 return found
 ";
