@@ -11,7 +11,10 @@
 //!   for other splits.
 //! - **field** (the other 15 bytes, 120 bits): the key's name inside the table. A remembered key
 //!   is one field of a listpack-encoded hash, whose value is the time the key is forgotten, in
-//!   ticks of [`TICK_MS`] since [`EPOCH_MS`]. Its first four bytes also pick the hash (*shard*)
+//!   ticks of [`TICK_MS`] since [`EPOCH_MS`] (a decimal integer), or, for a key remembered with
+//!   its first copy's body digest, 12 bytes: that tick big-endian in 4, then the 8-byte digest
+//!   (see `scripts.rs`; about 8 bytes of `used_memory` more per key, measured in
+//!   `tests/sizing.rs`). Its first four bytes also pick the hash (*shard*)
 //!   within the table by linear hashing (see `scripts.rs`).
 //!
 //! Two different ids of one route collide only if 122.6 bits of their digests agree: with
@@ -23,7 +26,7 @@
 //! | key | type | holds |
 //! |---|---|---|
 //! | `T:m` | hash | `n` shards, `c` remembered keys, sweep cursor `s` and pass start `ps` |
-//! | `T:{i}` | hash | shard `i`: field → expiry tick |
+//! | `T:{i}` | hash | shard `i`: field → expiry tick (and body digest) |
 //! | `T:c:{field in hex}` | string | an in-flight claim: the owner token, with the lease as its TTL |
 //! | `{prefix}:{{route}}:legacy-until` | string | when the last key of the 0.1 layout expires |
 //!

@@ -12,7 +12,12 @@
 //! # Remembered keys: one field each, expiry stored, swept in the background
 //!
 //! A done key is a field of a shard hash; its value is the tick its window ends (see
-//! `layout`). Redis 7.0 has no per-field TTL, so expiry is read, not enforced: a field whose
+//! `layout`): a decimal number (a listpack integer) for a key without a body digest, or 12
+//! bytes, the tick big-endian in 4 then the body digest in 8, for a key with one (length tells
+//! the two apart: decimal ticks have at most 11 digits). A claim that finds a key done compares
+//! the digests (conflict: code 5), and with a sliding window rewrites the value with the later
+//! tick, keeping its digest, and extends the TTLs of the shards and metas it touched as a
+//! commit does. Redis 7.0 has no per-field TTL, so expiry is read, not enforced: a field whose
 //! tick has passed reads as absent (exactly, whatever the sweep is doing), and the sweeper
 //! deletes such fields in bounded chunks, each shard once per `window / 8`. Every shard and
 //! meta also carries a TTL a little longer than the longest window the table was used with,
