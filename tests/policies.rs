@@ -535,3 +535,55 @@ async fn audit_copy_nobody_takes_is_dead_lettered() {
     );
     route.finish(broker, proxy).await;
 }
+
+/// With `key = "body"` the key is the body's hash already: Redis keeps no second digest (the
+/// value stays a decimal tick, 32 bytes a key), while a `message_id` route stores 12-byte
+/// values (tick and digest).
+#[tokio::test]
+async fn a_body_keyed_route_stores_no_body_digest() {
+    for (key, expected_len) in [("body", None), ("message_id", Some(12))] {
+        let mut route = Route::new("nodigest", Kind::Redis);
+        route.setup.key = key.into();
+        let mut broker = Broker::connect().await;
+        route.declare(&mut broker, false).await;
+        let messages: Vec<_> = (0..5)
+            .map(|n| message(&format!("id-{n}"), &format!("b-{n}")))
+            .collect();
+        broker.publish_all(&route.setup.queue, &messages).await;
+        let proxy = InProcess::start(route.config());
+        route.setup.wait_settled(proxy.port, 5, SETTLE).await;
+        let mut conn = redis_conn().await;
+        let names: Vec<String> = ::redis::cmd("KEYS")
+            .arg(format!("{}:*", route.setup.name))
+            .query_async(&mut conn)
+            .await
+            .expect("KEYS");
+        let mut values = Vec::new();
+        for name in names.iter().filter(|n| !n.ends_with(":m")) {
+            let kind: String = ::redis::cmd("TYPE")
+                .arg(name)
+                .query_async(&mut conn)
+                .await
+                .expect("TYPE");
+            if kind == "hash" {
+                let fields: Vec<Vec<u8>> = ::redis::cmd("HVALS")
+                    .arg(name)
+                    .query_async(&mut conn)
+                    .await
+                    .expect("HVALS");
+                values.extend(fields);
+            }
+        }
+        assert_eq!(values.len(), 5, "{key}: {names:?}");
+        for value in &values {
+            match expected_len {
+                Some(len) => assert_eq!(value.len(), len, "{key}: {value:?}"),
+                None => assert!(
+                    value.len() <= 11 && value.iter().all(u8::is_ascii_digit),
+                    "{key}: {value:?} is not a decimal tick"
+                ),
+            }
+        }
+        route.finish(broker, proxy).await;
+    }
+}
