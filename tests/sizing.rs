@@ -73,10 +73,12 @@ async fn remember(
     n: usize,
     window: Duration,
 ) -> Vec<String> {
-    remember_with(store, prefix, route, n, window, false).await
+    let mut all = Vec::with_capacity(n);
+    remember_each(store, prefix, route, n, window, false, |keys| all.extend(keys)).await;
+    all
 }
 
-/// [`remember`], each key with its body's digest when `bodies` (as `key = "id+body"` does).
+/// [`remember`] without keeping the keys: a measurement must not count them in the RSS.
 async fn remember_with(
     store: &Store,
     prefix: &str,
@@ -84,9 +86,22 @@ async fn remember_with(
     n: usize,
     window: Duration,
     bodies: bool,
-) -> Vec<String> {
+) {
+    remember_each(store, prefix, route, n, window, bodies, drop).await;
+}
+
+/// Remembers `n` new keys in batches of 500, each key with its body's digest when `bodies` (as
+/// a route keyed on anything but the body does), handing each batch's keys to `each`.
+async fn remember_each(
+    store: &Store,
+    prefix: &str,
+    route: &str,
+    n: usize,
+    window: Duration,
+    bodies: bool,
+    mut each: impl FnMut(Vec<String>),
+) {
     let owner = Owner::new(Arc::from("sizing-test"), 1);
-    let mut all = Vec::with_capacity(n);
     let mut left = n;
     while left > 0 {
         let batch = left.min(500);
@@ -111,9 +126,8 @@ async fn remember_with(
             .commit(&keys, &digests, &owner, window)
             .await
             .expect("commit");
-        all.extend(keys);
+        each(keys);
     }
-    all
 }
 
 /// The value of the sample of `name` whose labels include `labels`, in Prometheus text.
