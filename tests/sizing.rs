@@ -74,7 +74,10 @@ async fn remember(
     window: Duration,
 ) -> Vec<String> {
     let mut all = Vec::with_capacity(n);
-    remember_each(store, prefix, route, n, window, false, |keys| all.extend(keys)).await;
+    remember_each(store, prefix, route, n, window, false, |keys| {
+        all.extend(keys)
+    })
+    .await;
     all
 }
 

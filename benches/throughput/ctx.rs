@@ -31,9 +31,11 @@ pub fn message_id(num: u32) -> String {
     format!("m-{num:07}")
 }
 
-/// A 256-byte ASCII body: publish timestamp (µs since [`clock`], 20 digits), the id, padding.
-pub fn body(num: u32) -> Vec<u8> {
-    let mut b = format!("{:020} m-{num:07} ", now_us()).into_bytes();
+/// A 256-byte ASCII body: publish timestamp (µs since [`clock`], 20 digits; 0 when not
+/// `timestamped`), the id, padding.
+pub fn body(num: u32, timestamped: bool) -> Vec<u8> {
+    let at = if timestamped { now_us() } else { 0 };
+    let mut b = format!("{at:020} m-{num:07} ").into_bytes();
     b.resize(BODY_LEN, b'.');
     b
 }
@@ -202,6 +204,9 @@ impl Ctx<'_> {
     pub async fn preload(&self, queue: &str, seq: &[u32]) -> Result<Duration> {
         let started = Instant::now();
         let mut p = Publisher::connect(self.opts.window).await?;
+        // A duplicate is a true copy, body and all (else dedupd would count it a conflict);
+        // no round reads preloaded timestamps.
+        p.timestamped = false;
         for &num in seq {
             p.publish(queue, num).await?;
         }
@@ -302,6 +307,8 @@ pub struct Publisher {
     pending: VecDeque<PublisherConfirm>,
     window: usize,
     pub sent: u64,
+    /// Whether bodies carry their publish time (for latency).
+    pub timestamped: bool,
 }
 
 impl Publisher {
@@ -314,6 +321,7 @@ impl Publisher {
             pending: VecDeque::with_capacity(window),
             window: window.max(1),
             sent: 0,
+            timestamped: true,
         })
     }
 
@@ -329,7 +337,7 @@ impl Publisher {
                     "".into(),
                     queue.into(),
                     BasicPublishOptions::default(),
-                    &body(num),
+                    &body(num, self.timestamped),
                     props,
                 )
                 .await?)
