@@ -221,52 +221,37 @@ impl Disk {
     /// Writes each `(route, digest, body)` done until `expiry`, in one write transaction made
     /// durable (fsync) before this returns. One disk sync, whatever the batch's size.
     pub fn write_done(&self, keys: &[(&str, Digest, u64)], expiry: u32) -> Result<(), StoreError> {
-        let entries: Vec<(&str, Digest, Entry)> = keys
-            .iter()
-            .map(|&(route, digest, body)| (route, digest, (expiry, body)))
-            .collect();
-        self.write(&entries, "writing done keys", true)
+        self.update(keys, "writing done keys", true, |table, digest, &body| {
+            table.insert(digest, (expiry, body)).map(drop)
+        })
     }
 
     /// Moves each `(route, digest)` that is still done to `expiry` when that is later (a
     /// sliding window), keeping its body digest. Not synced by itself: the next commit's sync
     /// makes it durable, and a crash before that only loses the slide.
     pub fn slide(&self, keys: &[(&str, Digest)], expiry: u32) -> Result<(), StoreError> {
-        let what = "sliding windows";
-        let mut tx = self.db.begin_write().map_err(|e| self.failed(what, e))?;
-        tx.set_durability(Durability::None);
-        {
-            let mut tables: HashMap<&str, redb::Table<Digest, Entry>> = HashMap::new();
-            for (route, digest) in keys {
-                if !tables.contains_key(route) {
-                    let name = table_name(route);
-                    let table = tx
-                        .open_table(DoneTable::new(&name))
-                        .map_err(|e| self.failed(what, e))?;
-                    tables.insert(route, table);
-                }
-                let Some(table) = tables.get_mut(route) else {
-                    continue;
-                };
-                let found = table
-                    .get(digest)
-                    .map_err(|e| self.failed(what, e))?
-                    .map(|v| v.value());
-                if let Some((_, body)) = found.filter(|&(old, _)| old < expiry) {
-                    table
-                        .insert(digest, (expiry, body))
-                        .map_err(|e| self.failed(what, e))?;
-                }
+        let keys: Vec<(&str, Digest, ())> = keys.iter().map(|&(r, d)| (r, d, ())).collect();
+        self.update(&keys, "sliding windows", false, |table, digest, ()| {
+            let found = table.get(digest)?.map(|v| v.value());
+            match found.filter(|&(old, _)| old < expiry) {
+                Some((_, body)) => table.insert(digest, (expiry, body)).map(drop),
+                None => Ok(()),
             }
-        }
-        tx.commit().map_err(|e| self.failed(what, e))
+        })
     }
 
-    fn write(
+    /// Applies `apply` to each `(route, digest, value)` in its route's table, in one write
+    /// transaction, synced before this returns if `durable`.
+    fn update<V>(
         &self,
-        entries: &[(&str, Digest, Entry)],
+        keys: &[(&str, Digest, V)],
         what: &str,
         durable: bool,
+        mut apply: impl FnMut(
+            &mut redb::Table<Digest, Entry>,
+            &Digest,
+            &V,
+        ) -> Result<(), redb::StorageError>,
     ) -> Result<(), StoreError> {
         let mut tx = self.db.begin_write().map_err(|e| self.failed(what, e))?;
         if !durable {
@@ -274,7 +259,7 @@ impl Disk {
         }
         {
             let mut tables: HashMap<&str, redb::Table<Digest, Entry>> = HashMap::new();
-            for (route, digest, entry) in entries {
+            for (route, digest, value) in keys {
                 if !tables.contains_key(route) {
                     let name = table_name(route);
                     let table = tx
@@ -283,9 +268,7 @@ impl Disk {
                     tables.insert(route, table);
                 }
                 if let Some(table) = tables.get_mut(route) {
-                    table
-                        .insert(digest, entry)
-                        .map_err(|e| self.failed(what, e))?;
+                    apply(table, digest, value).map_err(|e| self.failed(what, e))?;
                 }
             }
         }
