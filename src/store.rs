@@ -529,12 +529,112 @@ fn px_millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
+/// What a claim answers for a key that a live claim holds in flight with token `holder`, for
+/// `lease_left` more: `Ours` again (the caller extends it), `TakenOver` from an older epoch of
+/// this process (the caller puts our token in; only when `may_take_over`), or someone else's.
+/// The memory and embedded stores apply it as it is; the Redis claim script and the PostgreSQL
+/// claim statement spell the same rule in their languages.
+pub(crate) fn in_flight_outcome(
+    holder: &str,
+    owner: &Owner,
+    lease_left: Duration,
+    may_take_over: bool,
+) -> ClaimOutcome {
+    if holder == owner.token() {
+        ClaimOutcome::Ours
+    } else if may_take_over && is_older_epoch_of(holder, owner) {
+        ClaimOutcome::TakenOver
+    } else {
+        ClaimOutcome::InFlightElsewhere { lease_left }
+    }
+}
+
 /// Whether `stored` is a token of `owner`'s process with an epoch older than `owner`'s.
 /// Epochs are compared numerically; anything unparsable is treated as someone else's.
 fn is_older_epoch_of(stored: &str, owner: &Owner) -> bool {
     stored
-        .strip_prefix(owner.instance_prefix().as_str())
+        .strip_prefix(owner.instance.as_ref())
+        .and_then(|rest| rest.strip_prefix(':'))
         .filter(|epoch| !epoch.is_empty() && epoch.bytes().all(|b| b.is_ascii_digit()))
         .and_then(|epoch| epoch.parse::<u64>().ok())
         .is_some_and(|epoch| epoch < owner.epoch())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owner(instance: &str, epoch: u64) -> Owner {
+        Owner::new(instance.into(), epoch)
+    }
+
+    fn digest(n: u64) -> Option<BodyDigest> {
+        NonZeroU64::new(n).map(BodyDigest)
+    }
+
+    #[test]
+    fn only_two_known_different_digests_are_a_conflict() {
+        assert_eq!(
+            done_or_conflict(digest(1), digest(2)),
+            ClaimOutcome::Conflict
+        );
+        assert_eq!(done_or_conflict(digest(1), digest(1)), ClaimOutcome::Done);
+        // Committed by key = "body" or by dedupd 0.4: cannot tell, a duplicate.
+        assert_eq!(done_or_conflict(None, digest(2)), ClaimOutcome::Done);
+        assert_eq!(done_or_conflict(digest(1), None), ClaimOutcome::Done);
+        assert_eq!(done_or_conflict(None, None), ClaimOutcome::Done);
+    }
+
+    #[test]
+    fn body_at_reads_an_empty_batch_as_no_digests() {
+        assert_eq!(body_at(&[], 3), None);
+        assert_eq!(body_at(&[digest(7), None], 0), digest(7));
+        assert_eq!(body_at(&[digest(7), None], 1), None);
+    }
+
+    #[test]
+    fn only_an_older_epoch_of_this_instance_is_ours_to_take_over() {
+        let us = owner("inst-a", 5);
+        assert!(is_older_epoch_of("inst-a:4", &us));
+        assert!(is_older_epoch_of("inst-a:0", &us));
+        // Compared as numbers, not strings.
+        assert!(is_older_epoch_of("inst-a:4", &owner("inst-a", 10)));
+        assert!(!is_older_epoch_of("inst-a:5", &us));
+        assert!(!is_older_epoch_of("inst-a:6", &us));
+        // Another instance, one whose id starts like ours, or an unparsable epoch.
+        assert!(!is_older_epoch_of("inst-b:1", &us));
+        assert!(!is_older_epoch_of("inst-ab:1", &us));
+        assert!(!is_older_epoch_of("inst-a:", &us));
+        assert!(!is_older_epoch_of("inst-a:+1", &us));
+        assert!(!is_older_epoch_of("inst-a:1x", &us));
+        assert!(!is_older_epoch_of("inst-a:99999999999999999999999", &us));
+        assert!(!is_older_epoch_of("1", &us));
+    }
+
+    #[test]
+    fn a_live_claim_is_ours_taken_over_or_someone_elses() {
+        let us = owner("inst-a", 5);
+        let left = Duration::from_millis(700);
+        assert_eq!(
+            in_flight_outcome("inst-a:5", &us, left, true),
+            ClaimOutcome::Ours
+        );
+        assert_eq!(
+            in_flight_outcome("inst-a:5", &us, left, false),
+            ClaimOutcome::Ours
+        );
+        assert_eq!(
+            in_flight_outcome("inst-a:4", &us, left, true),
+            ClaimOutcome::TakenOver
+        );
+        // A store may refuse a takeover (the embedded store, while a commit is under way).
+        assert_eq!(
+            in_flight_outcome("inst-a:4", &us, left, false),
+            ClaimOutcome::InFlightElsewhere { lease_left: left }
+        );
+        assert_eq!(
+            in_flight_outcome("inst-b:9", &us, left, true),
+            ClaimOutcome::InFlightElsewhere { lease_left: left }
+        );
+    }
 }

@@ -67,7 +67,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, Weak};
 use std::time::{Duration, Instant};
 
 use super::{
-    body_at, done_or_conflict, is_older_epoch_of, BodyDigest, ClaimOutcome, CommitOutcome,
+    body_at, done_or_conflict, in_flight_outcome, BodyDigest, ClaimOutcome, CommitOutcome,
     KeyState, Owner, StoreSize,
 };
 
@@ -610,18 +610,15 @@ impl Shard {
         };
         if claim.expires_at <= now.at {
             *claim = ours();
-            ClaimOutcome::Claimed
-        } else if claim.is_owned_by(owner) {
-            claim.expires_at = expires_at;
-            ClaimOutcome::Ours
-        } else if is_older_epoch_of(&claim.token, owner) {
-            *claim = ours();
-            ClaimOutcome::TakenOver
-        } else {
-            ClaimOutcome::InFlightElsewhere {
-                lease_left: claim.expires_at - now.at,
-            }
+            return ClaimOutcome::Claimed;
         }
+        let outcome = in_flight_outcome(&claim.token, owner, claim.expires_at - now.at, true);
+        match outcome {
+            ClaimOutcome::Ours => claim.expires_at = expires_at,
+            ClaimOutcome::TakenOver => *claim = ours(),
+            _ => {}
+        }
+        outcome
     }
 
     /// Leaves the key done whatever it holds, except that a done key keeps its window.

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::store::{is_older_epoch_of, ClaimOutcome, CommitOutcome, Owner};
+use crate::store::{in_flight_outcome, ClaimOutcome, CommitOutcome, Owner};
 
 /// The identity of a key on disk and here: the first 16 bytes of the BLAKE3 hash of the
 /// full store key (see the parent module for the collision odds).
@@ -101,20 +101,20 @@ impl Claims {
         let expires_at = deadline(now, lease);
         match self.map.get_mut(&digest) {
             Some(claim) if claim.is_live(now) => {
-                if *claim.token == *owner.token() {
-                    claim.expires_at = expires_at;
-                    ClaimOutcome::Ours
-                } else if claim.committing.is_none() && is_older_epoch_of(&claim.token, owner) {
-                    // Never a marker: that copy was confirmed, and taking it over would
-                    // publish a second one for certain.
-                    claim.token = owner.token().into();
-                    claim.expires_at = expires_at;
-                    ClaimOutcome::TakenOver
-                } else {
-                    ClaimOutcome::InFlightElsewhere {
-                        lease_left: claim.lease_left(now),
+                // Never a marker: that copy was confirmed, and taking it over would publish a
+                // second one for certain.
+                let may_take_over = claim.committing.is_none();
+                let outcome =
+                    in_flight_outcome(&claim.token, owner, claim.lease_left(now), may_take_over);
+                match outcome {
+                    ClaimOutcome::Ours => claim.expires_at = expires_at,
+                    ClaimOutcome::TakenOver => {
+                        claim.token = owner.token().into();
+                        claim.expires_at = expires_at;
                     }
+                    _ => {}
                 }
+                outcome
             }
             _ => {
                 let route = self.route(route);
