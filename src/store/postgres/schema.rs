@@ -111,6 +111,12 @@
 //! table refilled to 60,000 rows, until autovacuum's ANALYZE). The row counts of `size` read
 //! every page on purpose, through `TABLESAMPLE SYSTEM (100)`, which that setting leaves alone.
 //!
+//! Each `UPDATE … FROM` joins the table with one CTE only (`decided`, which carries all the
+//! update needs): with a second CTE in its `FROM` the generic plan joined them in a nested
+//! loop that compared each key of the batch with every other (160,000 rows for a 400-key
+//! commit: 27–54 ms per commit instead of 5, and the throughput at 0% duplicates down by a
+//! third). The test `batch_statements_do_work_linear_in_the_batch` bounds every plan node.
+//!
 //! # Clocks
 //!
 //! Every expiry is computed and compared by the server (`clock_timestamp()`), never by dedupd,
@@ -375,16 +381,16 @@ const COMMIT: &str = "WITH input AS (
 ), locked AS (
     SELECT key, owner, expires_at FROM {t} WHERE key = ANY($1::uuid[]) ORDER BY key FOR UPDATE
 ), decided AS MATERIALIZED (
-    SELECT key, CASE
-        WHEN expires_at <= clock_timestamp() THEN 1
-        WHEN owner IS NULL THEN 2
-        WHEN owner = $4::text THEN 0
+    SELECT l.key, i.b, CASE
+        WHEN l.expires_at <= clock_timestamp() THEN 1
+        WHEN l.owner IS NULL THEN 2
+        WHEN l.owner = $4::text THEN 0
         ELSE 3 END AS code
-    FROM locked
+    FROM locked l JOIN input i ON i.k = l.key
 ), upd AS (
-    UPDATE {t} AS t SET owner = NULL, body = i.b,
+    UPDATE {t} AS t SET owner = NULL, body = d.b,
         expires_at = clock_timestamp() + $5::int8 * interval '1 millisecond'
-    FROM decided d JOIN input i ON i.k = d.key
+    FROM decided d
     WHERE t.key = d.key AND t.key = ANY($1::uuid[]) AND d.code <> 2
     RETURNING t.key
 ), ins AS (
@@ -489,6 +495,137 @@ mod tests {
             grant("t", "app"),
             "GRANT SELECT, INSERT, UPDATE, DELETE ON \"t\" TO \"app\";"
         );
+    }
+
+    /// Every batch statement does work linear in its batch, on the generic plan a prepared
+    /// statement runs after its fifth execution: `EXPLAIN ANALYZE` of each step of a 400-key
+    /// batch's life (claimed, renewed, met by another instance, committed, met again as
+    /// duplicates, sliding, and as conflicts, released), among 20,000 other keys, has no plan
+    /// node that handles more than four rows per key (rows out, plus rows filtered out, times
+    /// loops). A commit whose `UPDATE` joined two CTEs compared every key with every other:
+    /// 160,000 rows.
+    #[tokio::test]
+    async fn batch_statements_do_work_linear_in_the_batch() {
+        const N: usize = 400;
+        let (client, connection) = tokio_postgres::connect(
+            "host=127.0.0.1 port=5432 user=postgres dbname=postgres",
+            tokio_postgres::NoTls,
+        )
+        .await
+        .expect("PostgreSQL on 127.0.0.1:5432 (scripts/services.sh starts it)");
+        tokio::spawn(connection);
+        let table = format!("dedupd_test_plans_{}_keys", std::process::id());
+        let sql = Statements::new(&table, "dedupd_test_plans");
+        let t = quote_ident(&table);
+        let setup = format!(
+            "SET enable_seqscan = off; DROP TABLE IF EXISTS {t}; {create} \
+             INSERT INTO {t} (expires_at, route, key, owner, body) \
+               SELECT clock_timestamp() + interval '1 hour', 1, gen_random_uuid(), NULL, i \
+               FROM generate_series(1, 20000) AS i; \
+             ANALYZE {t}; \
+             PREPARE claim(uuid[], int4[], int8[], text, text, int8, int8, int8, int4[], int8[]) \
+               AS {claim}; \
+             PREPARE commit(uuid[], int4[], int8[], text, int8) AS {commit}; \
+             PREPARE renew(uuid[], text, int8) AS {renew}; \
+             PREPARE release(uuid[], text) AS {release}; \
+             SET plan_cache_mode = force_generic_plan;",
+            create = sql.create,
+            claim = sql.claim,
+            commit = sql.commit,
+            renew = sql.renew,
+            release = sql.release,
+        );
+        client.batch_execute(&setup).await.expect("set-up");
+        let uuids = "SELECT array_agg(gen_random_uuid())::text FROM generate_series(1, $1::int4)";
+        let n = i32::try_from(N).expect("N fits");
+        let keys: String = client.query_one(uuids, &[&n]).await.expect("keys").get(0);
+        let fresh: String = client.query_one(uuids, &[&n]).await.expect("keys").get(0);
+        let array = |f: &dyn Fn(usize) -> String| {
+            format!("{{{}}}", (0..N).map(f).collect::<Vec<_>>().join(","))
+        };
+        let routes = array(&|_| "1".into());
+        let bodies = array(&|i| (i + 1).to_string());
+        let others = array(&|i| (i + 1_000_000).to_string());
+        let claim = |keys: &str, bodies: &str, owner: &str, slide: &str| {
+            format!(
+                "claim('{keys}', '{routes}', '{bodies}', '{owner}:1', '{owner}:', 1, 30000, \
+                 {slide}, '{{}}', '{{}}')"
+            )
+        };
+        let steps = [
+            ("claim of new keys", claim(&keys, &bodies, "a", "NULL")),
+            ("renewal", format!("renew('{keys}', 'a:1', 30000)")),
+            (
+                "claim of keys in flight",
+                claim(&keys, &bodies, "b", "NULL"),
+            ),
+            (
+                "commit",
+                format!("commit('{keys}', '{routes}', '{bodies}', 'a:1', 3600000)"),
+            ),
+            ("claim of done keys", claim(&keys, &bodies, "b", "NULL")),
+            (
+                "sliding claim of done keys",
+                claim(&keys, &bodies, "b", "7200000"),
+            ),
+            ("claim of conflicts", claim(&keys, &others, "b", "7200000")),
+            (
+                "commit of done keys",
+                format!("commit('{keys}', '{routes}', '{bodies}', 'b:1', 3600000)"),
+            ),
+            (
+                "commit of absent keys",
+                format!("commit('{fresh}', '{routes}', '{bodies}', 'a:1', 3600000)"),
+            ),
+            (
+                "release of keys not ours",
+                format!("release('{keys}', 'a:1')"),
+            ),
+        ];
+        let mut worst = Vec::new();
+        for (step, execute) in steps {
+            // The simple protocol answers in text; the extended one would want a JSON type.
+            let answer = client
+                .simple_query(&format!("EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE {execute}"))
+                .await
+                .unwrap_or_else(|e| panic!("{step}: {e}"));
+            let plan = answer
+                .iter()
+                .find_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(row) => row.get(0),
+                    _ => None,
+                })
+                .expect("EXPLAIN answers a row");
+            let plan: serde_json::Value = serde_json::from_str(plan).expect("JSON plan");
+            worst.push((step, heaviest_node(&plan[0]["Plan"])));
+        }
+        client
+            .batch_execute(&format!("DROP TABLE {t}"))
+            .await
+            .expect("drop the test table");
+        for (step, (rows, node)) in worst {
+            assert!(
+                rows <= 4.0 * N as f64,
+                "{step}: plan node {node} handled {rows} rows for a batch of {N} keys"
+            );
+        }
+    }
+
+    /// The node of `plan` (and its children) that handles the most rows, and how many.
+    fn heaviest_node(plan: &serde_json::Value) -> (f64, String) {
+        let field = |name: &str| plan[name].as_f64().unwrap_or(0.0);
+        let rows = (field("Actual Rows")
+            + field("Rows Removed by Filter")
+            + field("Rows Removed by Join Filter")
+            + field("Rows Removed by Index Recheck"))
+            * field("Actual Loops");
+        let here = (rows, plan["Node Type"].as_str().unwrap_or("?").to_owned());
+        plan["Plans"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(heaviest_node)
+            .fold(here, |a, b| if b.0 > a.0 { b } else { a })
     }
 
     #[test]
