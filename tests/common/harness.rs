@@ -293,8 +293,8 @@ impl Scrape {
         self.samples
             .iter()
             .filter(|s| s.matches(name, labels))
-            .map(|s| s.value)
-            .sum()
+            // Not `sum()`: a float sum of nothing is -0.0, which reports print as "-0.000".
+            .fold(0.0, |total, s| total + s.value)
     }
 
     /// The `q` quantile (0..1) of histogram `name`, interpolated linearly within its bucket
