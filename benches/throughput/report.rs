@@ -138,17 +138,17 @@ pub fn throughput(out: &mut String, opts: &Opts, scenarios: &[Scenario]) {
     }
     let _ = writeln!(
         out,
-        "\n| scenario | median shovel msg/s | median dedupd msg/s | median ratio | store cmds/msg sent by dedupd | Redis EVALSHA/msg | Redis cmds/msg incl. in scripts | msgs per store round trip | delivery→ack p50 ms | p99 ms | peak RSS MB |"
+        "\n| scenario | median shovel msg/s | median dedupd msg/s | median ratio | store cmds/msg sent by dedupd | Redis EVALSHA/msg | Redis cmds/msg incl. in scripts | msgs per store round trip | claim / commit ms per call | delivery→ack p50 ms | p99 ms | peak RSS MB |"
     );
     let _ = writeln!(
         out,
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     for s in scenarios {
         let d = || s.rounds.iter().map(|(_, b)| b);
         let _ = writeln!(
             out,
-            "| {} ({} distinct) | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} |",
+            "| {} ({} distinct) | {} | {} | {} | {} | {} | {} | {} | {} / {} | {} | {} | {:.1} |",
             scenario_name(s.dup),
             s.unique,
             fmt_opt(median(s.rounds.iter().map(|(a, _)| a.rate)), 0),
@@ -158,6 +158,8 @@ pub fn throughput(out: &mut String, opts: &Opts, scenarios: &[Scenario]) {
             fmt_opt(median(d().map(|b| b.evalsha_per_msg)), 2),
             fmt_opt(median(d().map(|b| b.cmds_per_msg)), 2),
             fmt_opt(median(d().map(|b| b.msgs_per_rtt)), 0),
+            fmt_opt(median(d().filter_map(|b| b.claim_ms)), 1),
+            fmt_opt(median(d().filter_map(|b| b.commit_ms)), 1),
             fmt_ms(median(d().filter_map(|b| b.p50_ms))),
             fmt_ms(median(d().filter_map(|b| b.p99_ms))),
             d().map(|b| b.hwm_mb).fold(0.0, f64::max),
@@ -169,7 +171,9 @@ pub fn throughput(out: &mut String, opts: &Opts, scenarios: &[Scenario]) {
          is one). Redis per message: `cmdstat_evalsha` calls (summed over a cluster's primaries) and \
          `total_commands_processed` (which also counts the GET/SET each script runs) deltas ÷ \
          messages consumed; server-wide, so other clients of the same Redis add to them. \
-         Store round trips: `dedupd_store_duration_seconds_count`, all ops. Latency: interpolated \
+         Store round trips: `dedupd_store_duration_seconds_count`, all ops; claim / commit \
+         ms: that histogram's sum ÷ count for `op` claim and commit (a batch's round trip). \
+         Latency: interpolated \
          in the buckets of `dedupd_forward_duration_seconds` (delivery → upstream ack) while \
          draining the preloaded backlog, so it includes waiting in the proxy's prefetch \
          buffer. Peak RSS: `VmHWM` of the dedupd process."

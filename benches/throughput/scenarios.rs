@@ -71,6 +71,9 @@ pub struct DedupdRound {
     /// Commands dedupd sent (`dedupd_store_commands_total`) per message.
     pub store_cmds_per_msg: f64,
     pub msgs_per_rtt: f64,
+    /// Mean store round trip of a claim and of a commit, ms (`None` without calls).
+    pub claim_ms: Option<f64>,
+    pub commit_ms: Option<f64>,
     pub p50_ms: Option<f64>,
     pub p99_ms: Option<f64>,
     pub hwm_mb: f64,
@@ -204,6 +207,11 @@ pub async fn dedupd_round(ctx: &mut Ctx<'_>, tag: &str, wl: &Workload) -> Result
             n - unique
         ));
     }
+    let mean_ms = |op: &str| {
+        let calls = m.sum("dedupd_store_duration_seconds_count", &[("op", op)]);
+        let secs = m.sum("dedupd_store_duration_seconds_sum", &[("op", op)]);
+        (calls > 0.0).then(|| secs * 1000.0 / calls)
+    };
     let q = |q: f64| {
         m.quantile("dedupd_forward_duration_seconds", &labels, q)
             .map(|s| s * 1000.0)
@@ -221,6 +229,8 @@ pub async fn dedupd_round(ctx: &mut Ctx<'_>, tag: &str, wl: &Workload) -> Result
         } else {
             f64::NAN
         },
+        claim_ms: mean_ms("claim"),
+        commit_ms: mean_ms("commit"),
         p50_ms: q(0.5),
         p99_ms: q(0.99),
         hwm_mb: hwm_kb as f64 / 1024.0,
