@@ -84,20 +84,17 @@ impl Claims {
         shared
     }
 
-    /// Claims `digest` for `owner`; `done` says whether the disk holds it done (unexpired).
-    /// Done first, then in flight: the decisions of the Redis claim script.
+    /// Claims `digest`, which the disk does not hold done, for `owner`: the in-flight half of
+    /// the Redis claim script's decisions (the caller answers done keys from the disk, with
+    /// their body digests, and never claims them).
     pub fn claim(
         &mut self,
         digest: Digest,
         route: &str,
-        done: bool,
         owner: &Owner,
         now: Instant,
         lease: Duration,
     ) -> ClaimOutcome {
-        if done {
-            return ClaimOutcome::Done;
-        }
         let expires_at = deadline(now, lease);
         match self.map.get_mut(&digest) {
             Some(claim) if claim.is_live(now) => {
@@ -314,17 +311,15 @@ mod tests {
         let mut c = Claims::default();
         let (a, b) = (owner("inst-a", 9), owner("inst-b", 1));
         let now = Instant::now();
-        assert_eq!(c.claim(d(1), "r", true, &a, now, LEASE), ClaimOutcome::Done);
-        assert_eq!(c.len(), 0, "a done key is never claimed");
         assert_eq!(
-            c.claim(d(1), "r", false, &a, now, LEASE),
+            c.claim(d(1), "r", &a, now, LEASE),
             ClaimOutcome::Claimed
         );
         assert_eq!(
-            c.claim(d(1), "r", false, &a, now, LEASE),
+            c.claim(d(1), "r", &a, now, LEASE),
             ClaimOutcome::Ours
         );
-        match c.claim(d(1), "r", false, &b, now + Duration::from_secs(10), LEASE) {
+        match c.claim(d(1), "r", &b, now + Duration::from_secs(10), LEASE) {
             ClaimOutcome::InFlightElsewhere { lease_left } => {
                 assert_eq!(lease_left, Duration::from_secs(20))
             }
@@ -333,17 +328,17 @@ mod tests {
         // 9 -> 10: numbers, not text.
         let newer = owner("inst-a", 10);
         assert_eq!(
-            c.claim(d(1), "r", false, &newer, now, LEASE),
+            c.claim(d(1), "r", &newer, now, LEASE),
             ClaimOutcome::TakenOver
         );
         assert!(matches!(
-            c.claim(d(1), "r", false, &a, now, LEASE),
+            c.claim(d(1), "r", &a, now, LEASE),
             ClaimOutcome::InFlightElsewhere { .. }
         ));
         // Lapsed: claimed afresh by anyone.
         let later = now + LEASE + Duration::from_millis(1);
         assert_eq!(
-            c.claim(d(1), "r", false, &b, later, LEASE),
+            c.claim(d(1), "r", &b, later, LEASE),
             ClaimOutcome::Claimed
         );
     }
@@ -353,8 +348,8 @@ mod tests {
         let mut c = Claims::default();
         let (a, b) = (owner("inst-a", 1), owner("inst-b", 1));
         let now = Instant::now();
-        c.claim(d(1), "r", false, &a, now, LEASE);
-        c.claim(d(2), "r", false, &b, now, LEASE);
+        c.claim(d(1), "r", &a, now, LEASE);
+        c.claim(d(2), "r", &b, now, LEASE);
         let id = c.commit_id();
         let step = |c: &mut Claims, n, done, again| {
             c.begin_commit(id, d(n), "r", done, again, &a, now, LEASE)
@@ -399,12 +394,12 @@ mod tests {
         // While the write runs: no one else can claim, take over or release; the owner can
         // renew; another commit of the same key defers to this one but writes too.
         assert!(matches!(
-            c.claim(d(1), "r", false, &b, now, LEASE),
+            c.claim(d(1), "r", &b, now, LEASE),
             ClaimOutcome::InFlightElsewhere { .. }
         ));
         let newer = owner("inst-a", 2);
         assert!(matches!(
-            c.claim(d(1), "r", false, &newer, now, LEASE),
+            c.claim(d(1), "r", &newer, now, LEASE),
             ClaimOutcome::InFlightElsewhere { .. }
         ));
         assert!(!c.release(&d(1), &a, now));
@@ -430,7 +425,7 @@ mod tests {
         let mut c = Claims::default();
         let (a, b) = (owner("inst-a", 1), owner("inst-b", 1));
         let now = Instant::now();
-        c.claim(d(1), "r", false, &b, now, LEASE);
+        c.claim(d(1), "r", &b, now, LEASE);
         let id = c.commit_id();
         c.begin_commit(id, d(1), "r", false, false, &a, now, LEASE);
         c.end_commit(id, &[d(1)], false, now, LEASE);
@@ -449,7 +444,7 @@ mod tests {
         let first = c.commit_id();
         c.begin_commit(first, d(1), "r", false, false, &a, now, LEASE);
         c.forget(&d(1), now);
-        c.claim(d(1), "r", false, &a, now, LEASE);
+        c.claim(d(1), "r", &a, now, LEASE);
         c.end_commit(first, &[d(1)], true, now, LEASE);
         assert!(
             c.get(&d(1), now).is_some(),
@@ -462,9 +457,9 @@ mod tests {
         let mut c = Claims::default();
         let (a, b) = (owner("inst-a", 1), owner("inst-b", 1));
         let now = Instant::now();
-        c.claim(d(1), "orders", false, &a, now, Duration::from_millis(300));
-        c.claim(d(2), "orders", false, &b, now, LEASE);
-        c.claim(d(3), "billing", false, &a, now, LEASE);
+        c.claim(d(1), "orders", &a, now, Duration::from_millis(300));
+        c.claim(d(2), "orders", &b, now, LEASE);
+        c.claim(d(3), "billing", &a, now, LEASE);
         assert!(!c.renew(&d(2), &a, now, LEASE));
         assert!(c.renew(&d(1), &a, now + Duration::from_millis(200), LEASE));
         assert!(c.get(&d(1), now + Duration::from_secs(5)).is_some());
@@ -480,7 +475,7 @@ mod tests {
         assert_eq!(c.get(&d(2), later), None);
         assert!(c.per_route(later).is_empty());
         assert!(!c.forget(&d(2), later));
-        c.claim(d(4), "orders", false, &a, now, Duration::from_millis(1));
+        c.claim(d(4), "orders", &a, now, Duration::from_millis(1));
         assert_eq!(c.remove_expired(later), 2);
         assert_eq!(c.len(), 0);
     }

@@ -337,7 +337,7 @@ impl EmbeddedStore {
                             .entry(route, &digest)?
                             .filter(|&(expiry, _)| is_live(expiry, tick));
                         let Some((expiry, stored)) = live else {
-                            return Ok(claims.claim(digest, route, false, &owner, now, lease));
+                            return Ok(claims.claim(digest, route, &owner, now, lease));
                         };
                         let outcome =
                             done_or_conflict(BodyDigest::from_u64(stored), body_at(&bodies, i));
