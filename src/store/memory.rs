@@ -725,9 +725,12 @@ mod tests {
     }
 
     #[test]
-    fn a_done_key_is_a_20_byte_slot() {
-        assert_eq!(size_of::<(Digest, u32)>(), 20);
-        assert_eq!(std::mem::align_of::<Digest>(), 1);
+    fn a_done_key_is_a_28_byte_slot() {
+        assert_eq!(size_of::<(Digest, Done)>(), 28);
+        assert_eq!(std::mem::align_of::<(Digest, Done)>(), 4);
+        let done = Done::new(7, BodyDigest::from_u64(u64::MAX - 1));
+        assert_eq!(done.body(), BodyDigest::from_u64(u64::MAX - 1));
+        assert_eq!(Done::new(7, None).body(), None);
         assert_eq!(Digest::of("dd:r:1"), Digest::of("dd:r:1"));
         assert!(Digest::of("dd:r:1") != Digest::of("dd:r:2"));
     }
@@ -906,7 +909,7 @@ mod tests {
         slots.insert(Digest::of("one more"), 0);
         assert_eq!(slots.bytes(), full);
 
-        // A store's estimate: the 20-byte slots, at most 7/8 full, plus the claims.
+        // A store's estimate: the 28-byte slots, at most 7/8 full, plus the claims.
         let store = MemoryStore::new("dd");
         let a = owner("inst-a", 1);
         let keys: Vec<String> = (0..50_000).map(|i| format!("dd:r:{i}")).collect();
