@@ -96,6 +96,17 @@ pub fn store_key(prefix: &str, route: &str, id: &[u8]) -> String {
     }
 }
 
+/// The id part of a key [`store_key`] built for `prefix` and `route`: the id itself, or `#`
+/// and the hex of its hash. What `stamp_header` carries and `dedupd inspect` accepts.
+pub fn stored_id<'k>(prefix: &str, route: &str, store_key: &'k str) -> &'k str {
+    store_key
+        .strip_prefix(prefix)
+        .and_then(|rest| rest.strip_prefix(':'))
+        .and_then(|rest| rest.strip_prefix(route))
+        .and_then(|rest| rest.strip_prefix(':'))
+        .unwrap_or(store_key)
+}
+
 fn push_hex(out: &mut String, bytes: &[u8]) {
     const DIGITS: &[u8; 16] = b"0123456789abcdef";
     for b in bytes {
@@ -579,6 +590,26 @@ mod tests {
             Err(MissingKey::Malformed(_))
         ));
         assert!(matches!(json("/id", ""), Err(MissingKey::Malformed(_))));
+    }
+
+    #[test]
+    fn stored_id_is_what_store_key_appended() {
+        assert_eq!(
+            stored_id("dd", "orders", &store_key("dd", "orders", b"a:b")),
+            "a:b"
+        );
+        let long = "x".repeat(100);
+        let hashed = store_key("dd", "orders", long.as_bytes());
+        let id = stored_id("dd", "orders", &hashed);
+        assert!(is_hashed_id(id), "{id}");
+        assert_eq!(format!("dd:orders:{id}"), hashed);
+        assert!(is_hashed_id(stored_id(
+            "dd",
+            "r",
+            &store_key("dd", "r", &[0xff])
+        )));
+        // A prefix that ends like a route name is not mistaken for one.
+        assert_eq!(stored_id("dd", "r", "dd:rr:1"), "dd:rr:1");
     }
 
     #[test]

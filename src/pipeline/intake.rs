@@ -530,11 +530,10 @@ impl<'a> Intake<'a> {
     }
 
     /// The key as the store holds it, without `{prefix}:{route}:`: the id itself, or `#` and
-    /// the hex of its hash when the id is long or not UTF-8 (see `keys::store_key`).
+    /// the hex of its hash when the id is long or not UTF-8.
     fn stamp_of<'k>(&self, key: &'k str) -> &'k str {
         let ctx = self.shared.ctx;
-        let head = ctx.key_prefix.len() + ctx.name.len() + 2;
-        key.get(head..).unwrap_or(key)
+        keys::stored_id(&ctx.key_prefix, &ctx.name, key)
     }
 
     /// One line per [`super::LOG_EVERY`] at most: a producer that reuses ids does it often.

@@ -311,14 +311,8 @@ mod tests {
         let mut c = Claims::default();
         let (a, b) = (owner("inst-a", 9), owner("inst-b", 1));
         let now = Instant::now();
-        assert_eq!(
-            c.claim(d(1), "r", &a, now, LEASE),
-            ClaimOutcome::Claimed
-        );
-        assert_eq!(
-            c.claim(d(1), "r", &a, now, LEASE),
-            ClaimOutcome::Ours
-        );
+        assert_eq!(c.claim(d(1), "r", &a, now, LEASE), ClaimOutcome::Claimed);
+        assert_eq!(c.claim(d(1), "r", &a, now, LEASE), ClaimOutcome::Ours);
         match c.claim(d(1), "r", &b, now + Duration::from_secs(10), LEASE) {
             ClaimOutcome::InFlightElsewhere { lease_left } => {
                 assert_eq!(lease_left, Duration::from_secs(20))
@@ -337,10 +331,7 @@ mod tests {
         ));
         // Lapsed: claimed afresh by anyone.
         let later = now + LEASE + Duration::from_millis(1);
-        assert_eq!(
-            c.claim(d(1), "r", &b, later, LEASE),
-            ClaimOutcome::Claimed
-        );
+        assert_eq!(c.claim(d(1), "r", &b, later, LEASE), ClaimOutcome::Claimed);
     }
 
     #[test]
