@@ -36,6 +36,11 @@ impl Fate {
     pub(super) fn publishes(self) -> bool {
         matches!(self, Fate::Publish { .. } | Fate::Audit(_))
     }
+
+    /// Whether a copy is published to the `duplicates_exchange`.
+    pub(super) fn audits(self) -> bool {
+        matches!(self, Fate::Audit(_))
+    }
 }
 
 /// What to do with a delivery before any store round trip.
@@ -200,10 +205,7 @@ pub(super) fn on_confirm(fate: Fate, confirmed: Confirmed) -> Settle {
             false,
             false,
         ),
-        (Fate::Audit(_), Confirmed::Nacked) => {
-            settle(Settlement::Requeue, StoreStep::Nothing, false, false)
-        }
-        (Fate::Audit(_), Confirmed::Unknown | Confirmed::NotPublished) => {
+        (Fate::Audit(_), Confirmed::Nacked | Confirmed::Unknown | Confirmed::NotPublished) => {
             settle(Settlement::Requeue, StoreStep::Nothing, false, false)
         }
         (Fate::Publish { .. }, Confirmed::Acked) => {

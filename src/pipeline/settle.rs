@@ -161,17 +161,16 @@ fn decide(
         if forwarded {
             shared.metrics.forwarded.increment(1);
         }
-        if matches!(item.fate, fate::Fate::Audit(_)) && confirmed == Confirmed::Acked {
+        if item.fate.audits() && confirmed == Confirmed::Acked {
             out.audited += 1;
         }
         match confirmed {
             Confirmed::Nacked => out.nacked += 1,
             Confirmed::Returned => {
-                let audit = matches!(item.fate, fate::Fate::Audit(_));
                 out.returned = out.returned.take().or_else(|| {
                     let detail = detail.unwrap_or_default();
                     let (reply, routing_key) = detail.split_once('\u{0}').unwrap_or((&detail, ""));
-                    Some((reply.to_owned(), routing_key.to_owned(), audit))
+                    Some((reply.to_owned(), routing_key.to_owned(), item.fate.audits()))
                 });
             }
             Confirmed::Unknown if item.fate.publishes() => {
