@@ -812,18 +812,13 @@ impl Session<'_> {
                 inner.sql.create
             )));
         }
-        let Some(client) = self.client.as_ref() else {
-            return Err(StoreError::Postgres("the connection was dropped".into()));
-        };
-        self.store.sent(1);
-        match tokio::time::timeout_at(self.deadline, client.batch_execute(&inner.sql.create)).await
-        {
-            Ok(Ok(())) => {
+        match self.run_ddl(&inner.sql.create).await? {
+            Ok(()) => {
                 tracing::info!(store = %inner.label, "created the table of the key store");
             }
             // Another instance created it at the same moment: the table, or its row type
             // (42710), or a catalog row (23505) was there first.
-            Ok(Err(e))
+            Err(e)
                 if matches!(
                     e.code(),
                     Some(
@@ -832,41 +827,52 @@ impl Session<'_> {
                             | &SqlState::UNIQUE_VIOLATION
                     )
                 ) => {}
-            Ok(Err(e)) => return Err(self.failed(&e)),
-            Err(_) => {
-                self.discard();
-                return Err(StoreError::Timeout(inner.timeout));
-            }
+            Err(e) => return Err(self.failed(&e)),
         }
         inner.ready.store(true, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Runs the DDL `sql` (not prepared) within the operation's deadline. The server's refusal
+    /// comes back as it is, for the caller to tell a concurrent instance's identical change
+    /// from a failure; only a dropped connection or the deadline is a [`StoreError`] here.
+    async fn run_ddl(
+        &mut self,
+        sql: &str,
+    ) -> Result<Result<(), tokio_postgres::Error>, StoreError> {
+        let Some(client) = self.client.as_ref() else {
+            return Err(StoreError::Postgres("the connection was dropped".into()));
+        };
+        self.store.sent(1);
+        match tokio::time::timeout_at(self.deadline, client.batch_execute(sql)).await {
+            Ok(result) => Ok(result),
+            Err(_) => {
+                self.discard();
+                Err(StoreError::Timeout(self.store.inner.timeout))
+            }
+        }
     }
 
     /// Adds the `body` column to a table created by dedupd 0.4. Only the table's owner may:
     /// anyone else is told what to run.
     async fn upgrade_table(&mut self, role: &str) -> Result<(), StoreError> {
         let inner = &self.store.inner;
-        let Some(client) = self.client.as_ref() else {
-            return Err(StoreError::Postgres("the connection was dropped".into()));
-        };
-        self.store.sent(1);
         // Takes the table's exclusive lock for a moment (a catalog change, no rewrite), after
         // the batches of other instances that hold its rows; bounded by statement_timeout.
-        match tokio::time::timeout_at(self.deadline, client.batch_execute(&inner.sql.upgrade)).await
-        {
-            Ok(Ok(())) => {
+        match self.run_ddl(&inner.sql.upgrade).await? {
+            Ok(()) => {
                 tracing::info!(
                     store = %inner.label,
                     "added the body column to the key store's table (created by dedupd 0.4)"
                 );
             }
             // Another instance added it at the same moment.
-            Ok(Err(e))
+            Err(e)
                 if matches!(
                     e.code(),
                     Some(&SqlState::DUPLICATE_COLUMN | &SqlState::UNIQUE_VIOLATION)
                 ) => {}
-            Ok(Err(e)) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
+            Err(e) if e.code() == Some(&SqlState::INSUFFICIENT_PRIVILEGE) => {
                 return Err(StoreError::Postgres(format!(
                     "table {} lacks the body column dedupd 0.5 keeps body digests in (created \
                      by dedupd 0.4), and role {role:?} may not add it (only the table's owner \
@@ -875,11 +881,7 @@ impl Session<'_> {
                     inner.sql.upgrade
                 )));
             }
-            Ok(Err(e)) => return Err(self.failed(&e)),
-            Err(_) => {
-                self.discard();
-                return Err(StoreError::Timeout(inner.timeout));
-            }
+            Err(e) => return Err(self.failed(&e)),
         }
         inner.ready.store(true, Ordering::Relaxed);
         Ok(())
